@@ -1,0 +1,89 @@
+"""Ground truth: attention written the obvious way, for tests and for reading.
+
+Everything here materialises the full ``(N, N)`` score matrix, so it is only for
+small sizes. The kernels in :mod:`sparseflash.flash`, :mod:`sparseflash.qk_sparse`
+and :mod:`sparseflash.hash_sparse` are judged against :func:`attention` with the
+masks built below.
+
+Convention for an empty row (a query that may attend to no key): its output is 0
+and it passes no gradient, instead of the NaN that ``softmax`` of all ``-inf``
+would give.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def causal_mask(n_q: int, n_k: int | None = None, device=None) -> Tensor:
+    """``(n_q, n_k)`` bool, True where key position ``j <= i`` (query position)."""
+    n_k = n_q if n_k is None else n_k
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return j <= i
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    allowed: Tensor | None = None,
+    sm_scale: float | None = None,
+    *,
+    causal: bool = False,
+    float64: bool = True,
+) -> Tensor:
+    """Naive attention ``softmax(q kᵀ · scale + mask) v``.
+
+    Args:
+        q: ``(B, H, N, D)`` queries.  k, v: ``(B, H, M, D)`` keys and values.
+        allowed: bool mask broadcastable to ``(B, H, N, M)``; True = may attend.
+        sm_scale: score scale, default ``1/sqrt(D)``.
+        causal: also require key position <= query position.
+        float64: compute in float64 (the default, for ground truth); the result
+            is returned in float64 too.
+
+    Returns:
+        ``(B, H, N, D)``. Rows with no allowed key are 0 and get zero gradient.
+    """
+    if float64:
+        q, k, v = q.double(), k.double(), v.double()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+    if causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    if allowed is not None:
+        mask = mask & allowed.to(q.device)
+    mask = mask.expand_as(scores)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # An all-masked row would give softmax(-inf, ..., -inf) = NaN; give it one
+    # finite dummy score instead and zero its probabilities afterwards, so its
+    # output is 0 and no gradient flows through it.
+    has_key = mask.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1)
+    probs = probs.masked_fill(~mask, 0.0)
+    return probs @ v
+
+
+def qk_dropping_mask(q_keep: Tensor, k_keep: Tensor) -> Tensor:
+    """``(B, H, N, N)`` mask of query/key dropping.
+
+    Query i may attend key j iff ``j <= i`` and both ``q_keep[..., i]`` and
+    ``k_keep[..., j]`` are True.  ``q_keep``, ``k_keep``: bool ``(B, H, N)``.
+    """
+    n = q_keep.shape[-1]
+    return causal_mask(n, device=q_keep.device) & q_keep[..., :, None] & k_keep[..., None, :]
+
+
+def hash_mask(q_buckets: Tensor, k_buckets: Tensor) -> Tensor:
+    """``(B, H, N, N)`` mask of hash-bucket attention.
+
+    Query i may attend key j iff ``j <= i`` and ``q_buckets[..., i] ==
+    k_buckets[..., j]``.  Buckets: integer ``(B, H, N)``.
+    """
+    n = q_buckets.shape[-1]
+    same = q_buckets[..., :, None] == k_buckets[..., None, :]
+    return causal_mask(n, device=q_buckets.device) & same
