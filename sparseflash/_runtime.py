@@ -1,0 +1,108 @@
+"""Where kernels run, how outputs are allocated, and input checks shared by every op.
+
+Triton kernels need a CUDA device.  On a machine without one, sparseflash turns on
+Triton's interpreter (``TRITON_INTERPRET=1``) *before* its kernels are defined, so
+the very same kernels run on CPU tensors, slowly but exactly.  This module is
+imported first by ``sparseflash/__init__.py`` for that reason.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    _AUTO_INTERPRET = True
+else:
+    _AUTO_INTERPRET = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_said_interpret = False
+
+#: Fill every kernel output with NaN before the kernel runs, so an element the
+#: kernel forgot to write shows up as NaN instead of as plausible garbage.  The
+#: tests turn this on; set ``SPARSEFLASH_POISON=1`` to turn it on yourself.
+POISON = os.environ.get("SPARSEFLASH_POISON", "0") not in ("", "0")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+
+
+def new_output(shape, dtype: torch.dtype, device) -> Tensor:
+    """``torch.empty``, or NaN-filled when :data:`POISON` is set."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+def check_runnable(t: Tensor) -> None:
+    """Raise if a kernel cannot run on ``t``'s device; say once that we interpret."""
+    global _said_interpret
+    if t.device.type == "cuda":
+        if INTERPRET:
+            raise ValueError("TRITON_INTERPRET=1 is set, so kernels run on CPU tensors; got CUDA tensors")
+        return
+    if t.device.type != "cpu":
+        raise ValueError(f"expected CUDA tensors (or CPU tensors under Triton's interpreter), got {t.device}")
+    if not INTERPRET:
+        raise ValueError(
+            "got CPU tensors but Triton's interpreter is off (a CUDA device is present): move the inputs "
+            "to CUDA, or set TRITON_INTERPRET=1 before importing sparseflash"
+        )
+    if _AUTO_INTERPRET and not _said_interpret:
+        _said_interpret = True
+        warnings.warn(
+            "sparseflash: no CUDA device, so Triton kernels run on the CPU through Triton's interpreter "
+            "(exact but slow; keep sizes small)",
+            stacklevel=3,
+        )
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> None:
+    """Validate ``(B, H, N, D)`` queries, keys and values; raise ``ValueError`` naming what was expected."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, seq_len, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, N, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+        raise ValueError(
+            f"batch and heads must match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"q, k, v must share head_dim {D}: got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same seq_len, got {k.shape[2]} and {v.shape[2]}")
+    if same_length and k.shape[2] != N:
+        raise ValueError(f"q and k must have the same seq_len, got {N} and {k.shape[2]}")
+    if N < 1 or k.shape[2] < 1:
+        raise ValueError(f"seq_len must be at least 1, got q {N}, k {k.shape[2]}")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {D}")
+    check_runnable(q)
+
+
+def check_per_token(name: str, t: Tensor, q: Tensor, kind: str) -> None:
+    """Validate a per-token ``(B, H, N)`` tensor (``kind``: 'bool' or 'int')."""
+    B, H, N, _ = q.shape
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, H, N) = {(B, H, N)}")
+    if tuple(t.shape) != (B, H, N):
+        raise ValueError(f"{name} must have shape (batch, heads, seq_len) = {(B, H, N)}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if kind == "bool" and t.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got {t.dtype}")
+    if kind == "int" and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")

@@ -1,0 +1,492 @@
+"""FlashAttention-2 in Triton: forward and backward, causal or not.
+
+Computation, for one (batch, head), queries ``q_i`` and keys ``k_j``::
+
+    s_ij = (q_i · k_j) · sm_scale        (masked to -inf where j > i, if causal)
+    o_i  = Σ_j softmax_j(s_ij) v_j
+    lse_i = log Σ_j exp(s_ij)           (saved for the backward)
+
+The ``N × N`` matrix ``s`` is never stored.  Each program owns one tile of
+``BLOCK_M`` queries and walks over key tiles of ``BLOCK_N`` keys, keeping a running
+max ``m``, a running sum ``l`` and an unnormalised output ``acc``: the *online
+softmax* (:func:`online_softmax_step`, the one piece every kernel in sparseflash
+shares).  The backward recomputes ``p = exp(s - lse)`` tile by tile.
+
+Tile skipping (causal): a key tile whose first key comes after the query tile's
+last query holds no allowed pair and is never loaded.  Of the visited tiles only
+the ones that straddle the diagonal (or the ragged end of the sequence) are masked.
+
+Everything works in base 2: ``exp(x) = exp2(x · log2 e)``, so scores are scaled by
+``sm_scale · log2(e)`` once and the kernels use ``exp2``, which is what the hardware has.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _runtime
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tiles import TileRecord
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# Shared pieces: written once, used by the dense kernels here and by the sparse
+# (permuted-layout) kernels in permuted.py.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a ``(len(rows), BLOCK_D)`` tile; rows past ``n_rows`` and columns past
+    ``HEAD_DIM`` (when head_dim is not a power of two) read as 0."""
+    mask = rows[:, None] < n_rows
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    mask = rows[:, None] < n_rows
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    tl.store(ptr + rows[:, None] * stride_row + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def mma(a, b, DOT_PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in float32.
+
+    ``DOT_PRECISION`` is ``"ieee"`` or ``"tf32"`` (for float32 inputs), or
+    ``"upcast"``: Triton's CPU interpreter multiplies bfloat16 operands wrongly, so
+    there we widen them to float32 first (their values are unchanged by that).
+    """
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale,
+                        MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into the running softmax of a query tile.
+
+    With ``s = q kᵀ · qk_scale`` (base-2 logits, -inf where not ``allowed``)::
+
+        m'  = max(m, rowmax s)
+        l'  = l · 2^(m - m') + rowsum 2^(s - m')
+        acc' = acc · 2^(m - m') + 2^(s - m') v
+
+    A row that has seen no allowed key yet keeps ``m = -inf``; it is shifted by 0
+    instead, so it stays at ``l = 0, acc = 0`` rather than turning into NaN.
+    """
+    s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def finish_softmax(acc, m_i, l_i):
+    """Normalise ``acc`` and return ``(out, lse2)``, ``lse2`` the base-2 log-sum-exp.
+
+    A row with no allowed key (``l = 0``) gets output 0 and ``lse2 = +inf``, so the
+    backward's ``p = 2^(s - lse2)`` is 0 for it: no output, no gradient, no NaN.
+    """
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    return out, lse2
+
+
+@triton.jit
+def attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale,
+                         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Recompute one tile of probabilities and their score gradients.
+
+    ``p = 2^(s - lse2)`` is the softmax row restricted to this tile and
+    ``ds = p ⊙ (do vᵀ - delta)`` with ``delta_i = do_i · o_i``; the callers
+    accumulate ``dv += pᵀ do``, ``dk += dsᵀ q`` and ``dq += ds k``.
+    """
+    s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    dp = mma(do, tl.trans(v), DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def record_tile(rec_ptr, q_tile, k_tile, n_k_tiles, RECORD: tl.constexpr):
+    """Count a computed ``(query tile, key tile)`` pair; compiled away when ``RECORD`` is off.
+
+    Each pair belongs to one program per pass, so load-then-store needs no atomics.
+    """
+    if RECORD:
+        ptr = rec_ptr + q_tile * n_k_tiles + k_tile
+        tl.store(ptr, tl.load(ptr) + 1)
+
+
+# --------------------------------------------------------------------------------------
+# Dense kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dense_key_range(q_tile, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile visits: ``[0, n_full)`` need no mask, ``[n_full, n_visit)`` do.
+
+    Causal: the query tile's last row is ``i_max``; key tiles starting after it are
+    skipped.  A key tile is mask-free when every key precedes the tile's first query
+    and lies inside the sequence.
+    """
+    q_lo = q_tile * BLOCK_M
+    if CAUSAL:
+        i_max = tl.minimum(q_lo + BLOCK_M, n_q) - 1
+        n_visit = tl.minimum(i_max, n_k - 1) // BLOCK_N + 1
+        n_full = tl.minimum(q_lo + 1, n_k) // BLOCK_N
+    else:
+        n_visit = tl.cdiv(n_k, BLOCK_N)
+        n_full = n_k // BLOCK_N
+    return n_full, n_visit
+
+
+@triton.jit
+def _dense_query_range(k_tile, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles a key tile meets in the backward: ``[first, first_full)`` masked,
+    ``[first_full, n_q_tiles)`` mask-free (every query at or after every key).
+
+    Keys of a ragged last tile (past ``n_k``) only produce dK/dV rows that are never
+    stored, so here only the causal diagonal needs a mask.
+    """
+    n_q_tiles = tl.cdiv(n_q, BLOCK_M)
+    if CAUSAL:
+        k_lo = k_tile * BLOCK_N
+        k_last = tl.minimum(k_lo + BLOCK_N, n_k) - 1
+        first = k_lo // BLOCK_M
+        first_full = tl.maximum(first, tl.minimum(tl.cdiv(k_last, BLOCK_M), n_q_tiles))
+    else:
+        first = 0
+        first_full = 0
+    return first, first_full, n_q_tiles
+
+
+@triton.jit
+def _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+    v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+    allowed = keys[None, :] < n_k
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= rows[:, None])
+    return online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED, DOT_PRECISION)
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, O, LSE, REC,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    H, n_q, n_k, qk_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+):
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    O += b * so_b + h * so_h
+
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    n_k_tiles = tl.cdiv(n_k, BLOCK_N)
+    REC += bh.to(tl.int64) * tl.cdiv(n_q, BLOCK_M) * n_k_tiles
+    n_full, n_visit = _dense_key_range(q_tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    # Tiles wholly below the diagonal need no mask; those on it or at the ragged end do.
+    for k_tile in range(0, n_full):
+        acc, m_i, l_i = _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
+                                        False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    for k_tile in range(n_full, n_visit):
+        acc, m_i, l_i = _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
+                                        True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+
+    out, lse2 = finish_softmax(acc, m_i, l_i)
+    store_tile(O, out, rows, cols, so_n, n_q, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + bh.to(tl.int64) * n_q + rows, lse2, mask=rows < n_q)
+
+
+@triton.jit
+def _flash_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, REC_KV, REC_Q,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
+    H, n_q, n_k, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+):
+    """One launch for the whole backward: program ``t`` computes dK, dV of key tile
+    ``t`` (walking the query tiles that see it), then dQ of query tile ``t`` (walking
+    the key tiles it sees, as in the forward).  Gradients are contiguous (B, H, N, D)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    DO += b * sdo_b + h * sdo_h
+    LSE += bh.to(tl.int64) * n_q
+    DELTA += bh.to(tl.int64) * n_q
+    DQ += bh.to(tl.int64) * n_q * HEAD_DIM
+    DK += bh.to(tl.int64) * n_k * HEAD_DIM
+    DV += bh.to(tl.int64) * n_k * HEAD_DIM
+    n_q_tiles = tl.cdiv(n_q, BLOCK_M)
+    n_k_tiles = tl.cdiv(n_k, BLOCK_N)
+    REC_KV += bh.to(tl.int64) * n_q_tiles * n_k_tiles
+    REC_Q += bh.to(tl.int64) * n_q_tiles * n_k_tiles
+    cols = tl.arange(0, BLOCK_D)
+
+    # ---- dK, dV for key tile `tile` ----
+    if tile < n_k_tiles:
+        keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+        v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        first, first_full, last = _dense_query_range(tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+        for q_tile in range(first, first_full):
+            dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
+                                      qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+            record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
+        for q_tile in range(first_full, last):
+            dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
+                                      qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+            record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
+        store_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
+        store_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
+
+    # ---- dQ for query tile `tile` ----
+    if tile < n_q_tiles:
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+        do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
+        lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        n_full, n_visit = _dense_key_range(tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+        for k_tile in range(0, n_full):
+            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+        for k_tile in range(n_full, n_visit):
+            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
+                                True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+        store_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q, qk_scale,
+                     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+    do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
+    # Rows past n_q read lse = +inf, so their p is 0 without a mask.
+    lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
+    delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
+    allowed = keys[None, :] <= rows[:, None]
+    p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
+    dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+    dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+    v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+    allowed = keys[None, :] < n_k
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= rows[:, None])
+    p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
+    return dq + mma(ds.to(k.dtype), k, DOT_PRECISION)
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration and Python entry points
+# --------------------------------------------------------------------------------------
+
+
+def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | None = None) -> dict:
+    """Tile sizes and launch parameters for one pass.
+
+    ``kernel_options`` (like FlexAttention's) may override ``BLOCK_M``, ``BLOCK_N``,
+    ``num_warps``, ``num_stages``.  On the CPU interpreter tiles default to 32 so that
+    small inputs still span several tiles.
+    """
+    if device.type == "cuda":
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if kernel_options:
+        unknown = set(kernel_options) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown kernel_options {sorted(unknown)}; expected some of {sorted(cfg)}")
+        cfg.update(kernel_options)
+    for name in ("BLOCK_M", "BLOCK_N"):
+        b = cfg[name]
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
+    return cfg
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs use TF32 matrix units only where PyTorch allows it for matmuls."""
+    if dtype == torch.bfloat16 and _runtime.INTERPRET:
+        return "upcast"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch_params(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
+    """Run the dense forward kernel; returns ``(o, lse2)`` with ``lse2`` (B, H, Nq) float32 base-2."""
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
+    lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = (triton.cdiv(n_q, BM), B * H)
+    rec = record.buffer("fwd", (B, H, grid[0], triton.cdiv(n_k, BN)), q.device) if record is not None else lse2
+    _flash_fwd_kernel[grid](
+        q, k, v, o, lse2, rec,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, n_q, n_k, sm_scale * LOG2E,
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
+        **_launch_params(cfg),
+    )
+    return o, lse2
+
+
+def softmax_delta(o: Tensor, do: Tensor) -> Tensor:
+    """``delta_i = do_i · o_i`` (B, H, N) float32: the row term of the softmax backward."""
+    return (o.float() * do.float()).sum(-1)
+
+
+def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
+    """Run the dense backward kernel; returns contiguous ``(dq, dk, dv)``."""
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
+    delta = softmax_delta(o, do)
+    dq = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
+    dk = _runtime.new_output((B, H, n_k, D), k.dtype, k.device)
+    dv = _runtime.new_output((B, H, n_k, D), v.dtype, v.device)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_qt, n_kt = triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)
+    if record is not None:
+        rec_kv = record.buffer("bwd_kv", (B, H, n_qt, n_kt), q.device)
+        rec_q = record.buffer("bwd_q", (B, H, n_qt, n_kt), q.device)
+    else:
+        rec_kv = rec_q = delta
+    _flash_bwd_kernel[(max(n_qt, n_kt), B * H)](
+        q, k, v, do, lse2, delta, dq, dk, dv, rec_kv, rec_q,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, n_q, n_k, sm_scale * LOG2E, sm_scale,
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
+        **_launch_params(cfg),
+    )
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """Autograd wrapper: the forward saves ``lse2``; the backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, cfg, record):
+        o, lse2 = flash_forward(q, k, v, causal, sm_scale, cfg, record)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.causal, ctx.sm_scale, ctx.cfg, ctx.record = causal, sm_scale, cfg, record
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = flash_backward(q, k, v, o, lse2, do, ctx.causal, ctx.sm_scale, ctx.cfg, ctx.record)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    *,
+    kernel_options: dict | None = None,
+    tile_record: "TileRecord | None" = None,
+) -> Tensor:
+    """FlashAttention: ``softmax(q kᵀ · sm_scale [+ causal mask]) v`` without the N×N matrix.
+
+    Args:
+        q: ``(B, H, N, D)`` queries; k, v: ``(B, H, M, D)``.  Any strides (the last
+            dim is made contiguous if it is not); float16, bfloat16 or float32;
+            ``16 <= D <= 128`` (any value, not only powers of two).
+        causal: query ``i`` sees keys ``j <= i`` (positions counted from 0 in both,
+            as ``scaled_dot_product_attention(is_causal=True)``).
+        sm_scale: score scale, default ``1/sqrt(D)``.
+        kernel_options: override tile sizes / warps / stages (see :func:`kernel_config`).
+        tile_record: a :class:`sparseflash.tiles.TileRecord` to count which
+            (query tile, key tile) pairs each pass computed.
+
+    Returns:
+        ``(B, H, N, D)`` in the dtype of ``q``; differentiable in q, k and v.
+    """
+    _runtime.check_qkv(q, k, v)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    cfg = kernel_config(q.shape[-1], q.device, kernel_options)
+    if tile_record is not None:
+        tile_record.start("flash", cfg)
+    return FlashAttention.apply(q, k, v, bool(causal), sm_scale, cfg, tile_record)
