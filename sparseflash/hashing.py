@@ -1,0 +1,82 @@
+"""Locality-sensitive hashing of vectors into buckets (angular LSH by random rotations).
+
+For ``n_buckets = 2r`` draw a random Gaussian matrix ``R`` of shape ``(D, r)``, project
+``y = x R`` and take ``bucket = argmax([y, -y])``: the closest of ``2r`` random
+directions ``±R_c``.  Two vectors at a small angle land in the same bucket with high
+probability, two random vectors with probability about ``1/n_buckets``
+(Andoni et al. 2015; used by Reformer and by the paper's hash-sparse attention).
+Queries and keys must be hashed with the *same* rotations for similar ones to collide:
+pass the same ``seed`` (or generator state) to both calls, or hash ``torch.cat`` of them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lsh_rotations(
+    head_dim: int,
+    n_buckets: int,
+    *,
+    heads: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random projections ``(D, n_buckets // 2)``, or ``(heads, D, n_buckets // 2)`` per head.
+
+    Reproducible: the same ``seed`` gives the same rotations on any device (drawn on
+    the CPU, then moved).
+    """
+    if n_buckets < 2 or n_buckets % 2:
+        raise ValueError(f"n_buckets must be an even number >= 2, got {n_buckets}")
+    if generator is None:
+        generator = torch.Generator()
+        generator.manual_seed(0 if seed is None else seed)
+    elif seed is not None:
+        raise ValueError("give a seed or a generator, not both")
+    shape = (head_dim, n_buckets // 2) if heads is None else (heads, head_dim, n_buckets // 2)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(
+        device=device, dtype=dtype)
+
+
+def lsh_buckets(
+    x: Tensor,
+    n_buckets: int,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    per_head: bool = False,
+    rotations: Tensor | None = None,
+) -> Tensor:
+    """Bucket id of every vector of ``x`` by angular LSH.
+
+    Args:
+        x: ``(B, H, N, D)`` (queries or keys).
+        n_buckets: even number of buckets, ``>= 2``.
+        seed / generator: where the random rotations come from (default seed 0);
+            the same seed gives the same buckets.
+        per_head: draw independent rotations for each head.
+        rotations: use these projections (from :func:`lsh_rotations`) instead.
+
+    Returns:
+        ``(B, H, N)`` int64 ids in ``[0, n_buckets)``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (batch, heads, seq_len, head_dim), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    B, H, N, D = x.shape
+    if rotations is None:
+        rotations = lsh_rotations(D, n_buckets, heads=H if per_head else None, seed=seed,
+                                  generator=generator, device=x.device)
+    elif rotations.shape[-2:] != (D, n_buckets // 2):
+        raise ValueError(f"rotations must end in (head_dim, n_buckets // 2) = {(D, n_buckets // 2)}, "
+                         f"got {tuple(rotations.shape)}")
+    rot = rotations.to(device=x.device, dtype=torch.float32)
+    if rot.dim() == 3:
+        y = torch.einsum("bhnd,hdr->bhnr", x.float(), rot)
+    else:
+        y = x.float() @ rot
+    return torch.cat([y, -y], dim=-1).argmax(dim=-1)

@@ -1,0 +1,521 @@
+"""Position-causal FlashAttention over a permuted layout: the engine of both sparse variants.
+
+Query/key dropping and hash buckets both reorder tokens before attention: dropping
+*compacts* the kept queries and keys to the front (:func:`compact_layout`), hashing
+*sorts* them by bucket (:func:`bucket_sort_layout`).  Either way each (batch, head)
+gets its own permutation, and every slot carries the token's original position
+(and, for hashing, its bucket).  The kernels here then compute, for query slot a
+and key slot b::
+
+    allowed(a, b) = kpos[b] <= qpos[a]  and  kbucket[b] == qbucket[a]
+
+which is exact causal attention on the original positions.  Padding slots have
+position -1 and never take part.
+
+Tile-skipping rule.  For query tile T and key tile S let ``qmax(T)`` be the largest
+query position in T and ``kmin(S)`` the smallest key position in S.  S is computed
+for T iff::
+
+    kmin(S) <= qmax(T)   and   [bucket range of S] overlaps [bucket range of T]
+
+Every other pair holds no allowed (a, b) and is never loaded.  Because the layout is
+sorted (by position, or by bucket then position), the key tiles whose buckets overlap
+a query tile form one contiguous run, found by :func:`tile_tables` with a binary
+search per tile (``O(n_tiles log n_tiles)``, no pass over all tile pairs); inside the
+run the kernel checks ``kmin(S) <= qmax(T)`` with one scalar load per tile.  The
+backward walks the same pairs from the key side.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _runtime
+from .flash import (
+    LOG2E,
+    attention_grads_step,
+    dot_precision,
+    finish_softmax,
+    kernel_config,
+    load_tile,
+    mma,
+    online_softmax_step,
+    record_tile,
+    softmax_delta,
+    store_tile,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tiles import TileRecord
+
+INT32_MAX = 2**31 - 1
+PAD = -1  #: position of a padding slot
+
+
+# --------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------
+
+
+def compact_layout(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Kept tokens first, in their original order, then padding.
+
+    Args:
+        keep: bool ``(B, H, N)``.
+    Returns:
+        ``(index, pos)``, both ``(B, H, N)``: slot ``a`` holds token ``index[a]``;
+        ``pos[a]`` is that original position (int32) for kept tokens and ``-1`` for
+        the padding slots after them.  ``index`` is a full permutation, so the
+        padding slots hold the dropped tokens (ignored by the kernel) and a scatter
+        through ``index`` writes every position once.  The length stays ``N`` for
+        every head (no host synchronisation, one shape whatever the keep rate);
+        tiles made only of padding are never visited.
+    """
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
+    kept = keep.sum(-1, keepdim=True)
+    slot = torch.arange(keep.shape[-1], device=keep.device)
+    pos = torch.where(slot < kept, order, PAD).to(torch.int32)
+    return order, pos
+
+
+def bucket_sort_layout(buckets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens sorted by bucket, stably (so by position inside a bucket).
+
+    Returns ``(index, pos, sorted_buckets)``, each ``(B, H, N)``; ``pos`` is int32.
+    """
+    sorted_buckets, order = torch.sort(buckets, dim=-1, stable=True)
+    return order, order.to(torch.int32), sorted_buckets.to(torch.int32)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, h, index[b, h, a], :]`` for ``x`` ``(B, H, N, D)``: into the layout."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def scatter_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """Inverse of :func:`gather_tokens` for a full permutation ``index``: back to positions."""
+    return torch.zeros_like(x).scatter(2, index[..., None].expand_as(x), x)
+
+
+# --------------------------------------------------------------------------------------
+# Tile tables
+# --------------------------------------------------------------------------------------
+
+
+def _per_tile(x: Tensor, block: int, fill: int, reduce: str) -> Tensor:
+    pad = (-x.shape[-1]) % block
+    x = F.pad(x, (0, pad), value=fill).unflatten(-1, (-1, block))
+    return x.amax(-1) if reduce == "max" else x.amin(-1)
+
+
+@dataclass
+class TileStats:
+    """Per-tile summaries of a permuted layout, ``(B, H, n_tiles)`` int32 each.
+
+    ``qmax`` largest query position of a query tile (-1: only padding);
+    ``kmin`` smallest key position of a key tile (INT32_MAX: only padding);
+    ``qb_lo, qb_hi, kb_lo, kb_hi`` bucket ranges over real tokens (None without buckets).
+    """
+
+    qmax: Tensor
+    kmin: Tensor
+    qb_lo: Tensor | None = None
+    qb_hi: Tensor | None = None
+    kb_lo: Tensor | None = None
+    kb_hi: Tensor | None = None
+
+    @classmethod
+    def of(cls, q_pos, k_pos, q_buckets, k_buckets, block_m: int, block_n: int) -> "TileStats":
+        qmax = _per_tile(q_pos, block_m, PAD, "max")
+        kmin = _per_tile(torch.where(k_pos < 0, INT32_MAX, k_pos), block_n, INT32_MAX, "min")
+        if q_buckets is None:
+            return cls(qmax.int(), kmin.int())
+        # Bucket ranges over real tokens; a tile of padding gets an empty range
+        # placed at +inf, which keeps the ranges sorted for the binary searches.
+        qb_lo = _per_tile(torch.where(q_pos >= 0, q_buckets, INT32_MAX), block_m, INT32_MAX, "min")
+        qb_hi = _per_tile(torch.where(q_pos >= 0, q_buckets, -1), block_m, -1, "max")
+        kb_lo = _per_tile(torch.where(k_pos >= 0, k_buckets, INT32_MAX), block_n, INT32_MAX, "min")
+        kb_hi = _per_tile(torch.where(k_pos >= 0, k_buckets, -1), block_n, -1, "max")
+        qb_hi = torch.where(qmax >= 0, qb_hi, INT32_MAX)
+        kb_hi = torch.where(kmin < INT32_MAX, kb_hi, INT32_MAX)
+        return cls(qmax.int(), kmin.int(), qb_lo.int(), qb_hi.int(), kb_lo.int(), kb_hi.int())
+
+    def visited(self) -> Tensor:
+        """``(B, H, n_q_tiles, n_k_tiles)`` bool: the tile-skipping rule, pair by pair.
+
+        Quadratic in tiles: for pictures and tests, never used by the kernels.
+        """
+        ok = self.kmin[..., None, :] <= self.qmax[..., :, None]
+        if self.qb_lo is not None:
+            ok &= (self.kb_lo[..., None, :] <= self.qb_hi[..., :, None]) & (
+                self.kb_hi[..., None, :] >= self.qb_lo[..., :, None]
+            )
+        return ok
+
+
+def tile_tables(stats: TileStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Runs of tiles each kernel loop walks, by binary search over the sorted layout.
+
+    Returns int32 ``(B, H, ·)`` tensors ``k_lo, k_hi`` (per query tile: key tiles
+    ``[k_lo, k_hi)`` may hold allowed pairs) and ``q_lo, q_hi`` (per key tile, for the
+    backward).  Inside a run the kernels still test ``kmin <= qmax`` per tile.
+    """
+    search = torch.searchsorted
+    n_qt, n_kt = stats.qmax.shape[-1], stats.kmin.shape[-1]
+    q_real = stats.qmax >= 0
+    k_real = stats.kmin < INT32_MAX
+    if stats.qb_lo is None:
+        # Positions ascend through the layout, so the key tiles a query tile sees
+        # are a prefix, and the query tiles a key tile meets run to the last real one.
+        k_lo = torch.zeros_like(stats.qmax)
+        k_hi = search(stats.kmin, stats.qmax, right=True)
+        q_lo = search(torch.where(q_real, stats.qmax, INT32_MAX), stats.kmin)
+        q_hi = q_real.sum(-1, keepdim=True, dtype=torch.int32).expand(*stats.kmin.shape)
+    else:
+        # Buckets ascend through the layout: overlapping tiles form one run.
+        k_lo = search(stats.kb_hi, stats.qb_lo)
+        k_hi = search(stats.kb_lo, stats.qb_hi, right=True)
+        q_lo = search(stats.qb_hi, stats.kb_lo)
+        q_hi = search(stats.qb_lo, stats.kb_hi, right=True)
+    k_hi = torch.where(q_real, torch.maximum(k_hi, k_lo), k_lo).clamp(max=n_kt)
+    q_hi = torch.where(k_real, torch.maximum(q_hi, q_lo), q_lo).clamp(max=n_qt)
+    return (k_lo.int().contiguous(), k_hi.int().contiguous(), q_lo.int().contiguous(), q_hi.int().contiguous())
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _allowed(qpos, kpos, qb, kb, HAS_BUCKETS: tl.constexpr):
+    """Exact mask inside a tile: causal on original positions (and same bucket)."""
+    ok = kpos[None, :] <= qpos[:, None]
+    if HAS_BUCKETS:
+        ok = ok & (kb[None, :] == qb[:, None])
+    return ok
+
+
+@triton.jit
+def _load_meta(POS, BUCKET, idx, n, pad, HAS_BUCKETS: tl.constexpr):
+    """Positions (``pad`` past ``n``) and buckets of a tile of slots."""
+    pos = tl.load(POS + idx, mask=idx < n, other=pad)
+    if HAS_BUCKETS:
+        bucket = tl.load(BUCKET + idx, mask=idx < n, other=-1)
+    else:
+        bucket = pos
+    return pos, bucket
+
+
+@triton.jit
+def _permuted_fwd_kernel(
+    Q, K, V, O, LSE, QPOS, KPOS, QB, KB, K_LO, K_HI, QMAX, KMIN, REC,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    H, n_q, n_k, n_q_tiles, n_k_tiles, qk_scale,
+    HAS_BUCKETS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+):
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    O += b * so_b + h * so_h
+    REC += bh64 * n_q_tiles * n_k_tiles
+
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    qpos, qb = _load_meta(QPOS + bh64 * n_q, QB + bh64 * n_q, rows, n_q, -1, HAS_BUCKETS)
+    q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    qmax = tl.load(QMAX + bh64 * n_q_tiles + q_tile)
+    lo = tl.load(K_LO + bh64 * n_q_tiles + q_tile)
+    hi = tl.load(K_HI + bh64 * n_q_tiles + q_tile)
+    for k_tile in range(lo, hi):
+        if tl.load(KMIN + bh64 * n_k_tiles + k_tile) <= qmax:
+            keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            kpos, kb = _load_meta(KPOS + bh64 * n_k, KB + bh64 * n_k, keys, n_k, 2147483647, HAS_BUCKETS)
+            k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+            v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+            allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, DOT_PRECISION)
+            record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+
+    out, lse2 = finish_softmax(acc, m_i, l_i)
+    store_tile(O, out, rows, cols, so_n, n_q, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + bh64 * n_q + rows, lse2, mask=rows < n_q)
+
+
+@triton.jit
+def _permuted_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QPOS, KPOS, QB, KB,
+    K_LO, K_HI, Q_LO, Q_HI, QMAX, KMIN, REC_KV, REC_Q,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
+    H, n_q, n_k, n_q_tiles, n_k_tiles, qk_scale, sm_scale,
+    HAS_BUCKETS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+):
+    """Program ``t``: dK, dV of key tile ``t`` over the query tiles that see it, then
+    dQ of query tile ``t`` over the key tiles it sees; the same pairs as the forward."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    DO += b * sdo_b + h * sdo_h
+    LSE += bh64 * n_q
+    DELTA += bh64 * n_q
+    QPOS += bh64 * n_q
+    QB += bh64 * n_q
+    KPOS += bh64 * n_k
+    KB += bh64 * n_k
+    DQ += bh64 * n_q * HEAD_DIM
+    DK += bh64 * n_k * HEAD_DIM
+    DV += bh64 * n_k * HEAD_DIM
+    QMAX += bh64 * n_q_tiles
+    KMIN += bh64 * n_k_tiles
+    REC_KV += bh64 * n_q_tiles * n_k_tiles
+    REC_Q += bh64 * n_q_tiles * n_k_tiles
+    cols = tl.arange(0, BLOCK_D)
+
+    # ---- dK, dV for key tile `tile` ----
+    if tile < n_k_tiles:
+        keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        kpos, kb = _load_meta(KPOS, KB, keys, n_k, 2147483647, HAS_BUCKETS)
+        k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+        v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        kmin = tl.load(KMIN + tile)
+        lo = tl.load(Q_LO + bh64 * n_k_tiles + tile)
+        hi = tl.load(Q_HI + bh64 * n_k_tiles + tile)
+        for q_tile in range(lo, hi):
+            if tl.load(QMAX + q_tile) >= kmin:
+                rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                qpos, qb = _load_meta(QPOS, QB, rows, n_q, -1, HAS_BUCKETS)
+                q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+                do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
+                lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
+                delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
+                allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
+                p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, True, DOT_PRECISION)
+                dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+                dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+                record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
+        store_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
+        store_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
+
+    # ---- dQ for query tile `tile` ----
+    if tile < n_q_tiles:
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        qpos, qb = _load_meta(QPOS, QB, rows, n_q, -1, HAS_BUCKETS)
+        q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+        do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
+        lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        qmax = tl.load(QMAX + tile)
+        lo = tl.load(K_LO + bh64 * n_q_tiles + tile)
+        hi = tl.load(K_HI + bh64 * n_q_tiles + tile)
+        for k_tile in range(lo, hi):
+            if tl.load(KMIN + k_tile) <= qmax:
+                keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                kpos, kb = _load_meta(KPOS, KB, keys, n_k, 2147483647, HAS_BUCKETS)
+                k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+                v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+                allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
+                p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, True, DOT_PRECISION)
+                dq += mma(ds.to(k.dtype), k, DOT_PRECISION)
+                record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+        store_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------
+# Python side
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Everything a pass needs besides q, k, v: positions, buckets, tile tables."""
+
+    q_pos: Tensor
+    k_pos: Tensor
+    q_buckets: Tensor | None
+    k_buckets: Tensor | None
+    stats: TileStats
+    k_lo: Tensor
+    k_hi: Tensor
+    q_lo: Tensor
+    q_hi: Tensor
+
+    @classmethod
+    def make(cls, q_pos, k_pos, q_buckets, k_buckets, cfg) -> "_Plan":
+        stats = TileStats.of(q_pos, k_pos, q_buckets, k_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
+        k_pos = torch.where(k_pos < 0, INT32_MAX, k_pos).int().contiguous()
+        qb = None if q_buckets is None else q_buckets.int().contiguous()
+        kb = None if k_buckets is None else k_buckets.int().contiguous()
+        return cls(q_pos.int().contiguous(), k_pos, qb, kb, stats, *tile_tables(stats))
+
+    def meta_args(self):
+        has_b = self.q_buckets is not None
+        return (self.q_pos, self.k_pos, self.q_buckets if has_b else self.q_pos,
+                self.k_buckets if has_b else self.k_pos)
+
+
+def _dims(q, k, cfg):
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    return B, H, n_q, n_k, D, triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(n_k, cfg["BLOCK_N"])
+
+
+def _launch(cfg):
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def permuted_forward(q, k, v, plan: _Plan, sm_scale, cfg, record=None):
+    B, H, n_q, n_k, D, n_qt, n_kt = _dims(q, k, cfg)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
+    lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
+    rec = record.buffer("fwd", (B, H, n_qt, n_kt), q.device) if record is not None else lse2
+    _permuted_fwd_kernel[(n_qt, B * H)](
+        q, k, v, o, lse2, *plan.meta_args(), plan.k_lo, plan.k_hi, plan.stats.qmax, plan.stats.kmin, rec,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, n_q, n_k, n_qt, n_kt, sm_scale * LOG2E,
+        HAS_BUCKETS=plan.q_buckets is not None, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
+        RECORD=record is not None, **_launch(cfg),
+    )
+    return o, lse2
+
+
+def permuted_backward(q, k, v, o, lse2, do, plan: _Plan, sm_scale, cfg, record=None):
+    B, H, n_q, n_k, D, n_qt, n_kt = _dims(q, k, cfg)
+    q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
+    delta = softmax_delta(o, do)
+    dq = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
+    dk = _runtime.new_output((B, H, n_k, D), k.dtype, k.device)
+    dv = _runtime.new_output((B, H, n_k, D), v.dtype, v.device)
+    if record is not None:
+        rec_kv = record.buffer("bwd_kv", (B, H, n_qt, n_kt), q.device)
+        rec_q = record.buffer("bwd_q", (B, H, n_qt, n_kt), q.device)
+    else:
+        rec_kv = rec_q = delta
+    _permuted_bwd_kernel[(max(n_qt, n_kt), B * H)](
+        q, k, v, do, lse2, delta, dq, dk, dv, *plan.meta_args(),
+        plan.k_lo, plan.k_hi, plan.q_lo, plan.q_hi, plan.stats.qmax, plan.stats.kmin, rec_kv, rec_q,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, n_q, n_k, n_qt, n_kt, sm_scale * LOG2E, sm_scale,
+        HAS_BUCKETS=plan.q_buckets is not None, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
+        RECORD=record is not None, **_launch(cfg),
+    )
+    return dq, dk, dv
+
+
+class PermutedAttention(torch.autograd.Function):
+    """Autograd over the permuted layout; gradients flow to q, k, v only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, sm_scale, cfg, record):
+        o, lse2 = permuted_forward(q, k, v, plan, sm_scale, cfg, record)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.plan, ctx.sm_scale, ctx.cfg, ctx.record = plan, sm_scale, cfg, record
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = permuted_backward(q, k, v, o, lse2, do, ctx.plan, ctx.sm_scale, ctx.cfg, ctx.record)
+        return dq, dk, dv, None, None, None, None
+
+
+def run_permuted(q, k, v, q_pos, k_pos, q_buckets, k_buckets, sm_scale, kernel_options, tile_record, kind):
+    """Shared tail of every sparse entry point (inputs already checked and laid out)."""
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    cfg = kernel_config(q.shape[-1], q.device, kernel_options)
+    plan = _Plan.make(q_pos, k_pos, q_buckets, k_buckets, cfg)
+    if tile_record is not None:
+        tile_record.start(kind, cfg)
+        tile_record.stats = plan.stats
+    return PermutedAttention.apply(q, k, v, plan, sm_scale, cfg, tile_record)
+
+
+def _check_sorted(name: str, x: Tensor, real: Tensor) -> None:
+    """Real slots first, non-decreasing ``x`` over them."""
+    if bool((real[..., 1:] & ~real[..., :-1]).any()):
+        raise ValueError(f"{name}: padding slots (position -1) must come after all real slots")
+    bad = (x[..., 1:] < x[..., :-1]) & real[..., 1:]
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be non-decreasing along the layout (see permuted_attention's docstring)")
+
+
+def permuted_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    q_buckets: Tensor | None = None,
+    k_buckets: Tensor | None = None,
+    sm_scale: float | None = None,
+    *,
+    kernel_options: dict | None = None,
+    tile_record: "TileRecord | None" = None,
+) -> Tensor:
+    """Position-causal attention on tensors that are already compacted or sorted.
+
+    For researchers who keep their tokens in a permuted layout between layers and
+    want to skip the gather/scatter of :func:`~sparseflash.qk_sparse_attention` and
+    :func:`~sparseflash.hash_sparse_attention`.
+
+    Args:
+        q: ``(B, H, Nq, D)``; k, v: ``(B, H, Nk, D)``, in the layout's slot order.
+        q_pos, k_pos: integer ``(B, H, Nq)`` / ``(B, H, Nk)``: each slot's original
+            position; ``-1`` marks a padding slot.  Padding comes after all real
+            slots.  Without buckets, real positions must ascend; with buckets the
+            slots must be sorted by bucket, then by position.
+        q_buckets, k_buckets: optional integer ``(B, H, Nq)`` / ``(B, H, Nk)``.
+
+    Slot a attends to slot b iff ``0 <= k_pos[b] <= q_pos[a]`` (and buckets equal).
+    A slot with nothing to attend to (padding included) outputs 0.
+
+    Returns:
+        ``(B, H, Nq, D)`` in slot order.
+    """
+    _runtime.check_qkv(q, k, v)
+    _runtime.check_per_token("q_pos", q_pos, q, "int")
+    _runtime.check_per_token("k_pos", k_pos, k, "int")
+    if (q_buckets is None) != (k_buckets is None):
+        raise ValueError("give both q_buckets and k_buckets, or neither")
+    q_real, k_real = q_pos >= 0, k_pos >= 0
+    if q_buckets is None:
+        _check_sorted("q_pos", q_pos, q_real)
+        _check_sorted("k_pos", k_pos, k_real)
+    else:
+        _runtime.check_per_token("q_buckets", q_buckets, q, "int")
+        _runtime.check_per_token("k_buckets", k_buckets, k, "int")
+        n = max(q_pos.shape[-1], k_pos.shape[-1])
+        _check_sorted("q_buckets", q_buckets.long() * n + q_pos, q_real)
+        _check_sorted("k_buckets", k_buckets.long() * n + k_pos, k_real)
+    return run_permuted(q, k, v, q_pos, k_pos, q_buckets, k_buckets, sm_scale, kernel_options,
+                        tile_record, "permuted")

@@ -1,0 +1,106 @@
+"""Query/key dropping: each head attends with its own data-dependent subset of queries and keys.
+
+Computation, for one (batch, head) with keep masks ``q_keep``, ``k_keep``::
+
+    o_i = Σ_{j <= i, k_keep[j]} softmax_j(q_i · k_j · sm_scale) v_j    if q_keep[i]
+    o_i = 0                                                           otherwise
+
+(and 0 for a kept query with no kept key at or before it).  This equals
+``reference.attention`` with ``reference.qk_dropping_mask(q_keep, k_keep)``.
+
+How: kept queries and kept keys are compacted to the front of their own layouts,
+in original order, carrying their original positions
+(:func:`sparseflash.permuted.compact_layout`); the position-causal kernel of
+:mod:`sparseflash.permuted` runs on the compacted tensors; the output is scattered
+back.  With a fraction ``r`` kept, only about ``r²`` of the causal tiles hold
+allowed pairs, and only those are loaded.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import _runtime
+from .permuted import compact_layout, gather_tokens, run_permuted, scatter_tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tiles import TileRecord
+
+
+def qk_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_keep: Tensor,
+    k_keep: Tensor,
+    sm_scale: float | None = None,
+    *,
+    kernel_options: dict | None = None,
+    tile_record: "TileRecord | None" = None,
+) -> Tensor:
+    """Causal attention restricted to kept queries and kept keys.
+
+    Args:
+        q, k, v: ``(B, H, N, D)`` as in :func:`~sparseflash.flash_attention` (one
+            ``N`` for all three: positions are shared).
+        q_keep, k_keep: bool ``(B, H, N)``; heads may keep different counts.
+        sm_scale: default ``1/sqrt(D)``.
+        kernel_options, tile_record: as in :func:`~sparseflash.flash_attention`;
+            recorded tiles are in the compacted layout.
+
+    Returns:
+        ``(B, H, N, D)``; dropped queries (and kept queries with no kept key at or
+        before them) get 0 and pass no gradient.
+    """
+    _runtime.check_qkv(q, k, v, same_length=True)
+    _runtime.check_per_token("q_keep", q_keep, q, "bool")
+    _runtime.check_per_token("k_keep", k_keep, k, "bool")
+    q_index, q_pos = compact_layout(q_keep)
+    k_index, k_pos = compact_layout(k_keep)
+    o = run_permuted(
+        gather_tokens(q, q_index), gather_tokens(k, k_index), gather_tokens(v, k_index),
+        q_pos, k_pos, None, None, sm_scale, kernel_options, tile_record, "qk",
+    )
+    return scatter_tokens(o, q_index)
+
+
+def random_keep(
+    shape: tuple[int, int, int],
+    keep_rate: float,
+    *,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> Tensor:
+    """Bool ``(B, H, N)`` mask keeping each token independently with probability ``keep_rate``."""
+    if not 0.0 <= keep_rate <= 1.0:
+        raise ValueError(f"keep_rate must be in [0, 1], got {keep_rate}")
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (batch, heads, seq_len), got {tuple(shape)}")
+    u = torch.rand(shape, generator=generator, device=device if generator is None else generator.device)
+    return (u < keep_rate).to(device) if device is not None else u < keep_rate
+
+
+def topk_keep(scores: Tensor, keep_rate: float | None = None, *, k: int | None = None) -> Tensor:
+    """Keep the ``k`` (or ``ceil(keep_rate · N)``) highest-scoring tokens of each head.
+
+    ``scores``: ``(B, H, N)`` floating, e.g. a learned per-token gate.  Ties are broken
+    by ``torch.topk``.  Returns a bool mask of the same shape with exactly ``k``
+    True per (batch, head).
+    """
+    if scores.dim() != 3 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating (batch, heads, seq_len) tensor, got {scores.dtype} "
+                         f"{tuple(scores.shape)}")
+    n = scores.shape[-1]
+    if (keep_rate is None) == (k is None):
+        raise ValueError("give exactly one of keep_rate and k")
+    if k is None:
+        if not 0.0 <= keep_rate <= 1.0:
+            raise ValueError(f"keep_rate must be in [0, 1], got {keep_rate}")
+        k = math.ceil(keep_rate * n)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    return keep.scatter(-1, scores.topk(k, dim=-1).indices, True)
