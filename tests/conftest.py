@@ -1,0 +1,46 @@
+"""Shared test set-up.
+
+* ``SPARSEFLASH_POISON=1`` is set here, at import time, before any test imports
+  sparseflash: kernel outputs are then NaN-filled before each kernel runs, so an
+  element a kernel forgets to write shows up as NaN.  Notebook kernels started by
+  the tests inherit it.
+* ``MPLBACKEND=Agg``: no display is needed anywhere.
+* Tests marked ``@pytest.mark.gpu`` are skipped when no CUDA device is present.
+* The ``seed`` fixture seeds torch with a fresh random seed per test and prints it;
+  set ``SPARSEFLASH_SEED=<n>`` to replay a failing run.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+
+os.environ["SPARSEFLASH_POISON"] = "1"
+os.environ["MPLBACKEND"] = "Agg"
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh random seed for torch, printed so that a failure can be replayed."""
+    import torch
+
+    fixed = os.environ.get("SPARSEFLASH_SEED")
+    value = int(fixed) if fixed else secrets.randbelow(2**31)
+    torch.manual_seed(value)
+    print(f"seed: {value} (replay with SPARSEFLASH_SEED={value})")
+    request.node.user_properties.append(("seed", value))
+    return value
