@@ -351,16 +351,18 @@ def _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, 
 
 
 def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | None = None) -> dict:
-    """Tile sizes and launch parameters for one pass.
+    """Tile sizes and launch parameters of the forward and backward kernels.
 
-    ``kernel_options`` (like FlexAttention's) may override ``BLOCK_M``, ``BLOCK_N``,
-    ``num_warps``, ``num_stages``.  On the CPU interpreter tiles default to 32 so that
-    small inputs still span several tiles.
+    ``kernel_options`` (like FlexAttention's) may override ``BLOCK_M``, ``BLOCK_N``
+    (shared by both passes, so the backward visits the forward's tiles),
+    ``num_warps``, ``num_stages`` (forward) and ``bwd_num_warps``, ``bwd_num_stages``.
+    The CUDA defaults were measured on an H100 (see ``NOTES.md``).  On the CPU
+    interpreter tiles default to 32 so that small inputs still span several tiles.
     """
     if device.type == "cuda":
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2)
     else:
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1)
     if kernel_options:
         unknown = set(kernel_options) - set(cfg)
         if unknown:
@@ -382,7 +384,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch_params(cfg: dict) -> dict:
+def launch_params(cfg: dict, backward: bool = False) -> dict:
+    """``num_warps`` / ``num_stages`` for a launch of the forward or backward kernel."""
+    if backward:
+        return dict(num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -403,7 +408,7 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
         H, n_q, n_k, sm_scale * LOG2E,
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
-        **_launch_params(cfg),
+        **launch_params(cfg),
     )
     return o, lse2
 
@@ -436,7 +441,7 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
         H, n_q, n_k, sm_scale * LOG2E, sm_scale,
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
-        **_launch_params(cfg),
+        **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from . import _runtime
@@ -27,18 +28,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord
 
 
-def check_buckets(name: str, buckets: Tensor, q: Tensor, n_buckets: int | None) -> None:
-    """Integer ``(B, H, N)`` ids in ``[0, n_buckets)``; raise ``ValueError`` otherwise."""
-    _runtime.check_per_token(name, buckets, q, "int")
-    if buckets.numel() == 0:
+def check_buckets(q_buckets: Tensor, k_buckets: Tensor, q: Tensor, n_buckets: int | None) -> None:
+    """Integer ``(B, H, N)`` ids in ``[0, n_buckets)``; raise ``ValueError`` otherwise.
+
+    The range check reads four numbers back from the device: one synchronisation.
+    """
+    _runtime.check_per_token("q_buckets", q_buckets, q, "int")
+    _runtime.check_per_token("k_buckets", k_buckets, q, "int")
+    if q_buckets.numel() == 0:
         return
-    lo, hi = int(buckets.min()), int(buckets.max())
-    if lo < 0:
-        raise ValueError(f"{name} must be >= 0, got a bucket id {lo}")
-    if hi >= 2**31 - 1:
-        raise ValueError(f"{name} must fit in int32, got a bucket id {hi}")
-    if n_buckets is not None and hi >= n_buckets:
-        raise ValueError(f"{name} must be < n_buckets={n_buckets}, got a bucket id {hi}")
+    q_lo, k_lo, q_hi, k_hi = torch.stack(
+        [q_buckets.min(), k_buckets.min(), q_buckets.max(), k_buckets.max()]).tolist()
+    for name, lo, hi in (("q_buckets", q_lo, q_hi), ("k_buckets", k_lo, k_hi)):
+        if lo < 0:
+            raise ValueError(f"{name} must be >= 0, got a bucket id {lo}")
+        if hi >= 2**31 - 1:
+            raise ValueError(f"{name} must fit in int32, got a bucket id {hi}")
+        if n_buckets is not None and hi >= n_buckets:
+            raise ValueError(f"{name} must be < n_buckets={n_buckets}, got a bucket id {hi}")
 
 
 def hash_sparse_attention(
@@ -69,8 +76,7 @@ def hash_sparse_attention(
         ``(B, H, N, D)``; a query with no earlier key in its bucket gets 0.
     """
     _runtime.check_qkv(q, k, v, same_length=True)
-    check_buckets("q_buckets", q_buckets, q, n_buckets)
-    check_buckets("k_buckets", k_buckets, k, n_buckets)
+    check_buckets(q_buckets, k_buckets, q, n_buckets)
     q_index, q_pos, q_sorted = bucket_sort_layout(q_buckets)
     k_index, k_pos, k_sorted = bucket_sort_layout(k_buckets)
     o = run_permuted(

@@ -44,6 +44,7 @@ from .flash import (
     dot_precision,
     finish_softmax,
     kernel_config,
+    launch_params,
     load_tile,
     mma,
     online_softmax_step,
@@ -215,6 +216,51 @@ def _load_meta(POS, BUCKET, idx, n, pad, HAS_BUCKETS: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(acc, m_i, l_i, q, qpos, qb, k_tile, K, V, KPOS, KB, sk_n, sv_n, n_k, qk_scale,
+              HAS_BUCKETS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    kpos, kb = _load_meta(KPOS, KB, keys, n_k, 2147483647, HAS_BUCKETS)
+    k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+    v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+    allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
+    return online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, DOT_PRECISION)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, kpos, kb, q_tile, Q, DO, LSE, DELTA, QPOS, QB, sq_n, sdo_n, n_q, qk_scale,
+               HAS_BUCKETS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    qpos, qb = _load_meta(QPOS, QB, rows, n_q, -1, HAS_BUCKETS)
+    q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+    do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
+    lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
+    delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
+    allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
+    p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, True, DOT_PRECISION)
+    dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+    dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, qpos, qb, k_tile, K, V, KPOS, KB, sk_n, sv_n, n_k, qk_scale,
+             HAS_BUCKETS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    kpos, kb = _load_meta(KPOS, KB, keys, n_k, 2147483647, HAS_BUCKETS)
+    k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+    v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+    allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
+    p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, True, DOT_PRECISION)
+    return dq + mma(ds.to(k.dtype), k, DOT_PRECISION)
+
+
+@triton.jit
 def _permuted_fwd_kernel(
     Q, K, V, O, LSE, QPOS, KPOS, QB, KB, K_LO, K_HI, QMAX, KMIN, REC,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
@@ -244,14 +290,20 @@ def _permuted_fwd_kernel(
     qmax = tl.load(QMAX + bh64 * n_q_tiles + q_tile)
     lo = tl.load(K_LO + bh64 * n_q_tiles + q_tile)
     hi = tl.load(K_HI + bh64 * n_q_tiles + q_tile)
-    for k_tile in range(lo, hi):
-        if tl.load(KMIN + bh64 * n_k_tiles + k_tile) <= qmax:
-            keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            kpos, kb = _load_meta(KPOS + bh64 * n_k, KB + bh64 * n_k, keys, n_k, 2147483647, HAS_BUCKETS)
-            k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
-            v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-            allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
-            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, DOT_PRECISION)
+    if HAS_BUCKETS:
+        # A run of bucket-overlapping key tiles; some start after this tile's last query.
+        for k_tile in range(lo, hi):
+            if tl.load(KMIN + bh64 * n_k_tiles + k_tile) <= qmax:
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qpos, qb, k_tile, K, V, KPOS + bh64 * n_k,
+                                          KB + bh64 * n_k, sk_n, sv_n, n_k, qk_scale,
+                                          HAS_BUCKETS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    else:
+        # Positions ascend, so every tile of the prefix [0, hi) starts early enough.
+        for k_tile in range(lo, hi):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qpos, qb, k_tile, K, V, KPOS + bh64 * n_k,
+                                      KB + bh64 * n_k, sk_n, sv_n, n_k, qk_scale,
+                                      HAS_BUCKETS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
             record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
 
     out, lse2 = finish_softmax(acc, m_i, l_i)
@@ -305,18 +357,16 @@ def _permuted_bwd_kernel(
         kmin = tl.load(KMIN + tile)
         lo = tl.load(Q_LO + bh64 * n_k_tiles + tile)
         hi = tl.load(Q_HI + bh64 * n_k_tiles + tile)
-        for q_tile in range(lo, hi):
-            if tl.load(QMAX + q_tile) >= kmin:
-                rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-                qpos, qb = _load_meta(QPOS, QB, rows, n_q, -1, HAS_BUCKETS)
-                q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
-                do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
-                lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
-                delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
-                allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
-                p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, True, DOT_PRECISION)
-                dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
-                dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+        if HAS_BUCKETS:
+            for q_tile in range(lo, hi):
+                if tl.load(QMAX + q_tile) >= kmin:
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kpos, kb, q_tile, Q, DO, LSE, DELTA, QPOS, QB, sq_n, sdo_n,
+                                        n_q, qk_scale, HAS_BUCKETS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                    record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
+        else:
+            for q_tile in range(lo, hi):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kpos, kb, q_tile, Q, DO, LSE, DELTA, QPOS, QB, sq_n, sdo_n,
+                                    n_q, qk_scale, HAS_BUCKETS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
                 record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
         store_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
         store_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
@@ -333,15 +383,16 @@ def _permuted_bwd_kernel(
         qmax = tl.load(QMAX + tile)
         lo = tl.load(K_LO + bh64 * n_q_tiles + tile)
         hi = tl.load(K_HI + bh64 * n_q_tiles + tile)
-        for k_tile in range(lo, hi):
-            if tl.load(KMIN + k_tile) <= qmax:
-                keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-                kpos, kb = _load_meta(KPOS, KB, keys, n_k, 2147483647, HAS_BUCKETS)
-                k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
-                v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-                allowed = _allowed(qpos, kpos, qb, kb, HAS_BUCKETS)
-                p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, True, DOT_PRECISION)
-                dq += mma(ds.to(k.dtype), k, DOT_PRECISION)
+        if HAS_BUCKETS:
+            for k_tile in range(lo, hi):
+                if tl.load(KMIN + k_tile) <= qmax:
+                    dq = _dq_tile(dq, q, do, lse2, delta, qpos, qb, k_tile, K, V, KPOS, KB, sk_n, sv_n, n_k,
+                                  qk_scale, HAS_BUCKETS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                    record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+        else:
+            for k_tile in range(lo, hi):
+                dq = _dq_tile(dq, q, do, lse2, delta, qpos, qb, k_tile, K, V, KPOS, KB, sk_n, sv_n, n_k,
+                              qk_scale, HAS_BUCKETS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
                 record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
         store_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D)
 
@@ -385,10 +436,6 @@ def _dims(q, k, cfg):
     return B, H, n_q, n_k, D, triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(n_k, cfg["BLOCK_N"])
 
 
-def _launch(cfg):
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
 def permuted_forward(q, k, v, plan: _Plan, sm_scale, cfg, record=None):
     B, H, n_q, n_k, D, n_qt, n_kt = _dims(q, k, cfg)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -402,7 +449,7 @@ def permuted_forward(q, k, v, plan: _Plan, sm_scale, cfg, record=None):
         H, n_q, n_k, n_qt, n_kt, sm_scale * LOG2E,
         HAS_BUCKETS=plan.q_buckets is not None, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        RECORD=record is not None, **_launch(cfg),
+        RECORD=record is not None, **launch_params(cfg),
     )
     return o, lse2
 
@@ -427,7 +474,7 @@ def permuted_backward(q, k, v, o, lse2, do, plan: _Plan, sm_scale, cfg, record=N
         H, n_q, n_k, n_qt, n_kt, sm_scale * LOG2E, sm_scale,
         HAS_BUCKETS=plan.q_buckets is not None, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        RECORD=record is not None, **_launch(cfg),
+        RECORD=record is not None, **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
 
