@@ -1,8 +1,22 @@
-"""Which tiles a kernel computes: recorded by the kernel, and predicted in PyTorch."""
+"""Which tiles a kernel computes: recorded by the kernel (:class:`TileRecord`), and
+predicted in PyTorch from the inputs (:func:`flash_schedule`, :func:`qk_schedule`,
+:func:`hash_schedule`, each a :class:`TileSchedule`).
+
+The predictions use the kernels' own rules (``flash._dense_key_range`` for dense,
+``permuted.TileStats.visited`` on the same layout for the sparse kinds), and split
+the computed tiles by the token-level masks of :mod:`sparseflash.reference`.
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from . import reference
+from .permuted import TileStats, bucket_sort_layout, compact_layout
 
 
 class TileRecord:
@@ -38,3 +52,375 @@ class TileRecord:
         if name in maps:
             return maps[name]
         raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------------------
+# Predicted schedules
+# --------------------------------------------------------------------------------------
+
+#: Tile states in :attr:`TileSchedule.state`.
+SKIPPED, PARTIAL, FULL, EMPTY = 0, 1, 2, 3
+STATE_NAMES = {
+    SKIPPED: "skipped",
+    PARTIAL: "computed, partly masked",
+    FULL: "computed, no pair masked",
+    EMPTY: "computed, every pair masked",
+}
+
+#: Default tile size of the kernels on the CPU interpreter (``flash.kernel_config``).
+CPU_BLOCK = 32
+
+
+@dataclass
+class TileSchedule:
+    """Which ``(query tile, key tile)`` pairs a kernel computes, predicted in PyTorch.
+
+    Built by :func:`flash_schedule`, :func:`qk_schedule` and :func:`hash_schedule`.
+    Tiles are in the kernel's layout: original order for ``"flash"``, kept tokens
+    compacted to the front for ``"qk"``, tokens sorted by bucket for ``"hash"``.
+
+    Attributes:
+        kind: ``"flash"``, ``"qk"`` or ``"hash"`` (as ``TileRecord.kind``).
+        state: int8 ``(B, H, n_q_tiles, n_k_tiles)``: :data:`SKIPPED` (0),
+            :data:`PARTIAL` (1, computed, some pairs masked), :data:`FULL` (2,
+            computed, all ``block_m × block_n`` slot pairs allowed: no mask needed),
+            :data:`EMPTY` (3, computed although no pair is allowed: the price of a
+            tile rule that looks only at per-tile summaries, e.g. hash tiles whose
+            bucket ranges overlap without a same-bucket causal pair).  Slots past the
+            end of the sequence and padding slots of a compacted layout count as
+            masked, so ragged edge tiles are PARTIAL.
+        allowed_count: int32, same shape: allowed token pairs in each tile.
+        mask: bool ``(B, H, n_q, n_k)``, the token-level mask in *original*
+            coordinates (``reference.causal_mask`` / ``qk_dropping_mask`` / ``hash_mask``);
+            a property, built on first use for ``"flash"`` (whose tile counts are
+            computed in closed form, so long dense schedules stay cheap).
+        q_index, k_index: int64 ``(B, H, N)``: layout slot ``a`` holds original token
+            ``q_index[..., a]`` (the identity for ``"flash"``).
+        q_pos, k_pos: int32 ``(B, H, N)``: original position of each slot, ``-1`` for
+            the padding slots of a compacted layout.
+        q_buckets, k_buckets: bucket id of each slot (``"hash"`` only, else None).
+        block_m, block_n: tile sizes (query, key), as the kernel's ``BLOCK_M``, ``BLOCK_N``.
+        causal: False only for non-causal dense attention.
+    """
+
+    kind: str
+    state: Tensor
+    allowed_count: Tensor
+    q_index: Tensor
+    k_index: Tensor
+    q_pos: Tensor
+    k_pos: Tensor
+    block_m: int
+    block_n: int
+    causal: bool = True
+    q_buckets: Tensor | None = None
+    k_buckets: Tensor | None = None
+    _mask: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> Tensor:
+        """bool ``(B, H, n_q, n_k)``: the token-level mask in original coordinates
+        (built on first use for ``"flash"``, where it is the same for every head)."""
+        if self._mask is None:
+            m = reference.causal_mask(self.n_q, self.n_k, device=self.state.device) if self.causal else \
+                torch.ones(self.n_q, self.n_k, dtype=torch.bool, device=self.state.device)
+            self._mask = m.expand(*self.state.shape[:2], self.n_q, self.n_k)
+        return self._mask
+
+    # ---- shapes ----
+    @property
+    def n_q(self) -> int:
+        return self.q_index.shape[-1]
+
+    @property
+    def n_k(self) -> int:
+        return self.k_index.shape[-1]
+
+    @property
+    def n_tiles(self) -> tuple[int, int]:
+        """``(n_q_tiles, n_k_tiles)``."""
+        return self.state.shape[-2], self.state.shape[-1]
+
+    # ---- what is computed ----
+    @property
+    def computed(self) -> Tensor:
+        """bool ``(B, H, n_q_tiles, n_k_tiles)``: tiles the kernel loads (each pass once)."""
+        return self.state != SKIPPED
+
+    @property
+    def wrongly_skipped(self) -> Tensor:
+        """bool, same shape: skipped tiles that hold an allowed pair (must be all False)."""
+        return (self.state == SKIPPED) & (self.allowed_count > 0)
+
+    def counts(self) -> dict[str, int]:
+        """Number of tiles in each state, over all batches and heads."""
+        return {name: int((self.state == code).sum()) for code, name in STATE_NAMES.items()}
+
+    @property
+    def dense_causal_tiles(self) -> int:
+        """Tiles per (batch, head) that dense causal FlashAttention computes for these sizes."""
+        return dense_causal_tile_count(self.n_q, self.n_k, self.block_m, self.block_n)
+
+    @property
+    def computed_per_head(self) -> Tensor:
+        """int64 ``(B, H)``: computed tiles of each head."""
+        return self.computed.sum((-2, -1))
+
+    @property
+    def computed_fraction(self) -> float:
+        """Computed tiles / tiles of the dense *causal* grid, averaged over (batch, head).
+
+        The denominator is what :func:`~sparseflash.flash_attention` with
+        ``causal=True`` computes for the same ``N`` and tile sizes, so 1.0 for dense
+        causal, about 2 for dense non-causal, about ``r²`` for query/key dropping
+        with keep rate ``r`` and about ``1/n_buckets`` for hashing with balanced
+        buckets (more where tiles straddle buckets).  See :attr:`grid_fraction`
+        for the fraction of the whole tile grid instead.
+        """
+        per_head = self.computed_per_head.double().mean().item()
+        return per_head / max(self.dense_causal_tiles, 1)
+
+    @property
+    def grid_fraction(self) -> float:
+        """Computed tiles / all ``n_q_tiles × n_k_tiles`` tiles (dense causal: → 1/2)."""
+        n_qt, n_kt = self.n_tiles
+        return self.computed_per_head.double().mean().item() / max(n_qt * n_kt, 1)
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Dense causal computed tiles / this schedule's computed tiles (``1 / computed_fraction``).
+
+        The speed-up over dense causal FlashAttention if time were proportional to
+        computed tiles (``inf`` when nothing is computed).
+        """
+        f = self.computed_fraction
+        return math.inf if f == 0 else 1.0 / f
+
+    # ---- coordinates ----
+    def layout_mask(self) -> Tensor:
+        """bool ``(B, H, n_q, n_k)``: the token-level mask in the kernel's layout
+        (``mask[q_index[a], k_index[b]]``, False for padding slots)."""
+        return _to_layout(self.mask, self.q_index, self.k_index, self.q_pos, self.k_pos)
+
+    def q_tile_of_token(self) -> Tensor:
+        """int64 ``(B, H, n_q)``: the layout query tile each original query falls in."""
+        return _inverse(self.q_index) // self.block_m
+
+    def k_tile_of_token(self) -> Tensor:
+        """int64 ``(B, H, n_k)``: the layout key tile each original key falls in."""
+        return _inverse(self.k_index) // self.block_n
+
+    def state_of_pairs(self, b: int = 0, h: int = 0) -> Tensor:
+        """int8 ``(n_q, n_k)``: for each original pair ``(i, j)``, the state of the
+        layout tile that pair falls in (how the kernel's tiles look in original coordinates)."""
+        tq = self.q_tile_of_token()[b, h]
+        tk = self.k_tile_of_token()[b, h]
+        return self.state[b, h][tq[:, None], tk[None, :]]
+
+    def summary(self) -> str:
+        """One line: kind, sizes, computed tiles and fractions."""
+        n_qt, n_kt = self.n_tiles
+        per_head = self.computed_per_head.double().mean().item()
+        return (f"{self.kind}: N={self.n_q}, tiles {self.block_m}×{self.block_n} ({n_qt}×{n_kt} grid), "
+                f"{per_head:g} tiles computed per head = {self.computed_fraction:.3f} of dense causal "
+                f"(ideal speed-up {self.ideal_speedup:.2f}×)")
+
+
+def dense_causal_tile_count(n_q: int, n_k: int, block_m: int, block_n: int) -> int:
+    """Tiles dense causal FlashAttention computes for one (batch, head)."""
+    return int(_dense_computed(n_q, n_k, True, block_m, block_n).sum())
+
+
+def _dense_computed(n_q, n_k, causal, block_m, block_n, device=None) -> Tensor:
+    n_qt, n_kt = -(-n_q // block_m), -(-n_k // block_n)
+    if not causal:
+        return torch.ones(n_qt, n_kt, dtype=torch.bool, device=device)
+    t = torch.arange(n_qt, device=device)
+    kt = torch.arange(n_kt, device=device)
+    last_query = torch.clamp((t + 1) * block_m, max=n_q) - 1
+    return kt[None, :] * block_n <= last_query[:, None]
+
+
+def _inverse(index: Tensor) -> Tensor:
+    """Inverse permutation along the last dim."""
+    src = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+    return torch.empty_like(index).scatter_(-1, index, src)
+
+
+def _to_layout(mask, q_index, k_index, q_pos, k_pos) -> Tensor:
+    rows = mask.gather(-2, q_index[..., :, None].expand(*q_index.shape, mask.shape[-1]))
+    lay = rows.gather(-1, k_index[..., None, :].expand(*rows.shape[:-1], k_index.shape[-1]))
+    return lay & (q_pos >= 0)[..., :, None] & (k_pos >= 0)[..., None, :]
+
+
+def _tile_counts(layout_mask: Tensor, block_m: int, block_n: int) -> Tensor:
+    """int32 ``(B, H, n_q_tiles, n_k_tiles)``: allowed pairs per tile (vectorised)."""
+    n_q, n_k = layout_mask.shape[-2:]
+    pad_q, pad_k = (-n_q) % block_m, (-n_k) % block_n
+    m = F.pad(layout_mask.to(torch.int32), (0, pad_k, 0, pad_q))
+    m = m.unflatten(-1, (-1, block_n)).unflatten(-3, (-1, block_m))  # (.., nqt, BM, nkt, BN)
+    return m.sum((-3, -1), dtype=torch.int32)
+
+
+def _dense_counts(n_q, n_k, causal, block_m, block_n, device=None) -> Tensor:
+    """int32 ``(n_q_tiles, n_k_tiles)``: allowed pairs per tile of the (non-)causal mask,
+    counted in closed form row by row (no ``N × N`` mask, so large ``N`` stays cheap)."""
+    k_lo = torch.arange(0, n_k, block_n, device=device)
+    k_hi = torch.clamp(k_lo + block_n, max=n_k)
+    i = torch.arange(n_q, device=device)[:, None]
+    if causal:  # keys k_lo <= j <= min(i, k_hi - 1)
+        per_row = (torch.minimum(i, k_hi - 1) - k_lo + 1).clamp(min=0)
+    else:
+        per_row = (k_hi - k_lo).expand(n_q, -1)
+    per_row = F.pad(per_row, (0, 0, 0, (-n_q) % block_m))
+    return per_row.unflatten(0, (-1, block_m)).sum(1).to(torch.int32)
+
+
+def _states(computed: Tensor, counts: Tensor, block_m: int, block_n: int) -> Tensor:
+    state = torch.full(counts.shape, SKIPPED, dtype=torch.int8, device=counts.device)
+    state[computed & (counts == 0)] = EMPTY
+    state[computed & (counts > 0)] = PARTIAL
+    state[computed & (counts == block_m * block_n)] = FULL
+    return state
+
+
+def _as_bhn(x: Tensor, name: str) -> Tensor:
+    """Accept ``(N,)``, ``(H, N)`` or ``(B, H, N)``; return ``(B, H, N)``."""
+    if x.dim() > 3 or x.dim() == 0:
+        raise ValueError(f"{name} must be (N,), (H, N) or (B, H, N), got shape {tuple(x.shape)}")
+    while x.dim() < 3:
+        x = x.unsqueeze(0)
+    return x
+
+
+def _blocks(block_m, block_n):
+    block_m = CPU_BLOCK if block_m is None else int(block_m)
+    block_n = block_m if block_n is None else int(block_n)
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if b < 1:
+            raise ValueError(f"{name} must be >= 1, got {b}")
+    return block_m, block_n
+
+
+def flash_schedule(n_q: int, n_k: int | None = None, causal: bool = True, block_m: int | None = None,
+                   block_n: int | None = None, *, batch: int = 1, heads: int = 1, device=None) -> TileSchedule:
+    """Tiles of dense FlashAttention (:func:`~sparseflash.flash_attention`).
+
+    Causal: query tile ``t`` computes key tile ``kt`` iff
+    ``kt · block_n <= min((t + 1) · block_m, n_q) - 1`` (the key tile starts at or
+    before the tile's last query); non-causal: every tile.  ``n_k`` defaults to
+    ``n_q``; ``block_m`` defaults to 32 (the CPU interpreter's tile) and ``block_n``
+    to ``block_m``.  ``state`` is ``(batch, heads, ·, ·)``, the same for every head.
+    """
+    n_k = n_q if n_k is None else n_k
+    block_m, block_n = _blocks(block_m, block_n)
+    computed = _dense_computed(n_q, n_k, causal, block_m, block_n, device)
+    counts = _dense_counts(n_q, n_k, causal, block_m, block_n, device)
+    state = _states(computed, counts, block_m, block_n)
+    shape = (batch, heads)
+    q_index = torch.arange(n_q, device=device).expand(*shape, n_q)
+    k_index = torch.arange(n_k, device=device).expand(*shape, n_k)
+    return TileSchedule(
+        kind="flash", state=state.expand(*shape, *state.shape), allowed_count=counts.expand(*shape, *counts.shape),
+        q_index=q_index, k_index=k_index,
+        q_pos=q_index.to(torch.int32), k_pos=k_index.to(torch.int32),
+        block_m=block_m, block_n=block_n, causal=bool(causal),
+    )
+
+
+def _permuted_schedule(kind, mask, q_index, k_index, q_pos, k_pos, q_sorted, k_sorted, block_m, block_n):
+    # The computed set comes from the kernel's own rule (TileStats, as run_permuted builds it)...
+    computed = TileStats.of(q_pos, k_pos, q_sorted, k_sorted, block_m, block_n).visited()
+    # ...and the FULL / PARTIAL / EMPTY split from the token-level mask in layout order.
+    counts = _tile_counts(_to_layout(mask, q_index, k_index, q_pos, k_pos), block_m, block_n)
+    return TileSchedule(
+        kind=kind, state=_states(computed, counts, block_m, block_n), allowed_count=counts, _mask=mask,
+        q_index=q_index, k_index=k_index, q_pos=q_pos, k_pos=k_pos, block_m=block_m, block_n=block_n,
+        q_buckets=q_sorted, k_buckets=k_sorted,
+    )
+
+
+def qk_schedule(q_keep: Tensor, k_keep: Tensor, block_m: int | None = None,
+                block_n: int | None = None) -> TileSchedule:
+    """Tiles of query/key dropping (:func:`~sparseflash.qk_sparse_attention`).
+
+    ``q_keep``, ``k_keep``: bool ``(B, H, N)`` (or ``(N,)``, ``(H, N)``).  The layout is
+    :func:`~sparseflash.permuted.compact_layout` of each; tiles are computed by
+    ``TileStats.visited()`` (``kmin(S) <= qmax(T)``).
+    """
+    q_keep, k_keep = _as_bhn(q_keep, "q_keep").bool(), _as_bhn(k_keep, "k_keep").bool()
+    q_keep, k_keep = torch.broadcast_tensors(q_keep, k_keep)
+    block_m, block_n = _blocks(block_m, block_n)
+    q_index, q_pos = compact_layout(q_keep)
+    k_index, k_pos = compact_layout(k_keep)
+    mask = reference.qk_dropping_mask(q_keep, k_keep)
+    return _permuted_schedule("qk", mask, q_index, k_index, q_pos, k_pos, None, None, block_m, block_n)
+
+
+def hash_schedule(q_buckets: Tensor, k_buckets: Tensor, block_m: int | None = None,
+                  block_n: int | None = None) -> TileSchedule:
+    """Tiles of hash-bucket attention (:func:`~sparseflash.hash_sparse_attention`).
+
+    ``q_buckets``, ``k_buckets``: integer ``(B, H, N)`` (or ``(N,)``, ``(H, N)``).  The
+    layout is :func:`~sparseflash.permuted.bucket_sort_layout` of each; tiles are
+    computed by ``TileStats.visited()`` (causal on positions and overlapping bucket
+    ranges), so tiles straddling buckets may be computed with nothing allowed (EMPTY).
+    """
+    q_buckets, k_buckets = _as_bhn(q_buckets, "q_buckets"), _as_bhn(k_buckets, "k_buckets")
+    q_buckets, k_buckets = torch.broadcast_tensors(q_buckets, k_buckets)
+    block_m, block_n = _blocks(block_m, block_n)
+    q_index, q_pos, q_sorted = bucket_sort_layout(q_buckets)
+    k_index, k_pos, k_sorted = bucket_sort_layout(k_buckets)
+    mask = reference.hash_mask(q_buckets, k_buckets)
+    return _permuted_schedule("hash", mask, q_index, k_index, q_pos, k_pos, q_sorted, k_sorted, block_m, block_n)
+
+
+# --------------------------------------------------------------------------------------
+# Example inputs (for pictures, the explorer and the notebooks)
+# --------------------------------------------------------------------------------------
+
+KINDS = ("dense", "qk", "hash")
+
+
+def example_inputs(kind: str, seq_len: int, *, keep_rate: float = 0.5, n_buckets: int = 4,
+                   seed: int = 0, buckets: str = "random", heads: int = 1) -> dict:
+    """Random sparsity inputs of one kind, reproducible from ``seed``: ``{}`` for
+    ``"dense"``, ``{"q_keep", "k_keep"}`` (each token kept with probability
+    ``keep_rate``) for ``"qk"``, ``{"q_buckets", "k_buckets"}`` for ``"hash"``.
+
+    Hash buckets: ``buckets="random"`` draws independent uniform ids in
+    ``[0, n_buckets)``; ``buckets="lsh"`` hashes random Gaussian queries and keys
+    (``D = 16``) with :func:`sparseflash.lsh_buckets` and shared rotations
+    (``n_buckets`` rounded up to even).  Shapes are ``(1, heads, seq_len)``.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    shape = (1, heads, seq_len)
+    if kind in ("dense", "flash"):
+        return {}
+    if kind == "qk":
+        return {"q_keep": torch.rand(shape, generator=g) < keep_rate,
+                "k_keep": torch.rand(shape, generator=g) < keep_rate}
+    if kind == "hash":
+        if buckets == "random":
+            return {"q_buckets": torch.randint(0, n_buckets, shape, generator=g),
+                    "k_buckets": torch.randint(0, n_buckets, shape, generator=g)}
+        if buckets == "lsh":
+            from .hashing import lsh_buckets
+
+            nb = max(2, n_buckets + n_buckets % 2)
+            q, k = torch.randn(*shape, 16, generator=g), torch.randn(*shape, 16, generator=g)
+            return {"q_buckets": lsh_buckets(q, nb, seed=seed), "k_buckets": lsh_buckets(k, nb, seed=seed)}
+        raise ValueError(f"buckets must be 'random' or 'lsh', got {buckets!r}")
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def schedule_for(kind: str, seq_len: int, block: int = 16, *, keep_rate: float = 0.5, n_buckets: int = 4,
+                 seed: int = 0, buckets: str = "random", causal: bool = True) -> TileSchedule:
+    """The :class:`TileSchedule` of one random example (see :func:`example_inputs`),
+    with square tiles of ``block`` tokens."""
+    inputs = example_inputs(kind, seq_len, keep_rate=keep_rate, n_buckets=n_buckets, seed=seed, buckets=buckets)
+    if kind in ("dense", "flash"):
+        return flash_schedule(seq_len, seq_len, causal, block, block)
+    if kind == "qk":
+        return qk_schedule(inputs["q_keep"], inputs["k_keep"], block, block)
+    return hash_schedule(inputs["q_buckets"], inputs["k_buckets"], block, block)

@@ -1,0 +1,417 @@
+"""Pictures of attention patterns and of the tiles the kernels compute or skip.
+
+Every plotting function takes an optional matplotlib ``ax`` (or ``axes``) to draw
+into, creates a figure with :mod:`matplotlib.pyplot` when none is given, and returns
+what it drew on (see each docstring).  Schedules come from :mod:`sparseflash.tiles`.
+
+Colours of a tile map (:data:`STATE_COLORS`): grey = skipped, dark blue = computed
+with every pair allowed, light blue = computed and partly masked, orange = computed
+although no pair in it is allowed.  Allowed token pairs outside FULL tiles are drawn
+in navy on top, so one can check that each of them lies in a computed tile.
+
+Two coordinate systems (``coords=``):
+
+- ``"layout"``: the kernel's view: query slots down, key slots across, after
+  compaction (query/key dropping) or sorting by bucket (hashing), with the tile grid
+  drawn.  Skipped tiles form solid blocks.
+- ``"original"``: token positions.  Each pair ``(i, j)`` is coloured by the state of
+  the layout tile it falls in, so the kernel's tiles appear scattered over the
+  original matrix; no grid is drawn since tiles are no longer rectangles there.
+
+:func:`explore` is an ipywidgets explorer of all of this.
+"""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.colors import to_rgb
+from matplotlib.patches import Patch
+
+from . import tiles
+from .tiles import EMPTY, FULL, PARTIAL, SKIPPED, TileSchedule
+
+#: Tile state → colour.
+STATE_COLORS = {
+    SKIPPED: "#e8e8e8",
+    PARTIAL: "#9ecae1",
+    FULL: "#4a90d9",
+    EMPTY: "#fd8d3c",
+}
+#: Short legend labels of the states.
+STATE_LABELS = {
+    SKIPPED: "skipped",
+    FULL: "computed, all pairs allowed",
+    PARTIAL: "computed, partly masked",
+    EMPTY: "computed, nothing allowed",
+}
+PAIR_COLOR = "#08306b"  #: allowed token pairs (drawn outside FULL tiles)
+KIND_TITLES = {"dense": "dense causal", "flash": "dense causal", "qk": "query/key dropping", "hash": "hash buckets"}
+LAYOUT_NAMES = {"flash": "original order", "qk": "compacted: kept tokens first", "hash": "sorted by bucket"}
+
+
+def _new_ax(ax, figsize=(4.5, 4.5)):
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, constrained_layout=True)[1]
+
+
+def _head(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    return x[b, h]
+
+
+def state_legend_handles(states=(SKIPPED, FULL, PARTIAL, EMPTY), pairs: bool = True) -> list:
+    """Legend patches for the tile states (and the allowed-pair colour)."""
+    handles = [Patch(facecolor=STATE_COLORS[s], edgecolor="#888888", label=STATE_LABELS[s]) for s in states]
+    if pairs:
+        handles.append(Patch(facecolor=PAIR_COLOR, label="allowed token pair"))
+    return handles
+
+
+def plot_pattern(mask, b: int = 0, h: int = 0, *, ax=None, title: str | None = None,
+                 xlabel: str = "key position j", ylabel: str = "query position i"):
+    """Draw a token-level attention pattern: dark where query ``i`` may attend key ``j``.
+
+    Args:
+        mask: bool ``(N, M)`` or ``(B, H, N, M)`` (e.g. from :mod:`sparseflash.reference`
+            or ``TileSchedule.mask``); ``b``, ``h`` pick the head of a 4-d mask.
+        ax: matplotlib axes to draw into (a new figure if None).
+    Returns:
+        The axes.
+    """
+    ax = _new_ax(ax)
+    m = _head(torch.as_tensor(mask), b, h).bool().cpu().numpy()
+    ax.imshow(m, cmap=matplotlib.colors.ListedColormap(["white", PAIR_COLOR]), vmin=0, vmax=1,
+              interpolation="nearest", aspect="auto")
+    ax.set(xlabel=xlabel, ylabel=ylabel,
+           title=title if title is not None else f"attention pattern ({int(m.sum())} of {m.size} pairs allowed)")
+    return ax
+
+
+def tile_state_image(schedule: TileSchedule, b: int = 0, h: int = 0, coords: str = "layout",
+                     show_pairs: bool = True) -> np.ndarray:
+    """RGB ``(n_q, n_k, 3)`` float array: each token pair coloured by its tile's state,
+    allowed pairs of non-FULL tiles in :data:`PAIR_COLOR` (see the module docstring
+    for ``coords``)."""
+    if coords == "layout":
+        tq = torch.arange(schedule.n_q) // schedule.block_m
+        tk = torch.arange(schedule.n_k) // schedule.block_n
+        state = _head(schedule.state, b, h)[tq[:, None], tk[None, :]]
+        allowed = _head(schedule.layout_mask(), b, h)
+    elif coords == "original":
+        state = schedule.state_of_pairs(b, h)
+        allowed = _head(schedule.mask, b, h)
+    else:
+        raise ValueError(f"coords must be 'layout' or 'original', got {coords!r}")
+    palette = np.array([to_rgb(STATE_COLORS[s]) for s in (SKIPPED, PARTIAL, FULL, EMPTY)])
+    img = palette[state.long().cpu().numpy()]
+    if show_pairs:  # in FULL tiles every pair is allowed: the tile colour already says so
+        a = allowed.cpu().numpy() & (state != FULL).cpu().numpy()
+        img[a] = np.array(to_rgb(PAIR_COLOR))
+    return img
+
+
+def plot_tile_map(schedule: TileSchedule, b: int = 0, h: int = 0, *, coords: str = "layout", ax=None,
+                  show_pairs: bool = True, grid: bool | None = None, legend: bool = True,
+                  title: str | None = None):
+    """Draw which tiles a kernel computes: skipped / computed-full / computed-partial /
+    computed-empty, with the allowed token pairs on top.
+
+    Args:
+        schedule: from :func:`sparseflash.tiles.flash_schedule`, ``qk_schedule`` or
+            ``hash_schedule``; ``b``, ``h`` pick the head.
+        coords: ``"layout"`` (the kernel's compacted / sorted order, tile grid drawn)
+            or ``"original"`` (token positions; each pair coloured by the state of the
+            layout tile it falls in).
+        show_pairs: draw allowed token pairs (outside FULL tiles, where all are allowed).
+        grid: draw tile boundaries (default: in layout coordinates only).
+        legend: add a legend of the states.
+        ax: matplotlib axes to draw into (a new figure if None).
+    Returns:
+        The axes.
+    """
+    ax = _new_ax(ax)
+    img = tile_state_image(schedule, b, h, coords, show_pairs)
+    n_q, n_k = img.shape[:2]
+    ax.imshow(img, interpolation="nearest", extent=(-0.5, n_k - 0.5, n_q - 0.5, -0.5), aspect="auto")
+    grid = coords == "layout" if grid is None else grid
+    if grid:
+        lw = 0.6 if max(schedule.n_tiles) <= 32 else 0.3
+        for y in range(schedule.block_m, n_q, schedule.block_m):
+            ax.axhline(y - 0.5, color="white", lw=lw)
+        for x in range(schedule.block_n, n_k, schedule.block_n):
+            ax.axvline(x - 0.5, color="white", lw=lw)
+    if coords == "layout" and schedule.kind != "flash":
+        ax.set(xlabel=f"key slot ({LAYOUT_NAMES[schedule.kind]})", ylabel="query slot")
+    else:
+        ax.set(xlabel="key position j", ylabel="query position i")
+    if title is None:
+        where = "kernel layout" if coords == "layout" else "original coordinates"
+        title = f"{KIND_TITLES.get(schedule.kind, schedule.kind)}: {where}"
+    ax.set_title(title)
+    if legend:
+        present = [s for s in (SKIPPED, FULL, PARTIAL, EMPTY) if bool((schedule.state == s).any())]
+        ax.legend(handles=state_legend_handles(present, show_pairs), loc="upper right", fontsize="small",
+                  framealpha=0.9)
+    return ax
+
+
+def describe(schedule: TileSchedule, b: int = 0, h: int = 0) -> str:
+    """Short text: computed tiles of head (b, h) against dense causal, and the ideal speed-up."""
+    n = int(schedule.computed[b, h].sum())
+    dense = schedule.dense_causal_tiles
+    speed = f"{dense / n:.1f}×" if n else "∞"
+    empty = int((schedule.state[b, h] == EMPTY).sum())
+    extra = f", {empty} of them empty" if empty else ""
+    return f"{n} of {dense} causal tiles computed{extra} ({n / max(dense, 1):.0%}, ideal speed-up {speed})"
+
+
+def _kind_label(kind: str, keep_rate: float, n_buckets: int) -> str:
+    if kind == "qk":
+        return f"query/key dropping, keep {keep_rate:.0%}"
+    if kind == "hash":
+        return f"hash, {n_buckets} random buckets"
+    return "dense causal"
+
+
+def schedule_label(schedule: TileSchedule, b: int = 0, h: int = 0) -> str:
+    """A short name of the variant with its actual sparsity in head (b, h), read from the schedule."""
+    if schedule.kind == "qk":
+        rq = (schedule.q_pos[b, h] >= 0).float().mean().item()
+        rk = (schedule.k_pos[b, h] >= 0).float().mean().item()
+        return f"query/key dropping ({rq:.0%} of queries, {rk:.0%} of keys kept)"
+    if schedule.kind == "hash":
+        n = len(torch.unique(torch.cat([schedule.q_buckets[b, h], schedule.k_buckets[b, h]])))
+        return f"hash buckets ({n} buckets)"
+    return "dense causal" if schedule.causal else "dense, not causal"
+
+
+def plot_skipping(kind: str = "qk", seq_len: int = 256, block: int = 16, *, keep_rate: float = 0.5,
+                  n_buckets: int = 4, seed: int = 0, buckets: str = "random",
+                  schedule: TileSchedule | None = None, axes=None, b: int = 0, h: int = 0,
+                  legend: bool = True, title: str | None = None):
+    """Two panels side by side: the tile map in original coordinates and in the kernel's layout.
+
+    Builds a random example with :func:`sparseflash.tiles.schedule_for` (``kind`` is
+    ``"dense"``, ``"qk"`` or ``"hash"``; hash buckets are uniform random ids unless
+    ``buckets="lsh"``), or draws the given ``schedule`` (then ``kind`` and the example
+    parameters are ignored).  The title gives the actual sparsity and the computed tiles.
+
+    Args:
+        axes: two matplotlib axes to draw into (a new 1×2 figure if None).
+        legend: one legend for both panels, below them.
+    Returns:
+        ``(fig, axes)``.
+    """
+    if schedule is None:
+        schedule = tiles.schedule_for(kind, seq_len, block, keep_rate=keep_rate, n_buckets=n_buckets, seed=seed,
+                                      buckets=buckets)
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), constrained_layout=True)
+    fig = axes[0].figure
+    plot_tile_map(schedule, b, h, coords="original", ax=axes[0], legend=False, title="original coordinates")
+    plot_tile_map(schedule, b, h, coords="layout", ax=axes[1], legend=False,
+                  title=f"kernel layout ({schedule.block_m}×{schedule.block_n} tiles)")
+    if title is None:
+        title = f"{schedule_label(schedule, b, h)}, N={schedule.n_q}\n{describe(schedule, b, h)}"
+    fig.suptitle(title)
+    if legend:
+        fig.legend(handles=state_legend_handles(), loc="outside lower center", ncols=5, fontsize="small",
+                   frameon=False)
+    return fig, axes
+
+
+_DEFAULT_VALUES = {
+    "seq_len": [64, 128, 256, 512, 1024, 2048],
+    "keep_rate": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+    "n_buckets": [1, 2, 3, 4, 6, 8, 12, 16],
+}
+_DEFAULT_KINDS = {"seq_len": ("dense", "qk", "hash"), "keep_rate": ("qk",), "n_buckets": ("hash",)}
+_KIND_STYLE = {"dense": ("C0", "o"), "qk": ("C1", "s"), "hash": ("C2", "^")}
+
+
+def fraction_sweep(kind: str, vary: str, values, *, seq_len: int = 1024, block: int = 64, keep_rate: float = 0.5,
+                   n_buckets: int = 8, seeds=(0, 1, 2), relative_to: str = "causal") -> np.ndarray:
+    """Computed-tile fraction of ``kind`` for each value of ``vary``, ``(len(values), len(seeds))``.
+
+    ``relative_to="causal"``: :attr:`TileSchedule.computed_fraction` (over the dense
+    causal tiles); ``"grid"``: :attr:`TileSchedule.grid_fraction` (over all tiles).
+    """
+    if vary not in _DEFAULT_VALUES:
+        raise ValueError(f"vary must be one of {sorted(_DEFAULT_VALUES)}, got {vary!r}")
+    if relative_to not in ("causal", "grid"):
+        raise ValueError(f"relative_to must be 'causal' or 'grid', got {relative_to!r}")
+    out = np.zeros((len(values), len(seeds)))
+    for i, value in enumerate(values):
+        params = dict(seq_len=seq_len, keep_rate=keep_rate, n_buckets=n_buckets)
+        params[vary] = value
+        for j, s in enumerate(seeds):
+            sched = tiles.schedule_for(kind, int(params["seq_len"]), block, keep_rate=float(params["keep_rate"]),
+                                       n_buckets=int(params["n_buckets"]), seed=s)
+            out[i, j] = sched.computed_fraction if relative_to == "causal" else sched.grid_fraction
+            if kind == "dense":
+                break
+        if kind == "dense":
+            out[i, :] = out[i, 0]
+    return out
+
+
+def plot_fraction(vary: str = "seq_len", kinds=None, values=None, *, seq_len: int = 1024, block: int = 64,
+                  keep_rate: float = 0.5, n_buckets: int = 8, seeds=(0, 1, 2), relative_to: str | None = None,
+                  theory: bool = True, mark=None, ax=None, title: str | None = None):
+    """Fraction of tiles computed against ``vary`` (``"seq_len"``, ``"keep_rate"`` or ``"n_buckets"``).
+
+    Args:
+        kinds: which of ``"dense"``, ``"qk"``, ``"hash"`` to draw (default: all three
+            against ``seq_len``, ``qk`` against ``keep_rate``, ``hash`` against ``n_buckets``).
+        values: x values (defaults per ``vary``); the other parameters stay at
+            ``seq_len``, ``block`` (square tiles), ``keep_rate``, ``n_buckets``.
+        seeds: random examples averaged per point (the band shows min–max).
+        relative_to: ``"causal"`` (computed tiles / dense causal tiles, the
+            ``computed_fraction``) or ``"grid"`` (computed / all tiles, where dense
+            causal tends to 1/2).  Default: ``"grid"`` against ``seq_len``, else ``"causal"``.
+        theory: dashed guides, the large-N limits: dense causal ½ of the grid, dropping
+            ``r²`` and hashing ``1/n_buckets`` of the dense causal tiles (halved on the grid).
+        mark: an x value to mark with a vertical line (the explorer's current value).
+        ax: matplotlib axes to draw into (a new figure if None).
+    Returns:
+        The axes.
+    """
+    ax = _new_ax(ax, figsize=(5, 4))
+    kinds = _DEFAULT_KINDS[vary] if kinds is None else tuple(kinds)
+    values = _DEFAULT_VALUES[vary] if values is None else list(values)
+    relative_to = ("grid" if vary == "seq_len" else "causal") if relative_to is None else relative_to
+    x = np.asarray(values, dtype=float)
+    for kind in kinds:
+        f = fraction_sweep(kind, vary, values, seq_len=seq_len, block=block, keep_rate=keep_rate,
+                           n_buckets=n_buckets, seeds=seeds, relative_to=relative_to)
+        color, marker = _KIND_STYLE.get(kind, ("C3", "x"))
+        label = {"dense": "dense causal", "qk": f"q/k dropping, keep {keep_rate:.0%}",
+                 "hash": f"hash, {n_buckets} buckets"}[kind]
+        if vary == "keep_rate" and kind == "qk":
+            label = "query/key dropping"
+        if vary == "n_buckets" and kind == "hash":
+            label = "hash buckets (random)"
+        ax.plot(x, f.mean(1), marker=marker, color=color, label=label)
+        if f.shape[1] > 1 and np.ptp(f, axis=1).max() > 0:
+            ax.fill_between(x, f.min(1), f.max(1), color=color, alpha=0.2, lw=0)
+    if theory:
+        if vary == "seq_len":
+            half = 0.5 if relative_to == "grid" else 1.0
+            guides = {"dense": (half, "½" if half == 0.5 else "1"),
+                      "qk": (half * keep_rate**2, "r²/2" if half == 0.5 else "r²"),
+                      "hash": (half / n_buckets, "1/(2·n_buckets)" if half == 0.5 else "1/n_buckets")}
+            for kind in kinds:
+                if kind in guides:
+                    y, name = guides[kind]
+                    ax.axhline(y, color=_KIND_STYLE[kind][0], ls="--", lw=1, label=f"{name} (large-N limit)")
+        if vary == "keep_rate":
+            xs = np.linspace(min(x), max(x), 100)
+            ax.plot(xs, xs**2 * (1 if relative_to == "causal" else 0.5), "k--", lw=1, label="r² (ideal)")
+        if vary == "n_buckets":
+            xs = np.linspace(min(x), max(x), 100)
+            ax.plot(xs, 1 / xs * (1 if relative_to == "causal" else 0.5), "k--", lw=1, label="1 / n_buckets (ideal)")
+    if mark is not None:
+        ax.axvline(mark, color="0.4", lw=1, ls=":")
+    if vary == "seq_len":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(int(v)) for v in x])
+    xlabel = {"seq_len": "sequence length N", "keep_rate": "keep rate r (queries and keys)",
+              "n_buckets": "number of buckets"}[vary]
+    ylabel = "computed tiles / dense causal tiles" if relative_to == "causal" else "computed tiles / all tiles"
+    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, None))
+    fixed = f"{block}×{block} tiles" + ("" if vary == "seq_len" else f", N={seq_len}")
+    ax.set_title(title if title is not None else f"fraction of tiles computed ({fixed})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return ax
+
+
+# --------------------------------------------------------------------------------------
+# Explorer
+# --------------------------------------------------------------------------------------
+
+
+def explore(kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: float = 0.5, n_buckets: int = 4,
+            seed: int = 0):
+    """An ipywidgets explorer: pick the variant and sizes, see which tiles are skipped.
+
+    Controls: variant (dense causal / query-key dropping / hash buckets), ``seq_len``,
+    tile size (square tiles), keep rate, number of buckets, random seed.  The picture
+    shows the tile map in original coordinates and in the kernel's layout, and the
+    computed fraction against the variant's own parameter (``seq_len`` for dense, the
+    keep rate for dropping, the bucket count for hashing).  Hash buckets are uniform
+    random ids (:func:`sparseflash.tiles.example_inputs`), so that any bucket count works.
+
+    The figure is rendered to PNG into an ``ipywidgets.Image``, so it draws the same with
+    any matplotlib backend and also without a frontend (then it is drawn once, and again
+    on each change of a control).
+
+    Returns:
+        An ``ipywidgets.VBox``, with attributes ``controls`` (dict name → widget:
+        ``kind``, ``seq_len``, ``block``, ``keep_rate``, ``n_buckets``, ``seed``),
+        ``image`` (the Image widget), ``info`` (an HTML line), ``figure`` (the matplotlib
+        Figure), ``schedule`` (the current :class:`~sparseflash.tiles.TileSchedule`),
+        ``draws`` (number of renders) and ``redraw()``.
+    """
+    import ipywidgets as widgets
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    style = {"description_width": "80px"}
+    layout = widgets.Layout(width="330px")
+    slider = dict(continuous_update=False, style=style, layout=layout)
+    controls = {
+        "kind": widgets.Dropdown(options=[("dense causal", "dense"), ("query/key dropping", "qk"),
+                                          ("hash buckets", "hash")], value=kind, description="variant",
+                                 style=style, layout=layout),
+        "seq_len": widgets.IntSlider(value=seq_len, min=32, max=512, step=16, description="seq_len", **slider),
+        "block": widgets.SelectionSlider(options=[16, 32, 64], value=block, description="tile size", **slider),
+        "keep_rate": widgets.FloatSlider(value=keep_rate, min=0.05, max=1.0, step=0.05, description="keep rate",
+                                         readout_format=".2f", **slider),
+        "n_buckets": widgets.IntSlider(value=n_buckets, min=1, max=16, description="n_buckets", **slider),
+        "seed": widgets.IntSlider(value=seed, min=0, max=20, description="seed", **slider),
+    }
+    image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
+    info = widgets.HTML()
+    fig = Figure(figsize=(14, 4.8), dpi=80, layout="constrained")
+    FigureCanvasAgg(fig)
+    box = widgets.VBox([widgets.HBox([widgets.VBox(list(controls.values())[:3]),
+                                      widgets.VBox(list(controls.values())[3:])]), info, image])
+
+    def redraw(*_):
+        v = {name: w.value for name, w in controls.items()}
+        controls["keep_rate"].disabled = v["kind"] != "qk"
+        controls["n_buckets"].disabled = v["kind"] != "hash"
+        sched = tiles.schedule_for(v["kind"], v["seq_len"], v["block"], keep_rate=v["keep_rate"],
+                                   n_buckets=v["n_buckets"], seed=v["seed"])
+        fig.clear()
+        axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.15])
+        plot_skipping(schedule=sched, axes=axes[:2])
+        vary = {"dense": "seq_len", "qk": "keep_rate", "hash": "n_buckets"}[v["kind"]]
+        values = {"seq_len": [32, 64, 128, 256, 512], "keep_rate": [0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0],
+                  "n_buckets": [1, 2, 4, 8, 16]}[vary]
+        plot_fraction(vary, kinds=(v["kind"],), values=values, seq_len=v["seq_len"], block=v["block"],
+                      keep_rate=v["keep_rate"], n_buckets=v["n_buckets"], seeds=(v["seed"],),
+                      mark=v[vary], ax=axes[2])
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        image.value = buf.getvalue()
+        info.value = (f"<b>{_kind_label(v['kind'], v['keep_rate'], v['n_buckets'])}</b>, N={v['seq_len']}, "
+                      f"{v['block']}×{v['block']} tiles: {describe(sched)}")
+        box.schedule = sched
+        box.draws += 1
+
+    box.controls, box.image, box.info, box.figure, box.draws, box.redraw = controls, image, info, fig, 0, redraw
+    for w in controls.values():
+        w.observe(redraw, names="value")
+    redraw()
+    return box

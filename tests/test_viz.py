@@ -1,0 +1,191 @@
+"""Pictures (sparseflash.viz), the explorer and `python -m sparseflash.figures`, all headless."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sparseflash import figures, reference, tiles, viz  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_pattern_renders(tmp_path):
+    ax = viz.plot_pattern(reference.causal_mask(40))
+    ax.figure.savefig(tmp_path / "p.png")
+    assert _is_png(tmp_path / "p.png") and ax.get_xlabel() == "key position j"
+    _, ax2 = plt.subplots()
+    assert viz.plot_pattern(tiles.schedule_for("qk", 64, 16).mask, ax=ax2) is ax2
+
+
+@pytest.mark.parametrize("kind", tiles.KINDS)
+@pytest.mark.parametrize("coords", ["layout", "original"])
+def test_plot_tile_map_renders(tmp_path, kind, coords):
+    sched = tiles.schedule_for(kind, 80, 16, seed=1)
+    ax = viz.plot_tile_map(sched, coords=coords)
+    assert ax.get_legend() is not None and ax.get_title()
+    ax.figure.savefig(tmp_path / "t.png")
+    assert _is_png(tmp_path / "t.png")
+
+
+def test_tile_state_image_colours_follow_the_schedule():
+    sched = tiles.schedule_for("hash", 64, 16, seed=0)
+    img = viz.tile_state_image(sched, coords="layout", show_pairs=False)
+    palette = {s: np.array(matplotlib.colors.to_rgb(c)) for s, c in viz.STATE_COLORS.items()}
+    for t in range(4):
+        for s in range(4):
+            state = int(sched.state[0, 0, t, s])
+            assert np.allclose(img[t * 16 + 3, s * 16 + 5], palette[state])
+    orig = viz.tile_state_image(sched, coords="original", show_pairs=False)
+    assert orig.shape == (64, 64, 3)
+    with pytest.raises(ValueError):
+        viz.tile_state_image(sched, coords="nope")
+
+
+@pytest.mark.parametrize("kind", tiles.KINDS)
+def test_plot_skipping_two_panels(tmp_path, kind):
+    fig, axes = viz.plot_skipping(kind, seq_len=96, block=16, keep_rate=0.4, n_buckets=3, seed=2)
+    assert len(axes) == 2
+    assert "original" in axes[0].get_title() and "layout" in axes[1].get_title()
+    assert fig._suptitle is not None and "tiles computed" in fig._suptitle.get_text()
+    fig.savefig(tmp_path / "s.png")
+    assert _is_png(tmp_path / "s.png")
+    # into given axes, from a given schedule
+    fig2, axes2 = plt.subplots(1, 2)
+    f, a = viz.plot_skipping(schedule=tiles.flash_schedule(64, block_m=16), axes=axes2, legend=False)
+    assert f is fig2 and a is axes2
+
+
+@pytest.mark.parametrize("vary", ["seq_len", "keep_rate", "n_buckets"])
+def test_plot_fraction_renders(tmp_path, vary):
+    values = {"seq_len": [64, 128, 256], "keep_rate": [0.25, 0.5, 1.0], "n_buckets": [1, 2, 4]}[vary]
+    ax = viz.plot_fraction(vary, values=values, seq_len=256, block=32, seeds=(0, 1), mark=values[1])
+    assert ax.get_ylabel().startswith("computed tiles")
+    ax.figure.savefig(tmp_path / "f.png")
+    assert _is_png(tmp_path / "f.png")
+
+
+def test_fraction_sweep_numbers():
+    f = viz.fraction_sweep("dense", "seq_len", [64, 4096], block=64, seeds=(0, 1), relative_to="grid")
+    assert f[0, 0] == 1.0 and f[1, 0] == pytest.approx(0.5, abs=0.01)
+    f = viz.fraction_sweep("qk", "keep_rate", [1.0], seq_len=128, block=32)
+    assert np.all(f == 1.0)
+
+
+def test_explorer_builds_and_reacts():
+    w = viz.explore(kind="qk", seq_len=64, block=16)
+    assert w.draws == 1 and w.image.value[:8] == PNG_MAGIC
+    assert set(w.controls) == {"kind", "seq_len", "block", "keep_rate", "n_buckets", "seed"}
+    first_png, first_state = w.image.value, w.schedule.state
+    assert w.controls["n_buckets"].disabled and not w.controls["keep_rate"].disabled
+
+    w.controls["seq_len"].value = 96
+    assert w.draws == 2 and w.schedule.n_q == 96 and w.schedule.state.shape[-1] == 6
+    assert w.image.value != first_png and w.schedule.state.shape != first_state.shape
+
+    w.controls["kind"].value = "hash"
+    assert w.schedule.kind == "hash" and w.controls["keep_rate"].disabled
+    png = w.image.value
+    w.controls["n_buckets"].value = 8
+    assert w.image.value != png and "hash" in w.info.value
+    w.controls["kind"].value = "dense"
+    assert w.schedule.kind == "flash" and w.schedule.computed_fraction == 1.0
+
+
+def test_speed_figure_from_records(tmp_path, capsys):
+    recs = []
+    for mode in ("fwd", "fwd+bwd"):
+        for n in (1024, 2048, 4096):
+            recs.append(dict(variant="dense", seq_len=n, ms=n / 1000, mode=mode))
+            recs.append(dict(variant="qk", seq_len=n, ms=n / 3000, mode=mode, keep_rate=0.3))
+            recs.append(dict(variant="hash", seq_len=n, ms=n / 2500, mode=mode, n_buckets=8))
+    recs.append(dict(variant="qk", ms=1.0))  # no seq_len: skipped with a note
+    fig = figures.speed_figure(recs, tmp_path / "speed.png")
+    assert fig is not None and _is_png(tmp_path / "speed.png")
+    assert "left out" in capsys.readouterr().out
+    assert figures.speed_figure([{"foo": 1}]) is None
+    assert "no usable" in capsys.readouterr().out
+
+
+def test_load_results_accepts_several_shapes(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"variant": "dense", "seq_len": 1, "ms": 1}]))
+    (tmp_path / "b.json").write_text(json.dumps({"records": [{"variant": "qk", "seq_len": 1, "ms": 1}]}))
+    (tmp_path / "c.json").write_text(json.dumps({"variant": "hash", "seq_len": 1, "ms": 1}))
+    (tmp_path / "d.json").write_text("not json")
+    (tmp_path / "e.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100"}, "rows": [
+        {"variant": "ours_dense", "seq_len": 1024, "ms": 1.0, "mode": "fwd", "status": "ok", "D": 64},
+        {"variant": "ours_qk_0.3", "seq_len": 1024, "ms": 0.2, "mode": "fwd", "status": "ok", "D": 64},
+        {"variant": "ours_dense", "seq_len": 1024, "ms": 1.9, "mode": "fwd", "status": "ok", "D": 128},
+        {"variant": "flex_kernel_qk_0.3", "seq_len": 1024, "ms": None, "mode": "fwd", "status": "skipped"}]}))
+    recs = figures.load_results(tmp_path)
+    assert [r["variant"] for r in recs[:3]] == ["dense", "qk", "hash"]
+    assert len(recs) == 7 and recs[-1]["device"] == "NVIDIA H100"
+    fig = figures.speed_figure(recs[3:])  # the bench schema: panels per mode and head dim
+    assert fig is not None and len(fig.axes) == 4
+
+
+def _run_figures(*args):
+    env = dict(os.environ, MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "sparseflash.figures", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def test_figures_cli_writes_pngs(tmp_path):
+    out = tmp_path / "figs"
+    empty = tmp_path / "results"
+    empty.mkdir()
+    proc = _run_figures("--out", str(out), "--results", str(empty))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("tile_maps.png", "computed_fraction.png"):
+        assert _is_png(out / name), name
+    assert not (out / "speed.png").exists()
+    assert "no benchmark results" in proc.stdout
+
+
+def test_figures_cli_speed_and_help(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "bench.json").write_text(json.dumps([
+        {"variant": "dense", "seq_len": 1024, "ms": 2.0, "mode": "fwd"},
+        {"variant": "dense", "seq_len": 2048, "ms": 8.0, "mode": "fwd"},
+        {"variant": "hash", "seq_len": 1024, "ms": 1.0, "mode": "fwd", "n_buckets": 8},
+        {"variant": "hash", "seq_len": 2048, "ms": 2.0, "mode": "fwd", "n_buckets": 8},
+    ]))
+    out = tmp_path / "figs"
+    figures.build_all(out, res)  # in-process, to keep it quick
+    assert _is_png(out / "speed.png")
+    proc = _run_figures("--help")
+    assert proc.returncode == 0 and "--out" in proc.stdout and "--results" in proc.stdout
+
+
+def test_committed_figures_exist():
+    for name in ("tile_maps.png", "computed_fraction.png"):
+        assert _is_png(ROOT / "figures" / name), f"figures/{name}: run `python -m sparseflash.figures`"
+
+
+def test_schedules_are_torch_only():
+    # the figures never run a kernel: schedule building is plain PyTorch and quick
+    sched = tiles.schedule_for("hash", 4096, 64, n_buckets=8)
+    assert isinstance(sched.state, torch.Tensor) and sched.state.dtype == torch.int8
