@@ -58,7 +58,7 @@ def check_runnable(t: Tensor) -> None:
         warnings.warn(
             "sparseflash: no CUDA device, so Triton kernels run on the CPU through Triton's interpreter "
             "(exact but slow; keep sizes small)",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

@@ -88,6 +88,8 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale,
 
     A row that has seen no allowed key yet keeps ``m = -inf``; it is shifted by 0
     instead, so it stays at ``l = 0, acc = 0`` rather than turning into NaN.
+    ``p`` is rounded to the dtype of ``v`` before ``p v``, as in FlashAttention, so the
+    second product runs on the tensor cores at the inputs' precision.
     """
     s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
     if MASKED:
@@ -153,8 +155,8 @@ def _dense_key_range(q_tile, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constex
     """Key tiles a query tile visits: ``[0, n_full)`` need no mask, ``[n_full, n_visit)`` do.
 
     Causal: the query tile's last row is ``i_max``; key tiles starting after it are
-    skipped.  A key tile is mask-free when every key precedes the tile's first query
-    and lies inside the sequence.
+    skipped.  A key tile is mask-free when every key is at or before the tile's first
+    query and lies inside the sequence.
     """
     q_lo = q_tile * BLOCK_M
     if CAUSAL:
@@ -173,13 +175,15 @@ def _dense_query_range(k_tile, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.const
     ``[first_full, n_q_tiles)`` mask-free (every query at or after every key).
 
     Keys of a ragged last tile (past ``n_k``) only produce dK/dV rows that are never
-    stored, so here only the causal diagonal needs a mask.
+    stored, so here only the causal diagonal needs a mask (the masked dK/dV step
+    tests ``key <= query`` alone).
     """
     n_q_tiles = tl.cdiv(n_q, BLOCK_M)
     if CAUSAL:
         k_lo = k_tile * BLOCK_N
         k_last = tl.minimum(k_lo + BLOCK_N, n_k) - 1
-        first = k_lo // BLOCK_M
+        # The first query tile holding a query at or after this tile's first key.
+        first = tl.where(k_lo < n_q, k_lo // BLOCK_M, n_q_tiles)
         first_full = tl.maximum(first, tl.minimum(tl.cdiv(k_last, BLOCK_M), n_q_tiles))
     else:
         first = 0
@@ -280,12 +284,12 @@ def _flash_bwd_kernel(
         v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        first, first_full, last = _dense_query_range(tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+        first, first_full, n_q_tiles = _dense_query_range(tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
         for q_tile in range(first, first_full):
             dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
                                       qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
             record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
-        for q_tile in range(first_full, last):
+        for q_tile in range(first_full, n_q_tiles):
             dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
                                       qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
             record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
@@ -376,7 +380,12 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs use TF32 matrix units only where PyTorch allows it for matmuls."""
+    """``input_precision`` of the kernels' ``tl.dot``.
+
+    float32 inputs use TF32 matrix units only where PyTorch allows it for matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``), else exact "ieee" products; for
+    float16/bfloat16 the setting has no effect ("tf32" is Triton's default name).
+    """
     if dtype == torch.bfloat16 and _runtime.INTERPRET:
         return "upcast"
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -400,6 +409,7 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
     lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(n_q, BM), B * H)
+    # Without a record the kernel never touches REC (RECORD is a compile-time switch): any pointer does.
     rec = record.buffer("fwd", (B, H, grid[0], triton.cdiv(n_k, BN)), q.device) if record is not None else lse2
     _flash_fwd_kernel[grid](
         q, k, v, o, lse2, rec,

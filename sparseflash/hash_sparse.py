@@ -10,7 +10,8 @@ Computation, for one (batch, head) with bucket ids ``qb``, ``kb``::
 How: queries and keys are each sorted by bucket, stably, so inside a bucket the
 original order survives (:func:`sparseflash.permuted.bucket_sort_layout`); the
 position-causal kernel of :mod:`sparseflash.permuted` runs on the sorted tensors
-with the extra "same bucket" test; the output is unsorted.  In sorted order the
+with the extra "same bucket" test, reading and writing q, k, v, the output and
+the gradients in token order through the sort index (no sorted copies are made).  In sorted order the
 allowed pairs sit in diagonal blocks, one per bucket, so with ``n`` buckets of
 similar size only about ``1/n`` of the causal tiles are loaded.
 """
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _runtime
-from .permuted import bucket_sort_layout, gather_tokens, run_permuted, scatter_tokens
+from .permuted import bucket_sort_layout, run_permuted
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord
@@ -79,8 +80,5 @@ def hash_sparse_attention(
     check_buckets(q_buckets, k_buckets, q, n_buckets)
     q_index, q_pos, q_sorted = bucket_sort_layout(q_buckets)
     k_index, k_pos, k_sorted = bucket_sort_layout(k_buckets)
-    o = run_permuted(
-        gather_tokens(q, q_index), gather_tokens(k, k_index), gather_tokens(v, k_index),
-        q_pos, k_pos, q_sorted, k_sorted, sm_scale, kernel_options, tile_record, "hash",
-    )
-    return scatter_tokens(o, q_index)
+    return run_permuted(q, k, v, q_pos, k_pos, q_sorted, k_sorted, sm_scale, kernel_options, tile_record,
+                        "hash", q_index, k_index)

@@ -11,8 +11,9 @@ Computation, for one (batch, head) with keep masks ``q_keep``, ``k_keep``::
 How: kept queries and kept keys are compacted to the front of their own layouts,
 in original order, carrying their original positions
 (:func:`sparseflash.permuted.compact_layout`); the position-causal kernel of
-:mod:`sparseflash.permuted` runs on the compacted tensors; the output is scattered
-back.  With a fraction ``r`` kept, only about ``r²`` of the causal tiles hold
+:mod:`sparseflash.permuted` runs on that layout, reading q, k, v and writing the
+output and gradients in token order through the compaction index (no compacted
+copies are made).  With a fraction ``r`` kept, only about ``r²`` of the causal tiles hold
 allowed pairs, and only those are loaded.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _runtime
-from .permuted import compact_layout, gather_tokens, run_permuted, scatter_tokens
+from .permuted import compact_layout, run_permuted
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord
@@ -60,11 +61,8 @@ def qk_sparse_attention(
     _runtime.check_per_token("k_keep", k_keep, k, "bool")
     q_index, q_pos = compact_layout(q_keep)
     k_index, k_pos = compact_layout(k_keep)
-    o = run_permuted(
-        gather_tokens(q, q_index), gather_tokens(k, k_index), gather_tokens(v, k_index),
-        q_pos, k_pos, None, None, sm_scale, kernel_options, tile_record, "qk",
-    )
-    return scatter_tokens(o, q_index)
+    return run_permuted(q, k, v, q_pos, k_pos, None, None, sm_scale, kernel_options, tile_record, "qk",
+                        q_index, k_index)
 
 
 def random_keep(

@@ -173,8 +173,6 @@ def test_sm_scale(seed):
     _check_attention(q_pos, k_pos, sm_scale=0.3, kernel_options=SMALL)
 
 
-@pytest.mark.xfail(strict=True, reason="permuted_attention sorts by bucket * max(Nq, Nk) + position, "
-                   "so a valid bucket layout whose positions exceed the slot count is rejected")
 def test_bucket_layout_positions_beyond_length(seed):
     """Positions are original positions: they may exceed the number of slots (as without buckets)."""
     q_pos = torch.tensor([[[5, 1000, 2, 40]]])
@@ -419,3 +417,31 @@ def test_qk_skips_tiles(seed):
     fraction = rec.fwd.sum().item() / (B * H * _causal_tiles(N, 16))
     assert torch.equal(rec.fwd, rec.stats.visited().int())
     assert fraction <= (rate + 0.1) ** 2, f"visited {fraction:.3f} of the causal tiles"
+
+
+# ---------------------------------------------------------------------------
+# The device plan kernel computes exactly the PyTorch tables
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_device_tile_tables_match_pytorch(seed, trial):
+    from sparseflash.permuted import INT32_MAX, device_tile_tables
+
+    B, H, N = 2, 2, int(torch.randint(1, 300, ()))
+    bm, bn = (16, 32, 64)[trial % 3], (16, 32)[trial % 2]
+    if trial % 2:
+        rate_q, rate_k = float(torch.rand(())), float(torch.rand(()))
+        _, qp = compact_layout(torch.rand(B, H, N) < rate_q)
+        _, kp = compact_layout(torch.rand(B, H, N) < rate_k)
+        qb = kb = None
+    else:
+        nb = int(torch.randint(1, 20, ()))
+        _, qp, qb = bucket_sort_layout(torch.randint(0, nb, (B, H, N)))
+        _, kp, kb = bucket_sort_layout(torch.randint(0, nb, (B, H, N)))
+    stats = TileStats.of(qp, kp, qb, kb, bm, bn)
+    want = (stats.qmax, stats.kmin) + tile_tables(stats)
+    k_big = torch.where(kp < 0, INT32_MAX, kp).int().contiguous()
+    got = device_tile_tables(qp.int().contiguous(), k_big, qb, kb, bm, bn)
+    for name, w, g in zip(("qmax", "kmin", "k_lo", "k_hi", "q_lo", "q_hi"), want, got):
+        assert torch.equal(w.int(), g.int()), f"{name} (N={N}, blocks {bm}x{bn}, buckets={qb is not None})"

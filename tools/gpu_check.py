@@ -137,22 +137,21 @@ if args.profile:
 
     def prep_qk():
         qi, qp = P.compact_layout(qk); ki, kp = P.compact_layout(kk)
-        g = (P.gather_tokens(q, qi), P.gather_tokens(k, ki), P.gather_tokens(v, ki))
-        return g, P._Plan.make(qp, kp, None, None, cfg), qi
+        return P._Plan.make(qp, kp, None, None, cfg, qi, ki)
 
     def prep_hash():
         qi, qp, qs = P.bucket_sort_layout(qb); ki, kp, ks = P.bucket_sort_layout(kb)
-        g = (P.gather_tokens(q, qi), P.gather_tokens(k, ki), P.gather_tokens(v, ki))
-        return g, P._Plan.make(qp, kp, qs, ks, cfg), qi
+        return P._Plan.make(qp, kp, qs, ks, cfg, qi, ki)
 
     for name, prep in (("qk0.3", prep_qk), ("hash16", prep_hash)):
-        (qc, kc, vc), plan, qi = prep()
+        plan = prep()
+        qc, kc, vc = q, k, v
         o, lse = P.permuted_forward(qc, kc, vc, plan, 0.125, cfg)
         t_prep = triton.testing.do_bench(prep, warmup=25, rep=100, return_mode="median")
         t_fwd = triton.testing.do_bench(lambda: P.permuted_forward(qc, kc, vc, plan, 0.125, cfg), warmup=25, rep=100, return_mode="median")
         t_bwd = triton.testing.do_bench(lambda: P.permuted_backward(qc, kc, vc, o, lse, do, plan, 0.125, cfg), warmup=25, rep=100, return_mode="median")
-        t_plan = triton.testing.do_bench(lambda: P._Plan.make(plan.q_pos, plan.k_pos, plan.q_buckets, plan.k_buckets, cfg), warmup=25, rep=100, return_mode="median")
-        vis = plan.stats.visited().float().mean().item()
+        t_plan = triton.testing.do_bench(lambda: P._Plan.make(plan.q_pos, plan.k_pos, plan.q_buckets, plan.k_buckets, cfg, plan.q_index, plan.k_index), warmup=25, rep=100, return_mode="median")
+        vis = plan.stats().visited().float().mean().item()
         print(f"profile {name}: prep {t_prep:.3f} ms (plan {t_plan:.3f}), fwd kernel {t_fwd:.3f} ms, bwd kernel {t_bwd:.3f} ms, visited tile fraction of grid {vis:.4f}", flush=True)
         results.setdefault("profile", []).append(dict(name=name, prep=t_prep, plan=t_plan, fwd=t_fwd, bwd=t_bwd, visited=vis))
     json.dump(results, open(os.path.join(args.out, "gpu_check.json"), "w"), indent=1)
