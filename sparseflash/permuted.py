@@ -79,11 +79,15 @@ def compact_layout(keep: Tensor) -> tuple[Tensor, Tensor]:
         every head (no host synchronisation, one shape whatever the keep rate);
         tiles made only of padding are never visited.
     """
-    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
-    kept = keep.sum(-1, keepdim=True)
-    slot = torch.arange(keep.shape[-1], device=keep.device)
-    pos = torch.where(slot < kept, order, PAD).to(torch.int32)
-    return order, pos
+    # A stable partition by counting, not sorting: kept token i goes to slot
+    # (kept before it), dropped token i to n_kept + (dropped before it).
+    kept_upto = keep.cumsum(-1, dtype=torch.int32)
+    n_kept = kept_upto[..., -1:]
+    i = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32)
+    slot = torch.where(keep, kept_upto - 1, n_kept + i - kept_upto)
+    order = torch.empty_like(slot).scatter_(-1, slot.long(), i.expand_as(slot))
+    pos = torch.where(i < n_kept, order, PAD)
+    return order.long(), pos
 
 
 def bucket_sort_layout(buckets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
