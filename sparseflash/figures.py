@@ -7,35 +7,41 @@ by :mod:`sparseflash.tiles`, which the tests check against the kernels):
   tiles in original coordinates (top) and in the kernel's layout (bottom);
 - ``computed_fraction.png``: fraction of tiles computed against sequence length,
   keep rate and number of buckets;
-- ``speed.png``, only when ``results/*.json`` hold benchmark rows (written on a GPU by
-  ``python -m sparseflash.bench``: ``{"meta": ..., "rows": [...]}``): time and speed-up
-  over dense causal against sequence length, per mode (and head dim, dtype where they
-  vary).  See :func:`speed_figure` for the keys it reads; rows without them, or not
+- ``speed.png`` (head dim 64) and ``speed_d<D>.png`` (other head dims), only when
+  ``results/*.json`` hold benchmark rows (written on a GPU by ``python -m sparseflash.bench``:
+  ``{"meta": ..., "rows": [...]}``): speed-up over SDPA FlashAttention-2 against sequence
+  length, per mode (rows) and pattern (columns: dense baselines, query/key dropping, hash
+  buckets).  See :func:`speed_figure` for the keys it reads; rows without them, or not
   ``status == "ok"``, are left out with a printed note.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
 from . import tiles, viz
 
 ROOT = Path(__file__).resolve().parent.parent
 DPI = 110
 
-#: Keys every speed record needs.
-SPEED_REQUIRED = ("variant", "seq_len", "ms")
-#: Keys that split records into panels (with ``mode``) when they vary, e.g. two head dims.
-SPEED_FACET_KEYS = ("D", "head_dim", "dtype", "B", "H", "batch", "heads", "device")
-#: Keys added to a line's label when they vary (``sparseflash.bench`` puts them in ``variant``).
-SPEED_LABEL_KEYS = ("keep_rate", "n_buckets", "sparsity")
-#: Baseline of the speed-up row: the first of these variants present in a panel.
-DENSE_NAMES = ("ours_dense", "dense", "flash", "flash_attention", "dense_causal")
+#: Keys every speed record needs (``python -m sparseflash.bench`` rows have them).
+SPEED_REQUIRED = ("variant", "seq_len", "ms", "speedup_vs_sdpa_flash")
+#: Columns of the speed figure: family of the pattern, title.
+SPEED_COLUMNS = (("dense", "dense baselines"), ("qk", "query/key dropping"), ("hash", "hash buckets"))
+#: Lines of the dense column (SDPA FlashAttention-2 is the baseline; naive is left out): label, colour.
+SPEED_DENSE = {"ours_dense": ("ours, dense", "C0"), "sdpa_cudnn": ("SDPA cuDNN", "C1"),
+               "flex_dense": ("FlexAttention", "C2")}
+#: Sparse variants, ``<impl>_<family>_<param>``, and the line style of each implementation.
+SPARSE_VARIANT = re.compile(r"(ours|flex_kernel|flex_e2e)_(qk|hash)_(.+)")
+SPEED_STYLES = {"ours": ("-", "ours"), "flex_kernel": ("--", "flex, kernel"), "flex_e2e": (":", "flex, end to end")}
+SPEED_PARAM_COLORS = ("C3", "C4", "C5", "C6", "C8", "C9")
 
 def _pyplot():
     import matplotlib.pyplot as plt
@@ -136,86 +142,124 @@ def _usable(r: dict) -> bool:
     if r.get("status", "ok") != "ok" or not all(r.get(k) is not None for k in SPEED_REQUIRED):
         return False
     try:
-        return float(r["ms"]) > 0 and int(r["seq_len"]) > 0
+        return float(r["ms"]) > 0 and int(r["seq_len"]) > 0 and float(r["speedup_vs_sdpa_flash"]) > 0
     except (TypeError, ValueError):
         return False
 
 
-def speed_figure(records: list[dict], path=None):
-    """Time and speed-up over dense causal against sequence length, from benchmark records.
+def _speed_line(ax, rows, variant, notes, **style):
+    """Plot ``variant``'s speed-up against N; the last point of ``ours_*`` lines goes to ``notes``."""
+    rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: int(r["seq_len"]))
+    if rs:
+        x, y = [int(r["seq_len"]) for r in rs], [float(r["speedup_vs_sdpa_flash"]) for r in rs]
+        ax.plot(x, y, marker="o", ms=4, **style)
+        if variant.startswith("ours_") and notes is not None:
+            notes.append((x[-1], y[-1], style["color"]))
 
-    A record is a dict with at least ``variant``, ``seq_len`` and ``ms`` (milliseconds;
-    rows with ``status`` other than ``"ok"`` or ``ms`` null are left out).  Optional:
-    ``mode`` (``"fwd"``, ``"fwd+bwd"``, ``"bwd"``; default ``"fwd"``) and the keys of
-    :data:`SPEED_FACET_KEYS` (head dim, dtype, ...) that vary between records make one
-    column of panels each; keys of :data:`SPEED_LABEL_KEYS` that vary go into the line
-    labels.  Top row: time; bottom row: ``ms(dense) / ms`` (both log-log), ``dense`` the
-    first variant of :data:`DENSE_NAMES` measured in that panel at that ``seq_len``.
 
-    Prints a note about the records left out; if none is usable prints a note and
-    returns None.  Otherwise returns the figure (saved to ``path`` if given).
+def _annotate(ax, notes, gap=1.2):
+    """Write "5.1x" right of each point in ``notes``, nudged apart (log y) so that none overlap."""
+    last = 0.0
+    for x, y, color in sorted(notes, key=lambda n: n[1]):
+        last = max(y, last * gap)
+        ax.annotate(f"{y:.1f}x", (x, y), xytext=(x * 1.1, last), va="center", fontsize=9, color=color,
+                    fontweight="bold")
+
+
+def _speed_panel(ax, rows, family):
+    """One panel: speed-up over SDPA FlashAttention-2 of one family's variants, with its legend."""
+    notes = []
+    if family == "dense":
+        for name, (label, color) in SPEED_DENSE.items():
+            _speed_line(ax, rows, name, notes, color=color, label=label)
+        ax.legend(fontsize=9, loc="upper left")
+    else:
+        _speed_line(ax, rows, "ours_dense", None, color="0.65", lw=1.2)
+        params = sorted({m[3] for r in rows if (m := SPARSE_VARIANT.fullmatch(str(r["variant"]))) and m[2] == family},
+                        key=float)
+        handles = [Line2D([], [], color="0.65", label="ours, dense")]
+        for param, color in zip(params, SPEED_PARAM_COLORS):
+            for impl, (ls, _) in SPEED_STYLES.items():
+                _speed_line(ax, rows, f"{impl}_{family}_{param}", notes, color=color, ls=ls)
+            handles.append(Line2D([], [], color=color, label=("keep " if family == "qk" else "buckets ") + param))
+        handles += [Line2D([], [], color="k", ls=ls, label=label) for ls, label in SPEED_STYLES.values()]
+        ax.legend(handles=handles, fontsize=9, loc="upper left", ncols=2, columnspacing=1, handlelength=2.2)
+    _annotate(ax, notes)
+
+
+def _values(rows, key) -> str:
+    return "/".join(sorted({str(r[key]) for r in rows if r.get(key) is not None}))
+
+
+def speed_figure(records: list[dict], path=None, *, head_dim=None):
+    """The paper's speed plot with today's baselines, for one head dim.
+
+    Speed-up over SDPA FlashAttention-2 (``speedup_vs_sdpa_flash``, log) against sequence
+    length; rows: mode (fwd+bwd, fwd); columns: dense baselines (:data:`SPEED_DENSE`),
+    query/key dropping and hash buckets (``ours_*`` solid, ``flex_kernel_*`` dashed,
+    ``flex_e2e_*`` dotted, one colour per keep rate / bucket count, ``ours_dense`` grey).
+    Records are ``python -m sparseflash.bench`` rows; those without :data:`SPEED_REQUIRED`
+    or with ``status`` other than ``"ok"`` are left out with a printed note.  ``head_dim``:
+    the ``D`` to draw (default: the smallest present).
+
+    Returns the figure (saved to ``path`` if given), or None, with a note, if no record is usable.
     """
     good = [r for r in records if _usable(r)]
     if len(good) < len(records):
         print(f"figures: {len(records) - len(good)} of {len(records)} result records have no usable "
               f"{'/'.join(SPEED_REQUIRED)} (missing, null, or status not ok); left out")
-    if not good:
-        print("figures: no usable benchmark records; no speed figure")
+    dims = sorted({r.get("D") for r in good}, key=lambda d: (d is None, d or 0))
+    rows = [r for r in good if r.get("D") == (dims[0] if head_dim is None and dims else head_dim)]
+    if not rows:
+        print(f"figures: no usable benchmark records{f' for D={head_dim}' if head_dim else ''}; no speed figure")
         return None
     plt = _pyplot()
-    facet_keys = [k for k in SPEED_FACET_KEYS if k != "device" and len({str(r.get(k)) for r in good}) > 1]
-    label_keys = [k for k in SPEED_LABEL_KEYS if len({str(r.get(k)) for r in good}) > 1]
-
-    def facet(r):
-        return (str(r.get("mode", "fwd")),) + tuple(str(r.get(k)) for k in facet_keys)
-
-    def label(r):
-        extra = ", ".join(f"{k}={r[k]}" for k in label_keys if r.get(k) is not None)
-        return f"{r['variant']} ({extra})" if extra else str(r["variant"])
-
-    panels = sorted({facet(r) for r in good}, key=lambda f: (("fwd", "fwd+bwd", "bwd") + (f[0],)).index(f[0]))
-    labels = sorted({label(r) for r in good}, key=lambda x: (x not in DENSE_NAMES, x))
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(labels)}
-    ns = sorted({int(r["seq_len"]) for r in good})
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.8 * len(panels) + 2.5, 8), squeeze=False,
-                             constrained_layout=True)
-    for col, key in enumerate(panels):
-        rows = [r for r in good if facet(r) == key]
-        base = next((n for n in DENSE_NAMES if any(str(r["variant"]) == n for r in rows)), None)
-        dense = {int(r["seq_len"]): float(r["ms"]) for r in rows if str(r["variant"]) == base}
-        for name in labels:
-            rs = sorted((r for r in rows if label(r) == name), key=lambda r: int(r["seq_len"]))
-            if not rs:
-                continue
-            x = [int(r["seq_len"]) for r in rs]
-            style = dict(marker="o", ms=4, color=colors[name], label=name)
-            axes[0, col].plot(x, [float(r["ms"]) for r in rs], **style)
-            pts = [(int(r["seq_len"]), dense[int(r["seq_len"])] / float(r["ms"]))
-                   for r in rs if int(r["seq_len"]) in dense]
-            if pts:
-                axes[1, col].plot(*zip(*pts), **style)
-        where = ", ".join([key[0]] + [f"{k}={v}" for k, v in zip(facet_keys, key[1:])])
-        axes[0, col].set(yscale="log", xlabel="sequence length N", ylabel="time (ms)", title=f"time ({where})")
-        axes[1, col].axhline(1, color="k", lw=1, ls="--")
-        axes[1, col].set(yscale="log", xlabel="sequence length N", ylabel=f"speed-up over {base or 'dense (none measured)'}",
-                         title=f"speed-up ({where})")
-        for ax in axes[:, col]:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ns, [str(n) for n in ns])
-            ax.minorticks_off()
+    ns = sorted({int(r["seq_len"]) for r in rows})
+    modes = sorted({str(r.get("mode", "fwd")) for r in rows}, key=lambda m: (m != "fwd+bwd", m != "fwd", m))
+    fig, axes = plt.subplots(len(modes), 3, figsize=(12, 0.6 + 3.5 * len(modes)), sharex=True, sharey=True,
+                             squeeze=False, constrained_layout=True)
+    for i, mode in enumerate(modes):
+        for j, (family, title) in enumerate(SPEED_COLUMNS):
+            ax = axes[i, j]
+            _speed_panel(ax, [r for r in rows if str(r.get("mode", "fwd")) == mode], family)
+            ax.axhline(1, color="k", lw=1, ls="--", zorder=0)
             ax.grid(alpha=0.3)
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    for ax in axes[0, 1:]:
-        for h, n in zip(*ax.get_legend_handles_labels()):
-            if n not in names:
-                handles.append(h)
-                names.append(n)
-    fig.legend(handles, names, loc="outside right upper", fontsize="small")
-    devices = sorted({str(r["device"]) for r in good if r.get("device")})
-    fig.suptitle("Benchmarks" + (f" on {', '.join(devices)}" if devices else ""), fontsize=13)
+            ax.set_title(f"{title}, {mode}", fontsize=11)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlim(ns[0] / 1.25, ns[-1] * 1.6)
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.set_ylim(top=ax.get_ylim()[1] * 3)  # room for the legends
+    ax.minorticks_off()
+    for a in axes[:, 0]:
+        a.set_ylabel("speed-up over SDPA FA2")
+    for a in axes[-1]:
+        a.set_xlabel("sequence length N")
+    d = rows[0].get("D")
+    fig.suptitle(f"Speed-up over SDPA FlashAttention-2 on {_values(rows, 'device') or 'an unknown device'}"
+                 + (f": head dim {d}" if d is not None else "")
+                 + "".join(f", {k}={_values(rows, k)}" for k in ("B", "H") if _values(rows, k))
+                 + (f", {_values(rows, 'dtype')}" if _values(rows, "dtype") else ""), fontsize=13)
     if path is not None:
         fig.savefig(path, dpi=DPI)
     return fig
+
+
+def speed_figures(records: list[dict], out) -> list[Path]:
+    """One speed figure per head dim in ``out``: ``speed.png`` for the smallest (64 in the
+    committed results), ``speed_d<D>.png`` for the others.  Returns the paths written."""
+    plt = _pyplot()
+    good = [r for r in records if _usable(r)]
+    dims = sorted({r.get("D") for r in good}, key=lambda d: (d is None, d or 0)) or [None]
+    written = []
+    for i, d in enumerate(dims):
+        path = Path(out) / ("speed.png" if i == 0 else f"speed_d{d}.png")
+        fig = speed_figure(records if i == 0 else good, path, head_dim=d)  # notes about left-out rows once
+        if fig is not None:
+            plt.close(fig)
+            written.append(path)
+    return written
 
 
 # --------------------------------------------------------------------------------------
@@ -239,10 +283,7 @@ def build_all(out, results=None) -> list[Path]:
         print(f"figures: no benchmark results in {results}/*.json (run `python -m sparseflash.bench` on a GPU); "
               "no speed figure")
     else:
-        fig = speed_figure(records, out / "speed.png")
-        if fig is not None:
-            plt.close(fig)
-            written.append(out / "speed.png")
+        written += speed_figures(records, out)
     return written
 
 

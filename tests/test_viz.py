@@ -113,17 +113,28 @@ def test_explorer_builds_and_reacts():
     assert w.schedule.kind == "flash" and w.schedule.computed_fraction == 1.0
 
 
+def _bench_rows(dims=(64,), ns=(1024, 2048, 4096)):
+    """Rows in the ``python -m sparseflash.bench`` schema (only the keys the figure reads)."""
+    variants = ["sdpa_flash", "sdpa_cudnn", "ours_dense", "flex_dense", "naive"] + [
+        f"{impl}_{fam}_{p}" for fam, ps in (("qk", (0.3, 0.5)), ("hash", (8, 16)))
+        for impl in ("ours", "flex_kernel", "flex_e2e") for p in ps]
+    return [dict(variant=v, seq_len=n, D=d, mode=mode, B=2, H=12, dtype="bf16", device="NVIDIA H100", status="ok",
+                 ms=n / 1000 / (1 + i / 10), speedup_vs_sdpa_flash=1 + i / 10)
+            for d in dims for mode in ("fwd", "fwd+bwd") for n in ns for i, v in enumerate(variants)]
+
+
 def test_speed_figure_from_records(tmp_path, capsys):
-    recs = []
-    for mode in ("fwd", "fwd+bwd"):
-        for n in (1024, 2048, 4096):
-            recs.append(dict(variant="dense", seq_len=n, ms=n / 1000, mode=mode))
-            recs.append(dict(variant="qk", seq_len=n, ms=n / 3000, mode=mode, keep_rate=0.3))
-            recs.append(dict(variant="hash", seq_len=n, ms=n / 2500, mode=mode, n_buckets=8))
-    recs.append(dict(variant="qk", ms=1.0))  # no seq_len: skipped with a note
+    recs = _bench_rows() + [dict(variant="ours_qk_0.3", ms=1.0, speedup_vs_sdpa_flash=2.0)]  # no seq_len: left out
     fig = figures.speed_figure(recs, tmp_path / "speed.png")
     assert fig is not None and _is_png(tmp_path / "speed.png")
     assert "left out" in capsys.readouterr().out
+    axes = np.array(fig.axes).reshape(2, 3)
+    assert "fwd+bwd" in axes[0, 0].get_title() and "hash" in axes[1, 2].get_title()
+    assert all(ax.get_legend() is not None for ax in axes.flat)
+    assert len(axes[0, 0].lines) == 4  # ours_dense, sdpa_cudnn, flex_dense, the line at 1 (naive left out)
+    assert len(axes[0, 1].lines) == 1 + 2 * 3 + 1  # ours_dense for reference, 2 keep rates x 3 impls
+    assert [t.get_text() for t in axes[0, 0].texts] == ["1.2x"]  # last point of ours_dense
+    assert fig._suptitle.get_text().endswith("on NVIDIA H100: head dim 64, B=2, H=12, bf16")
     assert figures.speed_figure([{"foo": 1}]) is None
     assert "no usable" in capsys.readouterr().out
 
@@ -134,15 +145,19 @@ def test_load_results_accepts_several_shapes(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"variant": "hash", "seq_len": 1, "ms": 1}))
     (tmp_path / "d.json").write_text("not json")
     (tmp_path / "e.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100"}, "rows": [
-        {"variant": "ours_dense", "seq_len": 1024, "ms": 1.0, "mode": "fwd", "status": "ok", "D": 64},
-        {"variant": "ours_qk_0.3", "seq_len": 1024, "ms": 0.2, "mode": "fwd", "status": "ok", "D": 64},
-        {"variant": "ours_dense", "seq_len": 1024, "ms": 1.9, "mode": "fwd", "status": "ok", "D": 128},
+        {"variant": "ours_dense", "seq_len": 1024, "ms": 1.0, "mode": "fwd", "status": "ok", "D": 64,
+         "speedup_vs_sdpa_flash": 1.1},
+        {"variant": "ours_qk_0.3", "seq_len": 1024, "ms": 0.2, "mode": "fwd", "status": "ok", "D": 64,
+         "speedup_vs_sdpa_flash": 5.5},
+        {"variant": "ours_dense", "seq_len": 1024, "ms": 1.9, "mode": "fwd", "status": "ok", "D": 128,
+         "speedup_vs_sdpa_flash": 1.2},
         {"variant": "flex_kernel_qk_0.3", "seq_len": 1024, "ms": None, "mode": "fwd", "status": "skipped"}]}))
     recs = figures.load_results(tmp_path)
     assert [r["variant"] for r in recs[:3]] == ["dense", "qk", "hash"]
     assert len(recs) == 7 and recs[-1]["device"] == "NVIDIA H100"
-    fig = figures.speed_figure(recs[3:])  # the bench schema: panels per mode and head dim
-    assert fig is not None and len(fig.axes) == 4
+    fig = figures.speed_figure(recs[3:])  # the bench schema: one mode, smallest head dim
+    assert fig is not None and len(fig.axes) == 3 and "NVIDIA H100" in fig._suptitle.get_text()
+    assert figures.speed_figure(recs[3:], head_dim=128) is not None
 
 
 def _run_figures(*args):
@@ -167,15 +182,10 @@ def test_figures_cli_writes_pngs(tmp_path):
 def test_figures_cli_speed_and_help(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
-    (res / "bench.json").write_text(json.dumps([
-        {"variant": "dense", "seq_len": 1024, "ms": 2.0, "mode": "fwd"},
-        {"variant": "dense", "seq_len": 2048, "ms": 8.0, "mode": "fwd"},
-        {"variant": "hash", "seq_len": 1024, "ms": 1.0, "mode": "fwd", "n_buckets": 8},
-        {"variant": "hash", "seq_len": 2048, "ms": 2.0, "mode": "fwd", "n_buckets": 8},
-    ]))
+    (res / "bench.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100"}, "rows": _bench_rows((64, 128))}))
     out = tmp_path / "figs"
     figures.build_all(out, res)  # in-process, to keep it quick
-    assert _is_png(out / "speed.png")
+    assert _is_png(out / "speed.png") and _is_png(out / "speed_d128.png")  # one figure per head dim
     proc = _run_figures("--help")
     assert proc.returncode == 0 and "--out" in proc.stdout and "--results" in proc.stdout
 
