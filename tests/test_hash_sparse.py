@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import err as _err, grads as _grads
 
 from sparseflash import flash_attention, hash_sparse_attention, lsh_buckets
 from sparseflash import reference as ref
@@ -21,24 +22,6 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16)
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Relative Frobenius error (absolute max error where ``want`` is all zero); no NaN allowed."""
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape
-    assert not torch.isnan(got).any(), "NaN in kernel result"
-    norm = want.norm()
-    if norm == 0:
-        return (got - want).abs().max().item() if got.numel() else 0.0
-    return ((got - want).norm() / norm).item()
-
-
-def _grads(fn, q, k, v, do):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(do)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def _reference(q, k, v, do, qb, kb, sm_scale=None):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import err as _err
 
 from sparseflash import hash_sparse_attention, permuted_attention, qk_sparse_attention, topk_keep
 from sparseflash import reference as ref
@@ -27,16 +28,6 @@ BLOCKS = [(16, 16), (16, 32), (32, 16), (32, 32)]
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape
-    assert not torch.isnan(got).any(), "NaN in kernel result"
-    norm = want.norm()
-    if norm == 0:
-        return (got - want).abs().max().item() if got.numel() else 0.0
-    return ((got - want).norm() / norm).item()
 
 
 def _slot_mask(q_pos, k_pos, q_buckets=None, k_buckets=None):

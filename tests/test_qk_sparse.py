@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import err as _err, grads as _grads
 
 from sparseflash import flash_attention, qk_sparse_attention, random_keep, topk_keep
 from sparseflash import reference as ref
@@ -24,25 +25,6 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16)
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Relative Frobenius error (absolute max error where ``want`` is all zero); no NaN allowed."""
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape
-    assert not torch.isnan(got).any(), "NaN in kernel result"
-    norm = want.norm()
-    if norm == 0:
-        return (got - want).abs().max().item() if got.numel() else 0.0
-    return ((got - want).norm() / norm).item()
-
-
-def _grads(fn, q, k, v, do):
-    """Output and (dq, dk, dv) of ``fn`` on fresh leaves, for upstream gradient ``do``."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(do)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def _reference(q, k, v, do, q_keep, k_keep, sm_scale=None):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import grads as _grads
 import torch.nn.functional as F
 
 from sparseflash import reference as ref
@@ -16,13 +17,6 @@ def _qkv(B, H, N, D, M=None, requires_grad=False):
     k = torch.randn(B, H, M, D, dtype=torch.float64, requires_grad=requires_grad)
     v = torch.randn(B, H, M, D, dtype=torch.float64, requires_grad=requires_grad)
     return q, k, v
-
-
-def _grads(fn, q, k, v, do):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(do)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 # ---------------------------------------------------------------------------
