@@ -22,6 +22,7 @@ Everything works in base 2: ``exp(x) = exp2(x · log2 e)``, so scores are scaled
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -456,21 +457,26 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    """Autograd wrapper: the forward saves ``lse2``; the backward recomputes the tiles."""
+class KernelAttention(torch.autograd.Function):
+    """Autograd for every kernel pair in sparseflash.
+
+    ``forward_pass(q, k, v) -> (o, lse2)`` runs a forward kernel and
+    ``backward_pass(q, k, v, o, lse2, do) -> (dq, dk, dv)`` the matching backward,
+    which recomputes the tiles from the saved log-sum-exp.  The dense kernels here and
+    the permuted-layout kernels of ``permuted.py`` bind their settings with
+    ``functools.partial``.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, cfg, record):
-        o, lse2 = flash_forward(q, k, v, causal, sm_scale, cfg, record)
+    def forward(ctx, q, k, v, forward_pass, backward_pass):
+        o, lse2 = forward_pass(q, k, v)
         ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.causal, ctx.sm_scale, ctx.cfg, ctx.record = causal, sm_scale, cfg, record
+        ctx.backward_pass = backward_pass
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = flash_backward(q, k, v, o, lse2, do, ctx.causal, ctx.sm_scale, ctx.cfg, ctx.record)
-        return dq, dk, dv, None, None, None, None
+        return (*ctx.backward_pass(*ctx.saved_tensors, do), None, None)
 
 
 def flash_attention(
@@ -504,4 +510,5 @@ def flash_attention(
     cfg = kernel_config(q.shape[-1], q.device, kernel_options)
     if tile_record is not None:
         tile_record.start("flash", cfg)
-    return FlashAttention.apply(q, k, v, bool(causal), sm_scale, cfg, tile_record)
+    settings = dict(causal=bool(causal), sm_scale=sm_scale, cfg=cfg, record=tile_record)
+    return KernelAttention.apply(q, k, v, partial(flash_forward, **settings), partial(flash_backward, **settings))

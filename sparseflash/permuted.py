@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +41,7 @@ from torch import Tensor
 from . import _runtime
 from .flash import (
     LOG2E,
+    KernelAttention,
     attention_grads_step,
     dot_precision,
     finish_softmax,
@@ -659,23 +661,6 @@ def permuted_backward(q, k, v, o, lse2, do, plan: _Plan, sm_scale, cfg, record=N
     return dq, dk, dv
 
 
-class PermutedAttention(torch.autograd.Function):
-    """Autograd over the permuted layout; gradients flow to q, k, v only."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan, sm_scale, cfg, record):
-        o, lse2 = permuted_forward(q, k, v, plan, sm_scale, cfg, record)
-        ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.plan, ctx.sm_scale, ctx.cfg, ctx.record = plan, sm_scale, cfg, record
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = permuted_backward(q, k, v, o, lse2, do, ctx.plan, ctx.sm_scale, ctx.cfg, ctx.record)
-        return dq, dk, dv, None, None, None, None
-
-
 def run_permuted(q, k, v, q_pos, k_pos, q_buckets, k_buckets, sm_scale, kernel_options, tile_record, kind,
                  q_index=None, k_index=None):
     """Shared tail of every sparse entry point (inputs already checked and laid out).
@@ -690,7 +675,9 @@ def run_permuted(q, k, v, q_pos, k_pos, q_buckets, k_buckets, sm_scale, kernel_o
     if tile_record is not None:
         tile_record.start(kind, cfg)
         tile_record.stats = plan.stats()
-    return PermutedAttention.apply(q, k, v, plan, sm_scale, cfg, tile_record)
+    settings = dict(plan=plan, sm_scale=sm_scale, cfg=cfg, record=tile_record)
+    return KernelAttention.apply(q, k, v, partial(permuted_forward, **settings),
+                                 partial(permuted_backward, **settings))
 
 
 def _check_sorted(name: str, x: Tensor, real: Tensor, then: Tensor | None = None) -> None:
