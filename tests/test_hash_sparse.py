@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import err as _err, grads as _grads
+from helpers import GRAD_TOL, TOL
+from helpers import assert_close as _assert_close
+from helpers import err as _err
+from helpers import grads as _grads
 
 from sparseflash import flash_attention, hash_sparse_attention, lsh_buckets
 from sparseflash import reference as ref
 
-# Relative error bounds vs float64 (see test_qk_sparse.py: bf16 gradients measured up
-# to ~0.01 because of the bf16-rounded output in the softmax backward, hence 2e-2).
-TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
-GRAD_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 SMALL = dict(BLOCK_M=16, BLOCK_N=16)
 
 
@@ -32,13 +31,6 @@ def _reference(q, k, v, do, qb, kb, sm_scale=None):
 
 def _kernel(q, k, v, do, qb, kb, sm_scale=None, **kw):
     return _grads(lambda q, k, v: hash_sparse_attention(q, k, v, qb, kb, sm_scale, **kw), q, k, v, do)
-
-
-def _assert_close(got, want, tol, grad_tol, what=""):
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        err = _err(a, b)
-        bound = tol if name == "out" else grad_tol
-        assert err <= bound, f"{what}{name}: error {err:.3g} > {bound:g}"
 
 
 def _qkv(B, H, N, D, dtype=torch.float32):
