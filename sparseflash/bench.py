@@ -87,7 +87,7 @@ from . import reference
 from .flash import flash_attention, kernel_config
 from .hash_sparse import hash_sparse_attention
 from .hashing import lsh_buckets
-from .permuted import bucket_sort_layout, compact_layout, gather_tokens, scatter_tokens
+from .layout import bucket_sort_layout, compact_layout, gather_tokens, scatter_tokens
 from .qk_sparse import qk_sparse_attention, random_keep
 
 SCHEMA = "sparseflash.bench/1"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .permuted import TileStats, bucket_sort_layout, compact_layout
+from .layout import TileStats, bucket_sort_layout, compact_layout
 
 
 class TileRecord:

@@ -1,0 +1,227 @@
+"""The Triton pieces every attention kernel in sparseflash shares, written once.
+
+Loading and storing a tile, the online-softmax step with its empty-row rule,
+finishing a row, the backward's recomputation of one tile, the softmax-backward
+row term ``delta``, and the tile recorder.  The dense kernels (:mod:`sparseflash.flash`)
+and the layout kernels (:mod:`sparseflash.permuted`) are loops around these.
+
+Everything works in base 2: ``exp(x) = exp2(x · log2 e)``, so scores are scaled by
+``sm_scale · log2(e)`` once and the kernels use ``exp2``, which is what the hardware has.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _runtime
+
+LOG2E = 1.4426950408889634
+
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a ``(len(rows), BLOCK_D)`` tile; rows past ``n_rows`` and columns past
+    ``HEAD_DIM`` (when head_dim is not a power of two) read as 0."""
+    mask = rows[:, None] < n_rows
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    mask = rows[:, None] < n_rows
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    tl.store(ptr + rows[:, None] * stride_row + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def mma(a, b, DOT_PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in float32.
+
+    ``DOT_PRECISION`` is ``"ieee"`` or ``"tf32"`` (for float32 inputs), or
+    ``"upcast"``: Triton's CPU interpreter multiplies bfloat16 operands wrongly, so
+    there we widen them to float32 first (their values are unchanged by that).
+    """
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale,
+                        MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into the running softmax of a query tile.
+
+    With ``s = q kᵀ · qk_scale`` (base-2 logits, -inf where not ``allowed``)::
+
+        m'  = max(m, rowmax s)
+        l'  = l · 2^(m - m') + rowsum 2^(s - m')
+        acc' = acc · 2^(m - m') + 2^(s - m') v
+
+    A row that has seen no allowed key yet keeps ``m = -inf``; it is shifted by 0
+    instead, so it stays at ``l = 0, acc = 0`` rather than turning into NaN.
+    ``p`` is rounded to the dtype of ``v`` before ``p v``, as in FlashAttention, so the
+    second product runs on the tensor cores at the inputs' precision.
+    """
+    s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def finish_softmax(acc, m_i, l_i):
+    """Normalise ``acc`` and return ``(out, lse2)``, ``lse2`` the base-2 log-sum-exp.
+
+    A row with no allowed key (``l = 0``) gets output 0 and ``lse2 = +inf``, so the
+    backward's ``p = 2^(s - lse2)`` is 0 for it: no output, no gradient, no NaN.
+    """
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    return out, lse2
+
+
+@triton.jit
+def attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale,
+                         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Recompute one tile of probabilities and their score gradients.
+
+    ``p = 2^(s - lse2)`` is the softmax row restricted to this tile and
+    ``ds = p ⊙ (do vᵀ - delta)`` with ``delta_i = do_i · o_i``; the callers
+    accumulate ``dv += pᵀ do``, ``dk += dsᵀ q`` and ``dq += ds k``.
+    """
+    s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    dp = mma(do, tl.trans(v), DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def record_tile(rec_ptr, q_tile, k_tile, n_k_tiles, RECORD: tl.constexpr):
+    """Count a computed ``(query tile, key tile)`` pair; compiled away when ``RECORD`` is off.
+
+    Each pair belongs to one program per pass, so load-then-store needs no atomics.
+    """
+    if RECORD:
+        ptr = rec_ptr + q_tile * n_k_tiles + k_tile
+        tl.store(ptr, tl.load(ptr) + 1)
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration and the autograd wrapper shared by every kernel pair
+# --------------------------------------------------------------------------------------
+
+
+def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | None = None) -> dict:
+    """Tile sizes and launch parameters of the forward and backward kernels.
+
+    ``kernel_options`` (like FlexAttention's) may override ``BLOCK_M``, ``BLOCK_N``
+    (shared by both passes, so the backward visits the forward's tiles),
+    ``num_warps``, ``num_stages`` (forward) and ``bwd_num_warps``, ``bwd_num_stages``.
+    The CUDA defaults were measured on an H100 (see ``NOTES.md``).  On the CPU
+    interpreter tiles default to 32 so that small inputs still span several tiles.
+    """
+    if device.type == "cuda":
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1)
+    if kernel_options:
+        unknown = set(kernel_options) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown kernel_options {sorted(unknown)}; expected some of {sorted(cfg)}")
+        cfg.update(kernel_options)
+    for name in ("BLOCK_M", "BLOCK_N"):
+        b = cfg[name]
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
+    return cfg
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot``.
+
+    float32 inputs use TF32 matrix units only where PyTorch allows it for matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``), else exact "ieee" products; for
+    float16/bfloat16 the setting has no effect ("tf32" is Triton's default name).
+    """
+    if dtype == torch.bfloat16 and _runtime.INTERPRET:
+        return "upcast"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def launch_params(cfg: dict, backward: bool = False) -> dict:
+    """``num_warps`` / ``num_stages`` for a launch of the forward or backward kernel."""
+    if backward:
+        return dict(num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, H, n,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    o = load_tile(O + b * so_b + h * so_h, rows, cols, so_n, n, HEAD_DIM, BLOCK_D)
+    do = load_tile(DO + b * sdo_b + h * sdo_h, rows, cols, sdo_n, n, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * n + rows, delta, mask=rows < n)
+
+
+def softmax_delta(o: Tensor, do: Tensor) -> Tensor:
+    """``delta_i = do_i · o_i`` (B, H, N) float32: the row term of the softmax backward.
+
+    One small kernel (instead of three PyTorch ops): it reads ``o`` and ``do`` once,
+    with any strides whose last one is 1.
+    """
+    B, H, n, D = o.shape
+    o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (o, do))
+    delta = _runtime.new_output((B, H, n), torch.float32, o.device)
+    block = 64
+    _delta_kernel[(triton.cdiv(n, block), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, n,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK=block, num_warps=4)
+    return delta
+
+
+class KernelAttention(torch.autograd.Function):
+    """Autograd for every kernel pair in sparseflash.
+
+    ``forward_pass(q, k, v) -> (o, lse2)`` runs a forward kernel and
+    ``backward_pass(q, k, v, o, lse2, do) -> (dq, dk, dv)`` the matching backward,
+    which recomputes the tiles from the saved log-sum-exp.  The dense kernels here and
+    the permuted-layout kernels of ``permuted.py`` bind their settings with
+    ``functools.partial``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, forward_pass, backward_pass):
+        o, lse2 = forward_pass(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.backward_pass = backward_pass
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return (*ctx.backward_pass(*ctx.saved_tensors, do), None, None)
