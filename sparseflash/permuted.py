@@ -39,7 +39,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
-from .layout import INT32_MAX, PAD, TileStats, bucket_sort_layout, compact_layout, tile_tables  # noqa: F401
+from .layout import (  # noqa: F401  (re-exported for existing imports)
+    INT32_MAX, PAD, TileStats, bucket_sort_layout, compact_layout, gather_tokens, scatter_tokens, tile_tables,
+)
 from ._steps import (
     LOG2E,
     KernelAttention,
