@@ -12,7 +12,9 @@ by :mod:`sparseflash.tiles`, which the tests check against the kernels):
   ``{"meta": ..., "rows": [...]}``): speed-up over SDPA FlashAttention-2 against sequence
   length, per mode (rows) and pattern (columns: dense baselines, query/key dropping, hash
   buckets).  See :func:`speed_figure` for the keys it reads; rows without them, or not
-  ``status == "ok"``, are left out with a printed note.
+  ``status == "ok"``, are left out with a printed note, and so are rows not timed on a GPU
+  (files with ``meta.interpreter`` true, rows whose ``timer`` is ``interpreter-wallclock`` or
+  ``cpu-wallclock``): interpreter timings are never drawn as GPU speed-ups.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ SPEED_DENSE = {"ours_dense": ("ours, dense", "C0"), "sdpa_cudnn": ("SDPA cuDNN",
 SPARSE_VARIANT = re.compile(r"(ours|flex_kernel|flex_e2e)_(qk|hash)_(.+)")
 SPEED_STYLES = {"ours": ("-", "ours"), "flex_kernel": ("--", "flex, kernel"), "flex_e2e": (":", "flex, end to end")}
 SPEED_PARAM_COLORS = ("C3", "C4", "C5", "C6", "C8", "C9")
+#: ``timer`` values of rows that are not GPU timings (``python -m sparseflash.bench`` on a CPU).
+NON_GPU_TIMERS = ("interpreter-wallclock", "cpu-wallclock")
 
 def _pyplot():
     import matplotlib.pyplot as plt
@@ -106,7 +110,8 @@ def load_results(folder) -> list[dict]:
     """All records of ``folder/*.json``.
 
     A file is ``{"meta": {...}, "rows": [...]}`` (what ``python -m sparseflash.bench``
-    writes; ``meta["device"]`` is copied into rows without one), a dict with a
+    writes; ``meta["device"]`` is copied into rows without one, and rows of a file with
+    ``meta["interpreter"]`` true get ``_interpreter: True``), a dict with a
     ``"records"`` / ``"results"`` list, a list of records, or one record.  Unreadable
     files are skipped with a note.
     """
@@ -134,8 +139,25 @@ def load_results(folder) -> list[dict]:
                 r = dict(r, _file=path.name)
                 if r.get("device") is None and meta.get("device"):
                     r["device"] = meta["device"]
+                if meta.get("interpreter"):
+                    r["_interpreter"] = True
                 records.append(r)
     return records
+
+
+def _gpu_timed(r: dict) -> bool:
+    """False for rows timed in Triton's interpreter or on the CPU (see :data:`NON_GPU_TIMERS`)."""
+    return not r.get("_interpreter") and r.get("timer") not in NON_GPU_TIMERS
+
+
+def _drop_non_gpu(records: list[dict]) -> list[dict]:
+    """``records`` less those not timed on a GPU, saying how many were left out and from where."""
+    gpu = [r for r in records if _gpu_timed(r)]
+    if len(gpu) < len(records):
+        files = sorted({str(r.get("_file")) for r in records if not _gpu_timed(r) and r.get("_file")})
+        print(f"figures: skipping {len(records) - len(gpu)} result record(s) timed in Triton's interpreter or on "
+              f"the CPU{' (' + ', '.join(files) + ')' if files else ''}: not GPU speed-ups")
+    return gpu
 
 
 def _usable(r: dict) -> bool:
@@ -202,8 +224,11 @@ def speed_figure(records: list[dict], path=None, *, head_dim=None):
     or with ``status`` other than ``"ok"`` are left out with a printed note.  ``head_dim``:
     the ``D`` to draw (default: the smallest present).
 
+    Rows not timed on a GPU (:func:`_gpu_timed`) are left out first, with a note.
+
     Returns the figure (saved to ``path`` if given), or None, with a note, if no record is usable.
     """
+    records = _drop_non_gpu(records)
     good = [r for r in records if _usable(r)]
     if len(good) < len(records):
         print(f"figures: {len(records) - len(good)} of {len(records)} result records have no usable "
@@ -250,7 +275,7 @@ def speed_figures(records: list[dict], out) -> list[Path]:
     """One speed figure per head dim in ``out``: ``speed.png`` for the smallest (64 in the
     committed results), ``speed_d<D>.png`` for the others.  Returns the paths written."""
     plt = _pyplot()
-    good = [r for r in records if _usable(r)]
+    good = [r for r in records if _gpu_timed(r) and _usable(r)]
     dims = sorted({r.get("D") for r in good}, key=lambda d: (d is None, d or 0)) or [None]
     written = []
     for i, d in enumerate(dims):

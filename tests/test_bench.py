@@ -82,7 +82,8 @@ def test_quick_files_and_keys(quick):
             for name in ("ours_dense", "sdpa_flash", "naive", "ours_qk_0.3", "ours_hash_4"):
                 r = by[(name, n, mode)]
                 assert r["status"] == "ok", r
-                assert r["timer"] == "cpu-wallclock"
+                # our kernels run in Triton's interpreter on CPU: labelled as such, not as CPU (or GPU) time
+                assert r["timer"] == ("interpreter-wallclock" if r["impl"] == "ours" else "cpu-wallclock")
                 assert r["ms"] > 0 and r["tflops"] > 0
                 assert 0 <= r["check_rel_err"] < 2e-2
                 if mode == "fwd+bwd":
@@ -135,7 +136,7 @@ def test_prebuilt_block_mask_matches_create_block_mask(family):
     torch = pytest.importorskip("torch")
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     from sparseflash import bench
-    from sparseflash.permuted import bucket_sort_layout, compact_layout
+    from sparseflash.layout import bucket_sort_layout, compact_layout
 
     B, H, N = 2, 3, 300
     g = torch.Generator().manual_seed(0)
@@ -163,3 +164,318 @@ def test_prebuilt_block_mask_matches_create_block_mask(family):
             assert torch.equal(a, r), name
     if family != "dense":
         assert bench._FLEX.qpos.shape == (B, H, N)  # the full layout is back in place
+
+
+@pytest.mark.parametrize("family", ["qk", "hash", "dense"])
+def test_prebuilt_block_mask_in_bands(family):
+    """At long N the block mask is built a band of query blocks at a time: same tables."""
+    torch = pytest.importorskip("torch")
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from sparseflash import bench
+    from sparseflash.layout import bucket_sort_layout, compact_layout
+
+    B, H, N = 1, 2, 600
+    g = torch.Generator().manual_seed(1)
+    if family == "qk":
+        _, qp = compact_layout(torch.rand(B, H, N, generator=g) < 0.4)
+        _, kp = compact_layout(torch.rand(B, H, N, generator=g) < 0.4)
+        bench._set_flex_state(qp, kp, None, None)
+        mod = bench._flex_qk
+    elif family == "hash":
+        _, qp, qs = bucket_sort_layout(torch.randint(0, 3, (B, H, N), generator=g))
+        _, kp, ks = bucket_sort_layout(torch.randint(0, 3, (B, H, N), generator=g))
+        bench._set_flex_state(qp, kp, qs, ks)
+        mod = bench._flex_hash
+    else:
+        mod, B, H = bench._flex_causal, 1, 1
+    mine = bench.prebuilt_block_mask(mod, B, H, N, "cpu", max_elems=N * 256)  # bands of 256 query rows: 3
+    ref = flex.create_block_mask(mod, B, H, N, N, device="cpu")
+    assert torch.equal(mine.to_dense(), ref.to_dense())
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices"):
+        a, r = getattr(mine, name), getattr(ref, name)
+        assert (a is None) == (r is None)
+        if a is not None:
+            assert torch.equal(a, r), name
+
+
+# --------------------------------------------------------------------------------------
+# Result files: named for the device, extended when compatible, never destroyed
+# --------------------------------------------------------------------------------------
+
+H100_JSON = ROOT / "results" / "h100.json"
+#: A fast CPU run (PyTorch baselines only: no interpreter kernels), sizes of --quick.
+FAST = ["--quick", "--device", "cpu", "--modes", "fwd", "--no-progress", "--variants", "sdpa_flash", "naive"]
+
+
+def _main(args, capsys):
+    from sparseflash.bench.__main__ import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _rows(path):
+    return json.loads(Path(path).read_text())["rows"]
+
+
+def test_device_slug_and_default_out():
+    from sparseflash.bench import default_out, device_slug
+
+    assert device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert device_slug("NVIDIA H200") == "h200"
+    assert device_slug("NVIDIA H100 PCIe") == "h100-pcie"  # another form factor, another speed
+    assert device_slug("NVIDIA A100-SXM4-80GB") == "a100-sxm4"
+    assert device_slug("NVIDIA GeForce RTX 4090") == "rtx-4090"
+    assert device_slug("x86_64", "cpu", interpreter=True) == "cpu-interpreter"
+    assert default_out("NVIDIA H100 80GB HBM3", "cuda") == Path("results/h100.json")
+    assert default_out("x86_64", "cpu", interpreter=True) == Path("results/cpu-interpreter.json")
+    assert default_out("x86_64", "cpu", interpreter=True, quick=True) == Path("results/quick/cpu-interpreter.json")
+
+
+def test_default_out_on_this_machine(tmp_path, monkeypatch, capsys):
+    """Without --out a CPU run writes results/cpu-interpreter.json (never results/h100.json)."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = _main(["--device", "cpu", "--seq-lens", "64", "--batch", "1", "--heads", "2", "--head-dim", "16",
+                        "--modes", "fwd", "--variants", "sdpa_flash", "--warmup", "1", "--rep", "5",
+                        "--no-progress"], capsys)
+    assert rc == 0
+    path = tmp_path / "results" / "cpu-interpreter.json"
+    assert path.exists() and path.with_suffix(".csv").exists()
+    assert not (tmp_path / "results" / "h100.json").exists()
+    data = json.loads(path.read_text())
+    assert data["meta"]["interpreter"] is True and data["meta"]["schema"] == "sparseflash.bench/1"
+    assert "INTERPRETER RUN" in data["meta"]["notes"][0]
+    rc, out, _ = _main(["--device", "cpu", "--quick", "--seq-lens", "64", "--modes", "fwd", "--variants",
+                        "sdpa_flash", "--no-progress"], capsys)
+    assert rc == 0 and (tmp_path / "results" / "quick" / "cpu-interpreter.json").exists()
+
+
+def test_refuses_a_file_from_another_device(tmp_path, capsys):
+    target = tmp_path / "h100.json"
+    target.write_bytes(H100_JSON.read_bytes())
+    before = target.read_bytes()
+    rc, _, err = _main(FAST + ["--seq-lens", "64", "--out", target], capsys)
+    assert rc == 2
+    assert "NVIDIA H100 80GB HBM3" in err and "204 rows" in err
+    for word in ("device", "torch", "triton", "--force", "cpu-interpreter.json"):
+        assert word in err, word
+    assert target.read_bytes() == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h100.json"]  # no CSV, no backup, nothing else
+    # --resume is refused the same way
+    rc, _, err = _main(FAST + ["--seq-lens", "64", "--out", target, "--resume"], capsys)
+    assert rc == 2 and target.read_bytes() == before
+
+
+def test_refuses_other_settings_and_unreadable_files(tmp_path, capsys):
+    target = tmp_path / "r.json"
+    assert _main(FAST + ["--seq-lens", "64", "--out", target], capsys)[0] == 0
+    before = target.read_bytes()
+    rc, _, err = _main(FAST + ["--seq-lens", "64", "--out", target, "--rep", "7"], capsys)
+    assert rc == 2 and "--rep" in err and target.read_bytes() == before
+    rc, _, err = _main(FAST + ["--seq-lens", "64", "--out", target, "--bucket-source", "lsh"], capsys)
+    assert rc == 2 and "--bucket-source" in err and target.read_bytes() == before
+    junk = tmp_path / "junk.json"
+    junk.write_text("not json")
+    rc, _, err = _main(FAST + ["--seq-lens", "64", "--out", junk], capsys)
+    assert rc == 2 and "cannot be read" in err and junk.read_text() == "not json"
+
+
+def test_extends_a_compatible_file(tmp_path, capsys):
+    target = tmp_path / "r.json"
+    assert _main(FAST + ["--seq-lens", "64", "--out", target], capsys)[0] == 0
+    first = {(r["config"], r["variant"]): r for r in _rows(target)}
+    assert set(first) == {("B1_H2_D16_N64_bf16", "sdpa_flash"), ("B1_H2_D16_N64_bf16", "naive")}
+    # another N: added beside the first rows, which are kept as they were
+    rc, out, _ = _main(FAST + ["--seq-lens", "128", "--out", target], capsys)
+    assert rc == 0 and "extending" in out
+    data = json.loads(target.read_text())
+    rows = {(r["config"], r["variant"]): r for r in data["rows"]}
+    assert len(rows) == len(data["rows"]) == 4
+    for key, r in first.items():
+        assert rows[key]["ms"] == r["ms"] and rows[key]["measured_at"] == r["measured_at"]
+    assert set(data["meta"]["completed_configs"]) == {"B1_H2_D16_N64_bf16", "B1_H2_D16_N128_bf16"}
+    assert len(data["meta"]["previous_invocations"]) == 1
+    # one variant of a measured configuration again: its row is replaced, nothing else moves
+    assert _main(FAST[:-3] + ["--variants", "naive", "--seq-lens", "64", "--out", target], capsys)[0] == 0
+    data = json.loads(target.read_text())
+    assert len(data["rows"]) == 4 and len(data["meta"]["previous_invocations"]) == 2
+    rows = {(r["config"], r["variant"]): r for r in data["rows"]}
+    assert rows[("B1_H2_D16_N64_bf16", "sdpa_flash")]["ms"] == first[("B1_H2_D16_N64_bf16", "sdpa_flash")]["ms"]
+    assert rows[("B1_H2_D16_N64_bf16", "naive")]["measured_at"] == data["meta"]["date"]
+    naive = rows[("B1_H2_D16_N64_bf16", "naive")]
+    assert naive["speedup_vs_sdpa_flash"] == pytest.approx(
+        rows[("B1_H2_D16_N64_bf16", "sdpa_flash")]["ms"] / naive["ms"])
+    with open(target.with_suffix(".csv"), newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_force_moves_the_old_file_to_a_backup(tmp_path, capsys):
+    target = tmp_path / "h100.json"
+    target.write_bytes(H100_JSON.read_bytes())
+    target.with_suffix(".csv").write_text("old,csv\n")
+    before = target.read_bytes()
+    rc, out, _ = _main(FAST + ["--seq-lens", "64", "--out", target, "--force"], capsys)
+    assert rc == 0 and "--force" in out
+    backups = sorted(tmp_path.glob("h100.json.bak-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == before
+    csv_backups = sorted(tmp_path.glob("h100.csv.bak-*"))
+    assert len(csv_backups) == 1 and csv_backups[0].read_text() == "old,csv\n"
+    data = json.loads(target.read_text())
+    assert {r["seq_len"] for r in data["rows"]} == {64} and len(data["rows"]) == 2
+    assert data["meta"]["replaced_file_backup"][0] == str(backups[0])
+    assert not list(tmp_path.glob("*.json.bak*.json"))  # backups are not *.json: figures never read them
+
+
+def test_committed_results_still_load(tmp_path):
+    """results/h100.json: readable by figures (all 204 rows usable) and extendable on its own device."""
+    from sparseflash import figures
+    from sparseflash.bench import differences
+
+    data = json.loads(H100_JSON.read_text())
+    assert data["meta"]["schema"] == "sparseflash.bench/1" and len(data["rows"]) == 204
+    same = dict(data["meta"], date="later", argv=[])
+    assert differences(data["meta"], same) == []
+    other = dict(same, device="x86_64", torch="2.13.0+cpu", interpreter=True)
+    assert {d.split(":")[0] for d in differences(data["meta"], other)} == {"device", "torch", "interpreter"}
+    recs = figures.load_results(ROOT / "results")
+    mine = [r for r in recs if r["_file"] == "h100.json"]
+    assert len(mine) == 204
+    assert len([r for r in mine if figures._gpu_timed(r) and figures._usable(r)]) > 150
+
+
+def test_figures_skip_interpreter_rows(tmp_path, capsys):
+    """A CPU run beside the H100 file: the speed figure draws the H100 rows only, and says so."""
+    from sparseflash import figures
+
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "h100.json").write_bytes(H100_JSON.read_bytes())
+    cpu = res / "cpu-interpreter.json"
+    assert _main(FAST + ["--seq-lens", "64", "--out", cpu], capsys)[0] == 0
+    old_cpu = res / "old-cpu.json"  # a file from before meta.interpreter: its timer still tells
+    old_cpu.write_text(json.dumps({"meta": {"device": "x86_64"}, "rows": [
+        dict(r, timer="cpu-wallclock", D=64) for r in _rows(cpu)]}))
+    n_cpu = len(_rows(cpu)) * 2
+    records = figures.load_results(res)
+    assert len(records) == 204 + n_cpu
+    assert all(r.get("_interpreter") for r in records if r["_file"] == "cpu-interpreter.json")
+    capsys.readouterr()
+    (tmp_path / "figs").mkdir()
+    written = figures.speed_figures(records, tmp_path / "figs")
+    said = capsys.readouterr().out
+    assert f"skipping {n_cpu} result record(s) timed in Triton's interpreter or on the CPU" in said
+    assert "cpu-interpreter.json" in said and "old-cpu.json" in said
+    assert [p.name for p in written] == ["speed.png", "speed_d128.png"]
+    fig = figures.speed_figure(records, head_dim=64)
+    assert "x86_64" not in fig._suptitle.get_text() and "H100" in fig._suptitle.get_text()
+    # only interpreter rows: no speed figure at all
+    assert figures.speed_figure([r for r in records if r["_file"] != "h100.json"]) is None
+    assert "skipping" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Long sequences, memory, host overhead, n_buckets
+# --------------------------------------------------------------------------------------
+
+
+def test_shapes_beside_seq_lens(tmp_path, capsys):
+    from sparseflash.bench import parse_shape
+    from sparseflash.bench.__main__ import configurations, parse_args
+
+    assert parse_shape("1x4x65536") == (1, 4, 65536)
+    args = parse_args(["--seq-lens", "4096", "--head-dim", "64", "128", "--shapes", "1x4x65536", "1x4x131072"])
+    assert configurations(args) == [(2, 12, 64, 4096), (2, 12, 128, 4096), (1, 4, 64, 65536), (1, 4, 128, 65536),
+                                    (1, 4, 64, 131072), (1, 4, 128, 131072)]
+    assert configurations(parse_args(["--seq-lens", "--shapes", "1x4x65536"])) == [(1, 4, 64, 65536)]
+    with pytest.raises(SystemExit):
+        parse_args(["--shapes", "4x65536"])
+
+    target = tmp_path / "r.json"
+    rc, out, _ = _main(FAST + ["--seq-lens", "64", "--shapes", "1x1x96", "--naive-max-n", "64", "--out", target],
+                       capsys)
+    assert rc == 0 and "COMPLETE" in out
+    data = json.loads(target.read_text())
+    assert set(data["meta"]["completed_configs"]) == {"B1_H2_D16_N64_bf16", "B1_H1_D16_N96_bf16"}
+    by = {(r["config"], r["variant"]): r for r in data["rows"]}
+    long_naive = by[("B1_H1_D16_N96_bf16", "naive")]
+    assert long_naive["status"] == "skipped" and "--naive-max-n=64" in long_naive["error"]
+    assert by[("B1_H1_D16_N96_bf16", "sdpa_flash")]["status"] == "ok"
+    assert by[("B1_H1_D16_N96_bf16", "sdpa_flash")]["B"] == 1
+    for r in data["rows"]:  # every row has the new keys (null on CPU)
+        assert "peak_mem_gb" in r and r["peak_mem_gb"] is None
+        assert "host_bound_ratio" in r and "kernel_ms" in r
+    assert "peak_mem_gb" in data["meta"]["fields"] and "host_bound_ratio" in data["meta"]["fields"]
+
+
+def test_new_flags_in_help():
+    proc = subprocess.run([sys.executable, "-m", "sparseflash.bench", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "RuntimeWarning" not in proc.stderr
+    for flag in ("--shapes", "--force", "--flex-max-n", "--kernel-time", "BxHxN"):
+        assert flag in proc.stdout
+
+
+def test_host_bound_ratio_and_busy_time():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from sparseflash.bench import add_ratios, busy_us
+    from sparseflash.bench.timing import device_intervals
+
+    assert busy_us([]) == 0
+    assert busy_us([(0, 10), (20, 25)]) == 15
+    assert busy_us([(0, 10), (5, 12), (5, 12), (30, 31)]) == 13  # overlaps and duplicates counted once
+
+    def evt(dev, start, end, kind="kernel", annotation=False):
+        return SimpleNamespace(device_type=dev, time_range=SimpleNamespace(start=start, end=end),
+                               activity_type=kind, is_user_annotation=annotation)
+    events = [evt(DeviceType.CPU, 0, 100, "cpu_op"), evt(DeviceType.CUDA, 10, 20), evt(DeviceType.CUDA, 30, 35),
+              evt(DeviceType.CUDA, 40, 41, "gpu_memset"),
+              evt(DeviceType.CUDA, 5, 60, "gpu_user_annotation", annotation=True),  # a scope, not work
+              evt(DeviceType.CUDA, 5, 60, "gpu_user_annotation")]
+    assert device_intervals(events) == [(10, 20), (30, 35), (40, 41)]
+    assert busy_us(device_intervals(events)) == 16
+
+    base = dict(config="c", mode="fwd", status="ok", family="hash", param=16, impl="ours")
+    rows = [dict(base, variant="ours_hash_16", ms=3.0, kernel_ms=1.5),
+            dict(base, variant="ours_dense", family="dense", param=None, ms=2.0, kernel_ms=None)]
+    add_ratios(rows)
+    assert rows[0]["host_bound_ratio"] == pytest.approx(2.0) and rows[1]["host_bound_ratio"] is None
+
+
+def test_ours_hash_passes_n_buckets(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from sparseflash.bench import Pattern, all_variants, build_fn
+    from sparseflash.bench import variants as V
+    from sparseflash.bench.__main__ import parse_args
+
+    seen = {}
+
+    def fake(q, k, v, q_buckets, k_buckets, sm_scale=None, **kw):
+        seen.update(kw)
+        return q
+    monkeypatch.setattr(V, "hash_sparse_attention", fake)
+    ids = torch.zeros(1, 1, 8, dtype=torch.int64)
+    pat = Pattern("hash", 16, q_buckets=ids, k_buckets=ids)
+    var = next(x for x in all_variants(None, [pat]) if x.name == "ours_hash_16")
+    fn, _ = build_fn(var, parse_args(["--device", "cpu"]), 8, 1, 1, "cpu")
+    fn(torch.zeros(1, 1, 8, 16), None, None)
+    assert seen == {"n_buckets": 16}
+
+
+def test_bench_modules_import_downwards():
+    """sparseflash/bench/: every module imports only modules above it in ORDER (no cycles)."""
+    import ast
+
+    order = ["patterns", "baselines", "variants", "timing", "results", "report", "run", "__main__"]
+    folder = ROOT / "sparseflash" / "bench"
+    assert {p.stem for p in folder.glob("*.py")} == set(order) | {"__init__"}
+    for i, name in enumerate(order):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                target = node.module or ""
+                assert target in order[:i], f"{name}.py imports .{target}"
