@@ -7,13 +7,14 @@ Computation, for one (batch, head) with bucket ids ``qb``, ``kb``::
 (0 for a query with no such key).  This equals ``reference.attention`` with
 ``reference.hash_mask(q_buckets, k_buckets)``.
 
-How: queries and keys are each sorted by bucket, stably, so inside a bucket the
-original order survives (:func:`sparseflash.permuted.bucket_sort_layout`); the
-position-causal kernel of :mod:`sparseflash.permuted` runs on the sorted tensors
-with the extra "same bucket" test, reading and writing q, k, v, the output and
-the gradients in token order through the sort index (no sorted copies are made).  In sorted order the
-allowed pairs sit in diagonal blocks, one per bucket, so with ``n`` buckets of
-similar size only about ``1/n`` of the causal tiles are loaded.
+How: queries and keys are each placed by bucket, in original order inside a bucket,
+every bucket's run starting on a tile boundary (:func:`sparseflash.layout.bucket_layouts`,
+a counting sort in one launch); the position-causal kernel of :mod:`sparseflash.permuted`
+then visits, for each query tile, only the key tiles of its own bucket that start at or
+before its last query, reading and writing q, k, v, the output and the gradients in
+token order through the layout (no sorted copies are made).  With ``n`` buckets of
+similar size about ``1/n`` of the causal tiles are loaded, and no tile straddles two
+buckets.
 """
 from __future__ import annotations
 
@@ -23,10 +24,26 @@ import torch
 from torch import Tensor
 
 from . import _runtime
-from .permuted import bucket_sort_layout, run_permuted
+from .permuted import run_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord
+
+
+def _dense_ids(q_buckets: Tensor, k_buckets: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Ids and their count when ``n_buckets`` is not given (host synchronisation).
+
+    Small ids are used as they are; large or sparse ones (hash values, say) are
+    renumbered ``0..n-1`` in order, which keeps "same bucket" unchanged.
+    """
+    if q_buckets.numel() == 0:
+        return q_buckets, k_buckets, 1
+    top = int(max(int(q_buckets.max()), int(k_buckets.max())))
+    if top < 4 * q_buckets.shape[-1] + 64:
+        return q_buckets, k_buckets, top + 1
+    ids, inverse = torch.unique(torch.cat([q_buckets.flatten(), k_buckets.flatten()]), return_inverse=True)
+    q_new, k_new = inverse.split(q_buckets.numel())
+    return q_new.view_as(q_buckets), k_new.view_as(k_buckets), int(ids.numel())
 
 
 def check_buckets(q_buckets: Tensor, k_buckets: Tensor, q: Tensor, n_buckets: int | None) -> None:
@@ -36,17 +53,7 @@ def check_buckets(q_buckets: Tensor, k_buckets: Tensor, q: Tensor, n_buckets: in
     """
     _runtime.check_per_token("q_buckets", q_buckets, q, "int")
     _runtime.check_per_token("k_buckets", k_buckets, q, "int")
-    if q_buckets.numel() == 0:
-        return
-    q_lo, k_lo, q_hi, k_hi = torch.stack(
-        [q_buckets.min(), k_buckets.min(), q_buckets.max(), k_buckets.max()]).tolist()
-    for name, lo, hi in (("q_buckets", q_lo, q_hi), ("k_buckets", k_lo, k_hi)):
-        if lo < 0:
-            raise ValueError(f"{name} must be >= 0, got a bucket id {lo}")
-        if hi >= 2**31 - 1:
-            raise ValueError(f"{name} must fit in int32, got a bucket id {hi}")
-        if n_buckets is not None and hi >= n_buckets:
-            raise ValueError(f"{name} must be < n_buckets={n_buckets}, got a bucket id {hi}")
+    _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
 
 
 def hash_sparse_attention(
@@ -58,6 +65,7 @@ def hash_sparse_attention(
     sm_scale: float | None = None,
     *,
     n_buckets: int | None = None,
+    validate: bool = False,
     kernel_options: dict | None = None,
     tile_record: "TileRecord | None" = None,
 ) -> Tensor:
@@ -65,20 +73,30 @@ def hash_sparse_attention(
 
     Args:
         q, k, v: ``(B, H, N, D)`` as in :func:`~sparseflash.flash_attention`.
-        q_buckets, k_buckets: integer ``(B, H, N)`` bucket ids ``>= 0`` (e.g. from
+        q_buckets, k_buckets: integer ``(B, H, N)`` bucket ids (e.g. from
             :func:`~sparseflash.lsh_buckets`); queries and keys may be bucketed
             differently.
         sm_scale: default ``1/sqrt(D)``.
-        n_buckets: if given, ids must be ``< n_buckets``.
+        n_buckets: ids lie in ``[0, n_buckets)``.  Pass it: then a call never waits
+            for the GPU.  Without it the number is read off the ids (one host
+            synchronisation).  A token whose id is outside the range takes part in
+            nothing (output 0, no gradient), unless ``validate`` is on.
+        validate: check on the host that every id is in range (or ``>= 0`` without
+            ``n_buckets``) and raise ``ValueError`` otherwise; one synchronisation.
         kernel_options, tile_record: as in :func:`~sparseflash.flash_attention`;
-            recorded tiles are in the sorted layout.
+            recorded tiles are in the bucket layout.
 
     Returns:
         ``(B, H, N, D)``; a query with no earlier key in its bucket gets 0.
     """
     _runtime.check_qkv(q, k, v, same_length=True)
-    check_buckets(q_buckets, k_buckets, q, n_buckets)
-    q_index, q_pos, q_sorted = bucket_sort_layout(q_buckets)
-    k_index, k_pos, k_sorted = bucket_sort_layout(k_buckets)
-    return run_permuted(q, k, v, q_pos, k_pos, q_sorted, k_sorted, sm_scale, kernel_options, tile_record,
-                        "hash", q_index, k_index)
+    _runtime.check_per_token("q_buckets", q_buckets, q, "int")
+    _runtime.check_per_token("k_buckets", k_buckets, q, "int")
+    if n_buckets is not None and (not isinstance(n_buckets, int) or n_buckets < 1):
+        raise ValueError(f"n_buckets must be a positive int, got {n_buckets!r}")
+    if validate or n_buckets is None:
+        _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
+    if n_buckets is None:
+        q_buckets, k_buckets, n_buckets = _dense_ids(q_buckets, k_buckets)
+    return run_layout(q, k, v, q_buckets=q_buckets, k_buckets=k_buckets, n_buckets=n_buckets, sm_scale=sm_scale,
+                      kernel_options=kernel_options, tile_record=tile_record, kind="hash")

@@ -7,10 +7,15 @@ imports no kernel, so the kernels (:mod:`sparseflash.permuted`) and the pictures
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from dataclasses import dataclass
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from . import _runtime  # noqa: F401  (first: may turn on Triton's interpreter)
 
 INT32_MAX = 2**31 - 1
 PAD = -1  #: position of a padding slot
@@ -148,3 +153,459 @@ def tile_tables(stats: TileStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     k_hi = torch.where(q_real, torch.maximum(k_hi, k_lo), k_lo).clamp(max=n_kt)
     q_hi = torch.where(k_real, torch.maximum(q_hi, q_lo), q_lo).clamp(max=n_qt)
     return (k_lo.int().contiguous(), k_hi.int().contiguous(), q_lo.int().contiguous(), q_hi.int().contiguous())
+
+
+# --------------------------------------------------------------------------------------
+# The kernels' layout: buckets in tile-aligned runs
+# --------------------------------------------------------------------------------------
+#
+# Both sparse variants use one layout.  Each (batch, head) places its tokens by bucket
+# (query/key dropping is the case of one bucket), in original order inside a bucket,
+# and every bucket's run starts on a tile boundary:
+#
+#     slots:  | bucket 0 ......pad | bucket 1 ...pad | ... | dropped tokens | pad |
+#              ^ start[0]           ^ start[1]               ^ sum of the aligned runs
+#
+# So no tile holds two buckets, a query tile meets key tiles of its own bucket only,
+# and positions ascend through each run: the key tiles a query tile needs are a
+# contiguous run, the mask-free ones a prefix of it (see TilePlan).  Dropped tokens
+# (not kept, or a bucket id outside [0, n_buckets)) sit after the runs with the
+# padding position, so the kernels still write their output (0) and gradients (0):
+# ``index`` holds every token exactly once.  Alignment costs at most ``block - 1``
+# slots per non-empty bucket, so the length is static: ``layout_length``.
+
+Q_PAD = -1         #: position of a padding query slot: it sees no key
+K_PAD = INT32_MAX  #: position of a padding key slot: no query sees it
+
+
+def layout_length(n: int, n_buckets: int, block: int) -> int:
+    """Slots of an aligned layout of ``n`` tokens: every token once plus at most
+    ``block - 1`` padding slots per non-empty bucket, rounded up to a whole tile."""
+    slots = n + min(n_buckets, n) * (block - 1)
+    return -(-slots // block) * block
+
+
+@dataclass
+class Layout:
+    """Where each token of one side (queries or keys) sits, per (batch, head).
+
+    Attributes (``L = layout_length(N, n_buckets, block)`` slots):
+        index: int32 ``(B, H, L)``: the token in each slot; ``N`` for a padding slot.
+        pos: int32 ``(B, H, L)``: that token's position (the causal coordinate);
+            ``pad`` for padding and dropped tokens.
+        bucket: int32 ``(B, H, L)``: its bucket; -1 for padding and dropped tokens.
+        start: int32 ``(B, H, n_buckets)``: first slot of each bucket's run (a multiple
+            of ``block``); count: int32 ``(B, H, n_buckets)``: tokens in it.
+        n_tokens, n_buckets, block, pad: as built.
+    """
+
+    index: Tensor
+    pos: Tensor
+    bucket: Tensor
+    start: Tensor
+    count: Tensor
+    n_tokens: int
+    n_buckets: int
+    block: int
+    pad: int
+
+    @property
+    def n_slots(self) -> int:
+        return self.index.shape[-1]
+
+    @property
+    def n_tiles(self) -> int:
+        return self.n_slots // self.block
+
+
+def _check_layout_args(n, n_buckets, block):
+    if n_buckets < 1:
+        raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+
+
+def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | None = None,
+                     pos: Tensor | None = None, n_buckets: int = 1, block: int, pad: int,
+                     device=None) -> Layout:
+    """:class:`Layout` in plain PyTorch: a stable sort by bucket, then the aligned placement.
+
+    ``shape`` is ``(B, H, N)``; ``buckets`` integer ids (absent: one bucket), ``keep``
+    bool (absent: all kept), ``pos`` each token's position (absent: ``arange(N)``).
+    A token is dropped if not kept or its id is outside ``[0, n_buckets)``.
+    No host synchronisation.  :func:`bucket_layout` builds the same with one kernel.
+    """
+    B, H, N = shape
+    _check_layout_args(N, n_buckets, block)
+    device = device if buckets is None else buckets.device
+    tok = torch.arange(N, device=device).expand(B, H, N)
+    key = torch.zeros(B, H, N, dtype=torch.long, device=device) if buckets is None else buckets.long()
+    valid = (key >= 0) & (key < n_buckets)
+    if keep is not None:
+        valid &= keep.bool()
+    key = torch.where(valid, key, n_buckets)                 # dropped tokens last
+    order = torch.sort(key, dim=-1, stable=True).indices
+    key_sorted = key.gather(-1, order)
+    counts = torch.zeros(B, H, n_buckets + 1, dtype=torch.long, device=device).scatter_add_(
+        -1, key, torch.ones_like(key))
+    aligned = (counts + block - 1) // block * block
+    aligned[..., n_buckets] = counts[..., n_buckets]           # dropped tokens are not padded
+    run_start = aligned.cumsum(-1) - aligned                  # slot where each run starts
+    sorted_start = counts.cumsum(-1) - counts                 # where it starts in the sort
+    rank = torch.arange(N, device=device) - sorted_start.gather(-1, key_sorted)
+    slot = run_start.gather(-1, key_sorted) + rank
+    L = layout_length(N, n_buckets, block)
+    index = torch.full((B, H, L), N, dtype=torch.long, device=device).scatter_(-1, slot, order)
+    p = tok if pos is None else pos.long()
+    p_sorted = torch.where(key_sorted < n_buckets, p.gather(-1, order), pad)
+    b_sorted = torch.where(key_sorted < n_buckets, key_sorted, -1)
+    spos = torch.full((B, H, L), pad, dtype=torch.long, device=device).scatter_(-1, slot, p_sorted)
+    sbucket = torch.full((B, H, L), -1, dtype=torch.long, device=device).scatter_(-1, slot, b_sorted)
+    return Layout(index.int(), spos.int(), sbucket.int(), run_start[..., :n_buckets].int().contiguous(),
+                  counts[..., :n_buckets].int().contiguous(), N, n_buckets, block, pad)
+
+
+@triton.jit
+def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """Bucket of tokens ``t``, or -1 if dropped (not kept, id out of range, past ``n``)."""
+    if HAS_BUCKET:
+        b = tl.load(BUCKET + t, mask=t < n, other=-1).to(tl.int32)
+    else:
+        b = tl.zeros_like(t)
+    ok = (t < n) & (b >= 0) & (b < n_buckets)
+    if HAS_KEEP:
+        ok = ok & (tl.load(KEEP + t, mask=t < n, other=0) != 0)
+    return tl.where(ok, b, -1)
+
+
+
+@triton.jit
+def _side_args(QX, KX, side, q_off, k_off):
+    """The query side's pointer (axis 2 = 0) or the key side's, offset to this head."""
+    if side == 0:
+        return QX + q_off
+    else:
+        return KX + k_off
+
+
+@triton.jit
+def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, COUNTS, DROPS,
+                  n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, fill,
+                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid ``(chunks, B·H, 2)``, axis 2 the side: pad this chunk's share of the slots,
+    and count this chunk's tokens per bucket (the first pass of a counting sort)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    side = tl.program_id(2)
+    n = tl.where(side == 0, n_q, n_k)
+    n_slots = tl.where(side == 0, n_q_slots, n_k_slots)
+    pad = tl.where(side == 0, -1, 2147483647)
+    INDEX = _side_args(QINDEX, KINDEX, side, bh * n_q_slots, bh * n_k_slots)
+    SPOS = _side_args(QSPOS, KSPOS, side, bh * n_q_slots, bh * n_k_slots)
+    SB = _side_args(QSB, KSB, side, bh * n_q_slots, bh * n_k_slots)
+    for s0 in range(c * fill, (c + 1) * fill, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        live = (s < n_slots) & (s < (c + 1) * fill)
+        tl.store(INDEX + s, tl.zeros_like(s) + n, mask=live)
+        tl.store(SPOS + s, tl.zeros_like(s) + pad, mask=live)
+        tl.store(SB + s, tl.zeros_like(s) - 1, mask=live)
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
+                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP)
+    ids = tl.arange(0, NB)
+    row = (bh * 2 + side) * n_chunks + c
+    tl.store(COUNTS + row * NB + ids, tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0))
+    tl.store(DROPS + row, tl.sum(((b < 0) & (t < n)).to(tl.int32), 0))
+
+
+@triton.jit
+def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB,
+                  QSTART, QCOUNT, KSTART, KCOUNT, COUNTS, DROPS,
+                  n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks,
+                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
+                  N_CHUNKS: tl.constexpr):
+    """Grid ``(chunks, B·H, 2)``: the second pass.  Each program adds up the counts of
+    the chunks before its own, lays the buckets' runs out on tile boundaries, and
+    writes its tokens to their slots, in order inside a bucket."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    side = tl.program_id(2)
+    n = tl.where(side == 0, n_q, n_k)
+    pad = tl.where(side == 0, -1, 2147483647)
+    block = tl.where(side == 0, BLOCK_M, BLOCK_N)
+    ids = tl.arange(0, NB)
+    chunks = tl.arange(0, N_CHUNKS)
+    rows = (bh * 2 + side) * n_chunks + chunks
+    counts = tl.load(COUNTS + rows[:, None] * NB + ids[None, :], mask=chunks[:, None] < n_chunks, other=0)
+    total = tl.sum(counts, 0)
+    seen = tl.sum(tl.where(chunks[:, None] < c, counts, 0), 0)
+    drops = tl.load(DROPS + rows, mask=chunks < n_chunks, other=0)
+    n_dropped = tl.sum(tl.where(chunks < c, drops, 0), 0)
+    aligned = (total + block - 1) // block * block
+    starts = tl.cumsum(aligned, 0) - aligned
+    n_aligned = tl.sum(aligned, 0)
+    if c == 0:
+        tl.store(_side_args(QSTART, KSTART, side, bh * n_buckets, bh * n_buckets) + ids, starts, mask=ids < n_buckets)
+        tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_buckets, bh * n_buckets) + ids, total, mask=ids < n_buckets)
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
+                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP)
+    onehot = (b[:, None] == ids[None, :]).to(tl.int32)
+    before = tl.cumsum(onehot, 0) - onehot  # same-bucket tokens earlier in this chunk
+    slot = tl.sum(onehot * ((starts + seen)[None, :] + before), 1)
+    dropped = ((b < 0) & (t < n)).to(tl.int32)
+    slot = tl.where(b >= 0, slot, n_aligned + n_dropped + tl.cumsum(dropped, 0) - dropped)
+    if HAS_POS:
+        p = tl.load(_side_args(QPOS_IN, KPOS_IN, side, bh * n_q, bh * n_k) + t, mask=t < n, other=0)
+    else:
+        p = t
+    slot_off = tl.where(side == 0, bh * n_q_slots, bh * n_k_slots)
+    tl.store(_side_args(QINDEX, KINDEX, side, slot_off, slot_off) + slot, t, mask=t < n)
+    tl.store(_side_args(QSPOS, KSPOS, side, slot_off, slot_off) + slot, tl.where(b >= 0, p, pad), mask=t < n)
+    tl.store(_side_args(QSB, KSB, side, slot_off, slot_off) + slot, b, mask=t < n)
+
+
+#: Largest bucket count the counting-sort kernels take; more buckets use the sort.
+MAX_KERNEL_BUCKETS = 256
+
+
+def _chunking(n: int, n_buckets: int) -> tuple[int, int, int] | None:
+    """``(NB, CHUNK, n_chunks)`` of the counting-sort kernels, or None where the sort is better."""
+    nb = max(2, triton.next_power_of_2(n_buckets))
+    chunk = max(16, min(1024, 8192 // nb))
+    n_chunks = max(1, -(-n // chunk))
+    if n_buckets > MAX_KERNEL_BUCKETS or n_chunks * nb > 32768:
+        return None
+    return nb, chunk, n_chunks
+
+
+def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None,
+                   k_pos=None, n_buckets: int = 1, block_m: int, block_n: int, n_k: int | None = None,
+                   device=None) -> tuple[Layout, Layout]:
+    """The query and key :class:`Layout` of one attention call: a counting sort in two
+    launches (count per chunk of tokens, then place), both sides at once.
+
+    Same arguments as :func:`reference_layout`, per side (give both sides' ``buckets``,
+    ``keep``, ``pos``, or neither); the result is identical to it.  ``shape`` is the
+    queries' ``(B, H, N)``; ``n_k`` the keys' length (default ``N``).  No host
+    synchronisation.  With many buckets on long sequences it falls back to
+    :func:`reference_layout` (a sort).
+    """
+    B, H, N = shape
+    n_k = N if n_k is None else n_k
+    _check_layout_args(N, n_buckets, min(block_m, block_n))
+    given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
+    device = given[0].device if given else device
+    chunking = _chunking(max(N, n_k), n_buckets)
+    if chunking is None:
+        return (reference_layout(shape, buckets=q_buckets, keep=q_keep, pos=q_pos, n_buckets=n_buckets,
+                                 block=block_m, pad=Q_PAD, device=device),
+                reference_layout((B, H, n_k), buckets=k_buckets, keep=k_keep, pos=k_pos, n_buckets=n_buckets,
+                                 block=block_n, pad=K_PAD, device=device))
+    nb, chunk, n_chunks = chunking
+    Lq, Lk = layout_length(N, n_buckets, block_m), layout_length(n_k, n_buckets, block_n)
+    i32 = dict(dtype=torch.int32, device=device)
+    q_side = torch.empty((3, B, H, Lq), **i32)
+    k_side = torch.empty((3, B, H, Lk), **i32)
+    runs = torch.empty((4, B, H, n_buckets), **i32)
+    counts = torch.empty((B * H * 2 * n_chunks * (nb + 1),), **i32)
+    per_chunk, drops = counts[: B * H * 2 * n_chunks * nb], counts[B * H * 2 * n_chunks * nb:]
+
+    def arg(t):  # absent inputs pass a stand-in the kernels never read
+        return runs if t is None else t.contiguous()
+
+    flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, NB=nb, CHUNK=chunk)
+    grid = (n_chunks, B * H, 2)
+    _count_kernel[grid](arg(q_buckets), arg(q_keep), arg(k_buckets), arg(k_keep), *q_side, *k_side, per_chunk, drops,
+                        N, n_k, Lq, Lk, n_buckets, n_chunks, -(-max(Lq, Lk) // n_chunks), **flags, num_warps=4)
+    _place_kernel[grid](arg(q_buckets), arg(q_keep), arg(q_pos), arg(k_buckets), arg(k_keep), arg(k_pos),
+                        *q_side, *k_side, *runs, per_chunk, drops, N, n_k, Lq, Lk, n_buckets, n_chunks,
+                        HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                        N_CHUNKS=triton.next_power_of_2(n_chunks), **flags, num_warps=4)
+    return (Layout(*q_side, runs[0], runs[1], N, n_buckets, block_m, Q_PAD),
+            Layout(*k_side, runs[2], runs[3], n_k, n_buckets, block_n, K_PAD))
+
+
+# --------------------------------------------------------------------------------------
+# The tile plan: which key tiles each query tile visits, and the reverse
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TilePlan:
+    """Tiles each kernel loop visits, from a query and a key :class:`Layout`.
+
+    ``q_runs``: int32 ``(B, H, n_q_tiles, 3)``: query tile ``T`` (forward and dQ) visits
+    key tiles ``[lo, full)`` with no mask, then ``[full, hi)`` masked.
+    ``k_runs``: int32 ``(B, H, n_k_tiles, 3)``: key tile ``S`` (dK/dV) visits query
+    tiles ``[lo, full)`` masked, then ``[full, hi)`` with no mask.
+
+    The rule, for tiles of one bucket (tiles of different buckets never meet):
+    ``S`` is visited by ``T`` iff ``kmin(S) <= qmax(T)``, the first key at or before the
+    last query, which is exactly "the tile holds an allowed pair"; it needs no mask
+    iff ``kmax(S) <= qmin(T)`` over its real slots and, in the forward and dQ passes,
+    ``S`` has no padding slot (a padding key would join the softmax).  Positions
+    ascend through a bucket's run, so both sets are runs of tiles.
+    """
+
+    q_runs: Tensor
+    k_runs: Tensor
+    block_m: int
+    block_n: int
+
+    def visited(self) -> Tensor:
+        """bool ``(B, H, n_q_tiles, n_k_tiles)``: the pairs the forward computes."""
+        n_kt = self.k_runs.shape[-2]
+        s = torch.arange(n_kt, device=self.q_runs.device)
+        lo, hi = self.q_runs[..., 0:1], self.q_runs[..., 2:3]
+        return (s >= lo) & (s < hi)
+
+    def mask_free(self) -> Tensor:
+        """bool ``(B, H, n_q_tiles, n_k_tiles)``: forward pairs computed without a mask."""
+        n_kt = self.k_runs.shape[-2]
+        s = torch.arange(n_kt, device=self.q_runs.device)
+        return (s >= self.q_runs[..., 0:1]) & (s < self.q_runs[..., 1:2])
+
+
+@triton.jit
+def _first_true(lo, hi, PRED_ARR, stride, offset, x, cap, GREATER_EQ: tl.constexpr, STEPS: tl.constexpr):
+    """Vectorised binary search: for each lane, the first ``t`` in ``[lo, hi)`` with
+    ``ARR[min(t·stride + offset, cap) ] > x`` (or ``>= x``); ``hi`` if none.  The
+    predicate must be monotone in ``t``."""
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        active = lo < hi
+        val = tl.load(PRED_ARR + tl.minimum(mid * stride + offset, cap), mask=active, other=0)
+        if GREATER_EQ:
+            yes = val >= x
+        else:
+            yes = val > x
+        hi = tl.where(active & yes, mid, hi)
+        lo = tl.where(active & ~yes, mid + 1, lo)
+    return lo
+
+
+@triton.jit
+def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KRUNS,
+                 n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr):
+    """Grid ``(tile chunks, B·H, 2)``: axis 2 picks the query tiles' runs (0) or the key
+    tiles' runs (1); each lane finds its tile's bucket run and searches it twice."""
+    bh = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    QPOS += bh * n_q_slots
+    QSB += bh * n_q_slots
+    KPOS += bh * n_k_slots
+    KSB += bh * n_k_slots
+    QSTART += bh * n_buckets
+    QCOUNT += bh * n_buckets
+    KSTART += bh * n_buckets
+    KCOUNT += bh * n_buckets
+    if tl.program_id(2) == 0:
+        live = t < n_q_tiles
+        s0 = t * BLOCK_M
+        b = tl.load(QSB + s0, mask=live, other=-1)
+        real = b >= 0
+        bb = tl.where(real, b, 0)
+        q_end = tl.load(QSTART + bb, mask=real, other=0) + tl.load(QCOUNT + bb, mask=real, other=0)
+        qmin = tl.load(QPOS + s0, mask=real, other=0)
+        qmax = tl.load(QPOS + tl.minimum(s0 + BLOCK_M, q_end) - 1, mask=real, other=0)
+        k_start = tl.load(KSTART + bb, mask=real, other=0)
+        ks = k_start // BLOCK_N
+        ke = ks + tl.where(real, (tl.load(KCOUNT + bb, mask=real, other=0) + BLOCK_N - 1) // BLOCK_N, 0)
+        # Tiles whose first key comes after the last query hold no allowed pair.
+        hi = _first_true(ks, ke, KPOS, BLOCK_N, 0, qmax, n_k_slots - 1, False, STEPS)
+        # Mask-free while the tile's last slot (padding reads +inf) is at or before the first query.
+        full = _first_true(ks, hi, KPOS, BLOCK_N, BLOCK_N - 1, qmin, n_k_slots - 1, False, STEPS)
+        out = QRUNS + (bh * n_q_tiles + t) * 3
+        tl.store(out, ks, mask=live)
+        tl.store(out + 1, full, mask=live)
+        tl.store(out + 2, hi, mask=live)
+    else:
+        live = t < n_k_tiles
+        s0 = t * BLOCK_N
+        b = tl.load(KSB + s0, mask=live, other=-1)
+        real = b >= 0
+        bb = tl.where(real, b, 0)
+        k_end = tl.load(KSTART + bb, mask=real, other=0) + tl.load(KCOUNT + bb, mask=real, other=0)
+        kmin = tl.load(KPOS + s0, mask=real, other=0)
+        kmax = tl.load(KPOS + tl.minimum(s0 + BLOCK_N, k_end) - 1, mask=real, other=0)
+        q_start = tl.load(QSTART + bb, mask=real, other=0)
+        q_count = tl.load(QCOUNT + bb, mask=real, other=0)
+        qs = q_start // BLOCK_M
+        qe = qs + tl.where(real, (q_count + BLOCK_M - 1) // BLOCK_M, 0)
+        # qmax of a query tile is its last real slot: the tile's last slot, or the run's.
+        lo = _first_true(qs, qe, QPOS, BLOCK_M, BLOCK_M - 1, kmin, q_start + q_count - 1, True, STEPS)
+        full = _first_true(lo, qe, QPOS, BLOCK_M, 0, kmax, n_q_slots - 1, True, STEPS)
+        out = KRUNS + (bh * n_k_tiles + t) * 3
+        tl.store(out, lo, mask=live)
+        tl.store(out + 1, full, mask=live)
+        tl.store(out + 2, qe, mask=live)
+
+
+def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
+    """The :class:`TilePlan` of two layouts, in one kernel launch (no host synchronisation)."""
+    B, H, Lq = q_layout.index.shape
+    Lk = k_layout.n_slots
+    bm, bn = q_layout.block, k_layout.block
+    n_qt, n_kt = Lq // bm, Lk // bn
+    runs = torch.empty(B * H * 3 * (n_qt + n_kt), dtype=torch.int32, device=q_layout.index.device)
+    q_runs = runs[: B * H * n_qt * 3].view(B, H, n_qt, 3)
+    k_runs = runs[B * H * n_qt * 3:].view(B, H, n_kt, 3)
+    chunk = 64
+    _plan_kernel[(triton.cdiv(max(n_qt, n_kt), chunk), B * H, 2)](
+        q_layout.pos, q_layout.bucket, q_layout.start, q_layout.count,
+        k_layout.pos, k_layout.bucket, k_layout.start, k_layout.count, q_runs, k_runs,
+        Lq, Lk, n_qt, n_kt, q_layout.n_buckets,
+        BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, STEPS=max(n_qt, n_kt).bit_length() + 1, num_warps=2,
+    )
+    return TilePlan(q_runs, k_runs, bm, bn)
+
+
+def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
+    """:class:`TilePlan` by brute force over slot pairs (quadratic: for tests and pictures).
+
+    A pair of tiles is visited iff some slot pair in it is allowed (same bucket,
+    ``0 <= kpos <= qpos``, both real); mask-free iff every pair of a real query slot
+    with any key slot is allowed (forward) or every pair of a real query slot with a
+    real key slot is (dK/dV).  Raises if a set is not the run the kernels assume.
+    """
+    bm, bn = q_layout.block, k_layout.block
+    qp, kp = q_layout.pos.long(), k_layout.pos.long()
+    qb, kb = q_layout.bucket, k_layout.bucket
+    q_real, k_real = qb >= 0, kb >= 0
+    allowed = (kp[..., None, :] <= qp[..., :, None]) & (kb[..., None, :] == qb[..., :, None])
+    allowed &= q_real[..., :, None] & k_real[..., None, :]
+
+    def tiles(x, reduce):  # (B, H, Lq, Lk) -> (B, H, n_qt, n_kt)
+        x = x.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm))
+        return x.any(-1).any(-2) if reduce == "any" else x.all(-1).all(-2)
+
+    visited = tiles(allowed, "any")
+    rows_real = q_real[..., :, None].expand_as(allowed)
+    free_fwd = tiles(allowed | ~rows_real, "all") & visited
+    free_kv = tiles(allowed | ~rows_real | ~k_real[..., None, :], "all") & visited
+
+    def runs(vis, free, free_first):
+        n = vis.shape[-1]
+        idx = torch.arange(n, device=vis.device)
+        any_ = vis.any(-1)
+        lo = torch.where(any_, torch.where(vis, idx, n).amin(-1), 0)
+        hi = torch.where(any_, torch.where(vis, idx + 1, 0).amax(-1), 0)
+        if free_first:
+            mid = torch.where(vis & ~free, idx, hi[..., None]).amin(-1)
+            mid = torch.minimum(mid, hi)
+        else:
+            mid = torch.where(free, idx, hi[..., None]).amin(-1)
+        contiguous = (vis.sum(-1) == hi - lo)
+        first, second = (free, vis & ~free) if free_first else (vis & ~free, free)
+        assert contiguous.all() and (first.sum(-1) == mid - lo).all() and (second.sum(-1) == hi - mid).all(), \
+            "visited or mask-free tiles are not runs"
+        return torch.stack([lo, mid, hi], -1).int()
+
+    # Tiles of a bucket with no allowed pair at all get an empty run at its start in the
+    # kernel's plan; compare runs only where they are non-empty.
+    q_runs = runs(visited, free_fwd, True)
+    k_runs = runs(visited.transpose(-1, -2), free_kv.transpose(-1, -2), False)
+    return TilePlan(q_runs, k_runs, bm, bn)

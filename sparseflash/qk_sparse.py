@@ -9,11 +9,11 @@ Computation, for one (batch, head) with keep masks ``q_keep``, ``k_keep``::
 ``reference.attention`` with ``reference.qk_dropping_mask(q_keep, k_keep)``.
 
 How: kept queries and kept keys are compacted to the front of their own layouts,
-in original order, carrying their original positions
-(:func:`sparseflash.permuted.compact_layout`); the position-causal kernel of
-:mod:`sparseflash.permuted` runs on that layout, reading q, k, v and writing the
-output and gradients in token order through the compaction index (no compacted
-copies are made).  With a fraction ``r`` kept, only about ``r²`` of the causal tiles hold
+in original order, carrying their original positions (the one-bucket case of
+:func:`sparseflash.layout.bucket_layouts`, one launch for both sides); the
+position-causal kernel of :mod:`sparseflash.permuted` runs on that layout, reading
+q, k, v and writing the output and gradients in token order through the
+compaction index (no compacted copies are made), and no call waits for the GPU.  With a fraction ``r`` kept, only about ``r²`` of the causal tiles hold
 allowed pairs, and only those are loaded.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _runtime
-from .permuted import compact_layout, run_permuted
+from .permuted import run_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord
@@ -59,10 +59,8 @@ def qk_sparse_attention(
     _runtime.check_qkv(q, k, v, same_length=True)
     _runtime.check_per_token("q_keep", q_keep, q, "bool")
     _runtime.check_per_token("k_keep", k_keep, k, "bool")
-    q_index, q_pos = compact_layout(q_keep)
-    k_index, k_pos = compact_layout(k_keep)
-    return run_permuted(q, k, v, q_pos, k_pos, None, None, sm_scale, kernel_options, tile_record, "qk",
-                        q_index, k_index)
+    return run_layout(q, k, v, q_keep=q_keep, k_keep=k_keep, sm_scale=sm_scale, kernel_options=kernel_options,
+                      tile_record=tile_record, kind="qk")
 
 
 def random_keep(

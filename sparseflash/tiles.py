@@ -3,8 +3,9 @@ predicted in PyTorch from the inputs (:func:`flash_schedule`, :func:`qk_schedule
 :func:`hash_schedule`, each a :class:`TileSchedule`).
 
 The predictions use the kernels' own rules (``flash._dense_key_range`` for dense,
-``permuted.TileStats.visited`` on the same layout for the sparse kinds), and split
-the computed tiles by the token-level masks of :mod:`sparseflash.reference`.
+the :class:`~sparseflash.layout.TilePlan` of the same tile-aligned bucket layout for
+the sparse kinds, built in plain PyTorch), and split the computed tiles by the
+token-level masks of :mod:`sparseflash.reference`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .layout import TileStats, bucket_sort_layout, compact_layout
+from .layout import K_PAD, Q_PAD, reference_layout, reference_tile_plan
 
 
 class TileRecord:
@@ -116,6 +117,8 @@ class TileSchedule:
     q_buckets: Tensor | None = None
     k_buckets: Tensor | None = None
     _mask: Tensor | None = field(default=None, repr=False)
+    n_q_tokens: int | None = None
+    n_k_tokens: int | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -130,10 +133,21 @@ class TileSchedule:
     # ---- shapes ----
     @property
     def n_q(self) -> int:
-        return self.q_index.shape[-1]
+        """Query tokens (the layout may hold more slots: padding to tile boundaries)."""
+        return self.q_index.shape[-1] if self.n_q_tokens is None else self.n_q_tokens
 
     @property
     def n_k(self) -> int:
+        """Key tokens."""
+        return self.k_index.shape[-1] if self.n_k_tokens is None else self.n_k_tokens
+
+    @property
+    def n_q_slots(self) -> int:
+        """Query slots of the layout: tokens, plus padding to tile boundaries for the sparse kinds."""
+        return self.q_index.shape[-1]
+
+    @property
+    def n_k_slots(self) -> int:
         return self.k_index.shape[-1]
 
     @property
@@ -204,11 +218,11 @@ class TileSchedule:
 
     def q_tile_of_token(self) -> Tensor:
         """int64 ``(B, H, n_q)``: the layout query tile each original query falls in."""
-        return _inverse(self.q_index) // self.block_m
+        return _inverse(self.q_index, self.n_q) // self.block_m
 
     def k_tile_of_token(self) -> Tensor:
         """int64 ``(B, H, n_k)``: the layout key tile each original key falls in."""
-        return _inverse(self.k_index) // self.block_n
+        return _inverse(self.k_index, self.n_k) // self.block_n
 
     def state_of_pairs(self, b: int = 0, h: int = 0) -> Tensor:
         """int8 ``(n_q, n_k)``: for each original pair ``(i, j)``, the state of the
@@ -241,13 +255,18 @@ def _dense_computed(n_q, n_k, causal, block_m, block_n, device=None) -> Tensor:
     return kt[None, :] * block_n <= last_query[:, None]
 
 
-def _inverse(index: Tensor) -> Tensor:
-    """Inverse permutation along the last dim."""
+def _inverse(index: Tensor, n: int | None = None) -> Tensor:
+    """Slot of each of the ``n`` tokens, from ``index`` (slot -> token, ``n`` for padding)."""
+    n = index.shape[-1] if n is None else n
+    index = index.long()
     src = torch.arange(index.shape[-1], device=index.device).expand_as(index)
-    return torch.empty_like(index).scatter_(-1, index, src)
+    out = torch.empty((*index.shape[:-1], n + 1), dtype=torch.long, device=index.device)
+    return out.scatter_(-1, index.clamp(max=n), src)[..., :n]
 
 
 def _to_layout(mask, q_index, k_index, q_pos, k_pos) -> Tensor:
+    q_index = q_index.long().clamp(max=mask.shape[-2] - 1)
+    k_index = k_index.long().clamp(max=mask.shape[-1] - 1)
     rows = mask.gather(-2, q_index[..., :, None].expand(*q_index.shape, mask.shape[-1]))
     lay = rows.gather(-1, k_index[..., None, :].expand(*rows.shape[:-1], k_index.shape[-1]))
     return lay & (q_pos >= 0)[..., :, None] & (k_pos >= 0)[..., None, :]
@@ -328,15 +347,21 @@ def flash_schedule(n_q: int, n_k: int | None = None, causal: bool = True, block_
     )
 
 
-def _permuted_schedule(kind, mask, q_index, k_index, q_pos, k_pos, q_sorted, k_sorted, block_m, block_n):
-    # The computed set comes from the kernel's own rule (TileStats, as run_permuted builds it)...
-    computed = TileStats.of(q_pos, k_pos, q_sorted, k_sorted, block_m, block_n).visited()
+def _permuted_schedule(kind, mask, shape, q_args, k_args, n_buckets, block_m, block_n):
+    # The kernels' layout and tile plan, built in plain PyTorch (the tests check that
+    # the kernels build the same)...
+    ql = reference_layout(shape, n_buckets=n_buckets, block=block_m, pad=Q_PAD, **q_args)
+    kl = reference_layout(shape, n_buckets=n_buckets, block=block_n, pad=K_PAD, **k_args)
+    computed = reference_tile_plan(ql, kl).visited()
     # ...and the FULL / PARTIAL / EMPTY split from the token-level mask in layout order.
-    counts = _tile_counts(_to_layout(mask, q_index, k_index, q_pos, k_pos), block_m, block_n)
+    q_pos = ql.pos
+    k_pos = torch.where(kl.pos == K_PAD, Q_PAD, kl.pos)
+    counts = _tile_counts(_to_layout(mask, ql.index, kl.index, q_pos, k_pos), block_m, block_n)
+    buckets = dict(q_buckets=ql.bucket, k_buckets=kl.bucket) if kind == "hash" else {}
     return TileSchedule(
         kind=kind, state=_states(computed, counts, block_m, block_n), allowed_count=counts, _mask=mask,
-        q_index=q_index, k_index=k_index, q_pos=q_pos, k_pos=k_pos, block_m=block_m, block_n=block_n,
-        q_buckets=q_sorted, k_buckets=k_sorted,
+        q_index=ql.index.long(), k_index=kl.index.long(), q_pos=q_pos, k_pos=k_pos, block_m=block_m,
+        block_n=block_n, n_q_tokens=shape[-1], n_k_tokens=shape[-1], **buckets,
     )
 
 
@@ -345,34 +370,35 @@ def qk_schedule(q_keep: Tensor, k_keep: Tensor, block_m: int | None = None,
     """Tiles of query/key dropping (:func:`~sparseflash.qk_sparse_attention`).
 
     ``q_keep``, ``k_keep``: bool ``(B, H, N)`` (or ``(N,)``, ``(H, N)``).  The layout is
-    :func:`~sparseflash.permuted.compact_layout` of each; tiles are computed by
-    ``TileStats.visited()`` (``kmin(S) <= qmax(T)``).
+    the kernels' (:func:`~sparseflash.layout.reference_layout` with one bucket: kept
+    tokens first, padded to a whole tile, then the dropped ones); tiles are computed
+    by the :class:`~sparseflash.layout.TilePlan` (``kmin(S) <= qmax(T)``).
     """
     q_keep, k_keep = _as_bhn(q_keep, "q_keep").bool(), _as_bhn(k_keep, "k_keep").bool()
     q_keep, k_keep = torch.broadcast_tensors(q_keep, k_keep)
     block_m, block_n = _blocks(block_m, block_n)
-    q_index, q_pos = compact_layout(q_keep)
-    k_index, k_pos = compact_layout(k_keep)
     mask = reference.qk_dropping_mask(q_keep, k_keep)
-    return _permuted_schedule("qk", mask, q_index, k_index, q_pos, k_pos, None, None, block_m, block_n)
+    return _permuted_schedule("qk", mask, tuple(q_keep.shape), dict(keep=q_keep), dict(keep=k_keep), 1,
+                              block_m, block_n)
 
 
 def hash_schedule(q_buckets: Tensor, k_buckets: Tensor, block_m: int | None = None,
                   block_n: int | None = None) -> TileSchedule:
     """Tiles of hash-bucket attention (:func:`~sparseflash.hash_sparse_attention`).
 
-    ``q_buckets``, ``k_buckets``: integer ``(B, H, N)`` (or ``(N,)``, ``(H, N)``).  The
-    layout is :func:`~sparseflash.permuted.bucket_sort_layout` of each; tiles are
-    computed by ``TileStats.visited()`` (causal on positions and overlapping bucket
-    ranges), so tiles straddling buckets may be computed with nothing allowed (EMPTY).
+    ``q_buckets``, ``k_buckets``: integer ``(B, H, N)`` (or ``(N,)``, ``(H, N)``) ids
+    ``>= 0``.  The layout is the kernels' (:func:`~sparseflash.layout.reference_layout`:
+    tokens by bucket, each bucket's run starting on a tile boundary); tiles are
+    computed by the :class:`~sparseflash.layout.TilePlan` (same bucket and
+    ``kmin(S) <= qmax(T)``), so no computed tile is EMPTY.
     """
     q_buckets, k_buckets = _as_bhn(q_buckets, "q_buckets"), _as_bhn(k_buckets, "k_buckets")
     q_buckets, k_buckets = torch.broadcast_tensors(q_buckets, k_buckets)
     block_m, block_n = _blocks(block_m, block_n)
-    q_index, q_pos, q_sorted = bucket_sort_layout(q_buckets)
-    k_index, k_pos, k_sorted = bucket_sort_layout(k_buckets)
     mask = reference.hash_mask(q_buckets, k_buckets)
-    return _permuted_schedule("hash", mask, q_index, k_index, q_pos, k_pos, q_sorted, k_sorted, block_m, block_n)
+    n_buckets = int(max(int(q_buckets.max()), int(k_buckets.max()))) + 1 if q_buckets.numel() else 1
+    return _permuted_schedule("hash", mask, tuple(q_buckets.shape), dict(buckets=q_buckets),
+                              dict(buckets=k_buckets), n_buckets, block_m, block_n)
 
 
 # --------------------------------------------------------------------------------------

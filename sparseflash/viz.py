@@ -96,12 +96,13 @@ def plot_pattern(mask, b: int = 0, h: int = 0, *, ax=None, title: str | None = N
 
 def tile_state_image(schedule: TileSchedule, b: int = 0, h: int = 0, coords: str = "layout",
                      show_pairs: bool = True) -> np.ndarray:
-    """RGB ``(n_q, n_k, 3)`` float array: each token pair coloured by its tile's state,
+    """RGB ``(n_q, n_k, 3)`` float array (slots of the layout with ``coords="layout"``):
+    each token pair coloured by its tile's state,
     allowed pairs of non-FULL tiles in :data:`PAIR_COLOR` (see the module docstring
     for ``coords``)."""
     if coords == "layout":
-        tq = torch.arange(schedule.n_q) // schedule.block_m
-        tk = torch.arange(schedule.n_k) // schedule.block_n
+        tq = torch.arange(schedule.n_q_slots) // schedule.block_m
+        tk = torch.arange(schedule.n_k_slots) // schedule.block_n
         state = _head(schedule.state, b, h)[tq[:, None], tk[None, :]]
         allowed = _head(schedule.layout_mask(), b, h)
     elif coords == "original":

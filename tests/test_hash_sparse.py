@@ -256,7 +256,23 @@ def _bad_cases():
 def test_bad_buckets_raise(name, qb, kb, n_buckets):
     q, k, v, _ = _qkv(2, 2, 24, 16)
     with pytest.raises(ValueError):
-        hash_sparse_attention(q, k, v, qb, kb, n_buckets=n_buckets)
+        hash_sparse_attention(q, k, v, qb, kb, n_buckets=n_buckets, validate=True)
+
+
+def test_out_of_range_ids_take_no_part_without_validate(seed):
+    """With ``n_buckets`` given and no ``validate``, nothing waits for the GPU: a token whose
+    id is out of range is dropped (output 0, no gradient) instead of raising."""
+    B, H, N, D = 1, 2, 40, 16
+    q, k, v, do = _qkv(B, H, N, D)
+    qb, kb = torch.randint(0, 4, (B, H, N)), torch.randint(0, 4, (B, H, N))
+    qb[0, 0, :5] = 4
+    kb[0, 1, 3:9] = -2
+    got = _kernel(q, k, v, do, qb, kb, n_buckets=4, kernel_options=SMALL)
+    q_in, k_in = (qb >= 0) & (qb < 4), (kb >= 0) & (kb < 4)
+    mask = ref.hash_mask(qb, kb) & q_in[..., :, None] & k_in[..., None, :]
+    want = _grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())
+    _assert_close(got, want, TOL[torch.float32])
+    assert (got[0][0, 0, :5] == 0).all() and (got[1][0, 0, :5] == 0).all()
 
 
 def test_n_buckets_check(seed):
@@ -267,11 +283,11 @@ def test_n_buckets_check(seed):
     out = hash_sparse_attention(q, k, v, buckets, buckets, n_buckets=8)
     assert not torch.isnan(out).any()
     with pytest.raises(ValueError, match="n_buckets"):
-        hash_sparse_attention(q, k, v, buckets, buckets, n_buckets=7)
+        hash_sparse_attention(q, k, v, buckets, buckets, n_buckets=7, validate=True)
     other = torch.randint(0, 8, (B, H, N))
     other[0, 1, 3] = 8
     with pytest.raises(ValueError, match="n_buckets"):  # k ids are checked too
-        hash_sparse_attention(q, k, v, buckets, other, n_buckets=8)
+        hash_sparse_attention(q, k, v, buckets, other, n_buckets=8, validate=True)
     out = hash_sparse_attention(q, k, v, buckets, other, n_buckets=9)
     assert not torch.isnan(out).any()
 

@@ -101,7 +101,8 @@ def test_explorer_builds_and_reacts():
     assert w.controls["n_buckets"].disabled and not w.controls["keep_rate"].disabled
 
     w.controls["seq_len"].value = 96
-    assert w.draws == 2 and w.schedule.n_q == 96 and w.schedule.state.shape[-1] == 6
+    # 96 tokens plus the padding that ends the kept run on a tile boundary: 7 tiles of 16 slots
+    assert w.draws == 2 and w.schedule.n_q == 96 and w.schedule.state.shape[-1] == 7
     assert w.image.value != first_png and w.schedule.state.shape != first_state.shape
 
     w.controls["kind"].value = "hash"
