@@ -241,6 +241,11 @@ def key_tile_range_every_tile(q_tile, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def key_tile_range_past_the_end(q_tile, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    return tl.cdiv(n, BLOCK_N) + 2 + 0 * q_tile
+
+
+@triton.jit
 def softmax_step_without_empty_rule(acc, m_i, l_i, q, k, v, allowed, qk_scale):
     s = tl.where(allowed, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -337,6 +342,8 @@ def test_03b_wrong_key_tile_range(capsys):
     # Visiting every tile gives the right output: only the tile record catches it.
     fails(capsys, ex.check_forward, ex03b.load_tile, key_tile_range_every_tile, ex03b.softmax_step,
           ex03b.finish_row, contains="no allowed pair")
+    fails(capsys, ex.check_forward, ex03b.load_tile, key_tile_range_past_the_end, ex03b.softmax_step,
+          ex03b.finish_row, contains="past the end")
 
 
 def test_03b_wrong_softmax_step(capsys):
@@ -391,7 +398,7 @@ def test_errors_in_answers_fail_without_raising(capsys):
         return None
 
     fails(capsys, ex.check_load_tile, plain_python, contains="@triton.jit")
-    fails(capsys, ex.check_load_tile, load_tile_one_dimensional, contains="kernel failed")
+    fails(capsys, ex.check_load_tile, load_tile_one_dimensional)
 
 
 def test_misuse_raises():
@@ -433,7 +440,7 @@ def test_build_attention_matches_the_reference(seed):
     assert set(rec.maps) == {"fwd", "bwd_kv", "bwd_q"}
     expected = sparseflash.tiles.flash_schedule(80, 80, True, 32, 16, batch=2, heads=2).computed
     for counts in rec.maps.values():
-        assert torch.equal(counts[..., :-1] > 0, expected) and not counts[..., -1].any()
+        assert torch.equal(counts > 0, expected) and counts.max() == 1
 
 
 def test_build_attention_with_a_broken_piece_raises_readably():
@@ -449,7 +456,8 @@ def test_build_attention_with_a_broken_piece_raises_readably():
 
 def test_peak_memory_counts_a_score_matrix():
     q = torch.randn(1, 1, 256, 64)
-    assert ex.peak_memory(lambda: q @ q.transpose(-1, -2)) == 256 * 256 * 4
+    score = 256 * 256 * 4
+    assert score <= ex.peak_memory(lambda: q @ q.transpose(-1, -2)) <= score + 2 * q.numel() * 4   # + a copy of kᵀ
 
 
 def test_pictures(tmp_path):
