@@ -20,30 +20,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from . import _runtime
+from .layout import MAX_DIRECT_BUCKETS, dense_bucket_ids
 from .permuted import run_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord
-
-
-def _dense_ids(q_buckets: Tensor, k_buckets: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Ids and their count when ``n_buckets`` is not given (host synchronisation).
-
-    Small ids are used as they are; large or sparse ones (hash values, say) are
-    renumbered ``0..n-1`` in order, which keeps "same bucket" unchanged.
-    """
-    if q_buckets.numel() == 0:
-        return q_buckets, k_buckets, 1
-    top = int(max(int(q_buckets.max()), int(k_buckets.max())))
-    if top < 4 * q_buckets.shape[-1] + 64:
-        return q_buckets, k_buckets, top + 1
-    ids, inverse = torch.unique(torch.cat([q_buckets.flatten(), k_buckets.flatten()]), return_inverse=True)
-    q_new, k_new = inverse.split(q_buckets.numel())
-    return q_new.view_as(q_buckets), k_new.view_as(k_buckets), int(ids.numel())
 
 
 def check_buckets(q_buckets: Tensor, k_buckets: Tensor, q: Tensor, n_buckets: int | None) -> None:
@@ -96,7 +80,8 @@ def hash_sparse_attention(
         raise ValueError(f"n_buckets must be a positive int, got {n_buckets!r}")
     if validate or n_buckets is None:
         _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
-    if n_buckets is None:
-        q_buckets, k_buckets, n_buckets = _dense_ids(q_buckets, k_buckets)
+    if n_buckets is None or n_buckets > MAX_DIRECT_BUCKETS:
+        # Read the ids off the device (one sync); huge id ranges are renumbered densely.
+        q_buckets, k_buckets, n_buckets = dense_bucket_ids(q_buckets, k_buckets, n_buckets)
     return run_layout(q, k, v, q_buckets=q_buckets, k_buckets=k_buckets, n_buckets=n_buckets, sm_scale=sm_scale,
                       kernel_options=kernel_options, tile_record=tile_record, kind="hash")

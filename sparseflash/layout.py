@@ -609,3 +609,28 @@ def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     q_runs = runs(visited, free_fwd, True)
     k_runs = runs(visited.transpose(-1, -2), free_kv.transpose(-1, -2), False)
     return TilePlan(q_runs, k_runs, bm, bn)
+
+
+#: Above this many buckets the per-bucket tables would be large: ids are renumbered first.
+MAX_DIRECT_BUCKETS = 65536
+
+
+def dense_bucket_ids(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None = None) -> tuple[Tensor, Tensor, int]:
+    """Ids and their count when ``n_buckets`` is not given or huge (one host synchronisation).
+
+    Small ids are used as they are; large or sparse ones (hash values, say) are
+    renumbered ``0..n-1`` in order, which keeps "same bucket" unchanged.  With
+    ``n_buckets`` given, ids outside ``[0, n_buckets)`` stay outside (dropped).
+    """
+    if q_buckets.numel() == 0:
+        return q_buckets, k_buckets, 1
+    top = int(max(int(q_buckets.max()), int(k_buckets.max())))
+    if n_buckets is None and top < 4 * q_buckets.shape[-1] + 64:
+        return q_buckets, k_buckets, max(top, 0) + 1
+    both = torch.cat([q_buckets.flatten(), k_buckets.flatten()]).long()
+    valid = both >= 0 if n_buckets is None else (both >= 0) & (both < n_buckets)
+    ids, inverse = torch.unique(torch.where(valid, both, -1), return_inverse=True)
+    has_invalid = bool((~valid).any())
+    inverse = torch.where(valid, inverse - int(has_invalid), -1)
+    q_new, k_new = inverse.split(q_buckets.numel())
+    return q_new.view_as(q_buckets), k_new.view_as(k_buckets), max(1, int(ids.numel()) - int(has_invalid))

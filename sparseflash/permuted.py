@@ -53,6 +53,7 @@ from ._steps import (
 )
 from .layout import (  # noqa: F401  (re-exported for existing imports)
     INT32_MAX,
+    MAX_DIRECT_BUCKETS,
     PAD,
     Layout,
     TilePlan,
@@ -60,6 +61,7 @@ from .layout import (  # noqa: F401  (re-exported for existing imports)
     bucket_layouts,
     bucket_sort_layout,
     compact_layout,
+    dense_bucket_ids,
     gather_tokens,
     scatter_tokens,
     tile_plan,
@@ -420,10 +422,10 @@ def permuted_attention(
     if q_buckets is not None:
         _runtime.check_per_token("q_buckets", q_buckets, q, "int")
         _runtime.check_per_token("k_buckets", k_buckets, k, "int")
-        if n_buckets is None:
-            n_buckets = int(torch.maximum(q_buckets.max(), k_buckets.max()).clamp(min=0)) + 1
-        elif validate:
+        if validate and n_buckets is not None:
             _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
+        if n_buckets is None or n_buckets > MAX_DIRECT_BUCKETS:
+            q_buckets, k_buckets, n_buckets = dense_bucket_ids(q_buckets, k_buckets, n_buckets)
     n_buckets = 1 if q_buckets is None else int(n_buckets)
     if validate:
         _check_ascending("q_pos", q_pos, q_buckets)
