@@ -108,14 +108,15 @@ def check_per_token(name: str, t: Tensor, q: Tensor, kind: str) -> None:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
 
 
-def check_bucket_range(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None) -> None:
+def check_bucket_range(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None) -> int | None:
     """Bucket ids in ``[0, n_buckets)`` (or ``>= 0`` and int32 without it); raise ``ValueError``.
 
     Reads four numbers back from the device: one host synchronisation, so the
-    attention functions run it only when asked (``validate=True``).
+    attention functions run it only when asked (``validate=True``).  Returns the
+    largest id (None without ids).
     """
     if q_buckets.numel() == 0:
-        return
+        return None
     q_lo, k_lo, q_hi, k_hi = torch.stack(
         [q_buckets.min(), k_buckets.min(), q_buckets.max(), k_buckets.max()]).tolist()
     for name, lo, hi in (("q_buckets", q_lo, q_hi), ("k_buckets", k_lo, k_hi)):
@@ -125,3 +126,4 @@ def check_bucket_range(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | No
             raise ValueError(f"{name} must fit in int32, got a bucket id {hi}")
         if n_buckets is not None and hi >= n_buckets:
             raise ValueError(f"{name} must be < n_buckets={n_buckets}, got a bucket id {hi}")
+    return max(q_hi, k_hi)

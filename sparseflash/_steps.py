@@ -189,6 +189,14 @@ def _delta_kernel(O, DO, DELTA, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, H, n,
     tl.store(DELTA + bh.to(tl.int64) * n + rows, delta, mask=rows < n)
 
 
+def record_buffers(record, names, shape, device, stand_in: Tensor) -> list[Tensor]:
+    """The tile recorder's buffers for one launch, one per pass name; without a record,
+    ``stand_in`` for each (the kernel never touches it: ``RECORD`` is a compile-time switch)."""
+    if record is None:
+        return [stand_in] * len(names)
+    return [record.buffer(name, shape, device) for name in names]
+
+
 def softmax_delta(o: Tensor, do: Tensor) -> Tensor:
     """``delta_i = do_i · o_i`` (B, H, N) float32: the row term of the softmax backward.
 

@@ -38,7 +38,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime, reference, tiles
-from ._steps import LOG2E, dot_precision, load_tile as _load_tile, online_softmax_step
+from ._steps import LOG2E, dot_precision, online_softmax_step, record_buffers
+from ._steps import load_tile as _load_tile
 
 __all__ = [
     # notebook 01
@@ -147,6 +148,14 @@ def _call(fn, *args, what: str, **kwargs):
     except Exception as e:
         raise _Fail(f"{what} raised {type(e).__name__}: {_short(e)}",
                     "run it yourself in a cell to see the whole traceback") from None
+
+
+def _as_number(got, what: str, unit: str = "a number") -> float:
+    """The learner's answer as a float, or a failure saying it should have been ``unit``."""
+    try:
+        return float(got)
+    except Exception:
+        raise _Fail(f"{what} should return {unit}, got {type(got).__name__}") from None
 
 
 def _require_callable(fn, name: str, checker: str):
@@ -265,11 +274,7 @@ def check_window_pairs(window_pairs) -> bool:
         for n, w in cases:
             expected = sum(min(i + 1, w) for i in range(n))
             got = _call(window_pairs, n, w, what=f"window_pairs({n}, {w})")
-            try:
-                ok = float(got) == expected
-            except Exception:
-                raise _Fail(f"window_pairs({n}, {w}) should return a number, got {type(got).__name__}") from None
-            if not ok:
+            if _as_number(got, f"window_pairs({n}, {w})") != expected:
                 raise _Fail(f"window_pairs({n}, {w}) = {got}, expected {expected}",
                             "row i has min(i + 1, w) allowed keys; add them up (two cases: n <= w and n > w)")
         return f"{len(cases)} (n, w) pairs; for n ≫ w it is ≈ n·w: linear in n"
@@ -353,10 +358,7 @@ def check_peak_memory(peak_bytes) -> bool:
             for n in sizes:
                 what = f"peak_bytes({n}, requires_grad={grad})"
                 got = _call(peak_bytes, n, requires_grad=grad, what=what)
-                try:
-                    got = float(got)
-                except Exception:
-                    raise _Fail(f"{what} should return a number of bytes, got {type(got).__name__}") from None
+                got = _as_number(got, what, "a number of bytes")
                 if not got > 0:
                     raise _Fail(f"{what} = {got}", "measure the peak around the call, e.g. "
                                 "exercises.peak_memory(naive_attention, q, k, v, causal=True)")
@@ -456,6 +458,20 @@ def _typical(measure, draws: int = 3) -> float:
     return vals[len(vals) // 2]
 
 
+def _error_near_typical(fn, name: str, sizes, measure, described: str, hint: str) -> str:
+    """The learner's measured error ``fn(n)`` for each size, within 3× of the same measurement
+    made here (``measure(n)``, median of three); returns a one-line summary."""
+    rows = []
+    for n in sizes:
+        what = f"{name}({n})"
+        got = _as_number(_call(fn, n, what=what), what)
+        typical = _typical(lambda: measure(n))
+        if not typical / 3 <= got <= typical * 3:
+            raise _Fail(f"{what} = {got:.2e}, but {described} around {typical:.1e} at this size", hint)
+        rows.append(f"N={n}: {got:.1e}")
+    return ", ".join(rows)
+
+
 def check_bf16_error(bf16_error, *, seed=None) -> bool:
     """01 · exercise 4: ``bf16_error(n)``, the max abs error of ``naive_attention(causal=True)`` in
     bfloat16 for ``(1, 4, n, 64)`` inputs, against ``ref.attention`` of the same inputs."""
@@ -469,21 +485,11 @@ def check_bf16_error(bf16_error, *, seed=None) -> bool:
                 ).abs().max().item()
 
     def body():
-        rows = []
-        for n in (64, 256, 1024):
-            got = _call(bf16_error, n, what=f"bf16_error({n})")
-            try:
-                got = float(got)
-            except Exception:
-                raise _Fail(f"bf16_error({n}) should return a number, got {type(got).__name__}") from None
-            typical = _typical(lambda: measure(n))
-            if not typical / 3 <= got <= typical * 3:
-                raise _Fail(f"bf16_error({n}) = {got:.2e}, but naive attention in bfloat16 has max errors "
-                            f"around {typical:.1e} at this size",
-                            "cast q, k, v to torch.bfloat16 first, run naive_attention on them, and compare with "
-                            "ref.attention of the same bfloat16 tensors: (out.double() - truth).abs().max()")
-            rows.append(f"N={n}: {got:.1e}")
-        return ", ".join(rows) + " (about bfloat16's 2^-8 = 4e-3 relative step)"
+        return _error_near_typical(
+            bf16_error, "bf16_error", (64, 256, 1024), measure, "naive attention in bfloat16 has max errors",
+            "cast q, k, v to torch.bfloat16 first, run naive_attention on them, and compare with "
+            "ref.attention of the same bfloat16 tensors: (out.double() - truth).abs().max()",
+        ) + " (about bfloat16's 2^-8 = 4e-3 relative step)"
 
     return _run("01 · exercise 4, bf16_error", body, seed)
 
@@ -584,11 +590,7 @@ def check_tiled_macs(tiled_macs) -> bool:
             what = f"tiled_macs(N={n}, D={d}, block_m={bm}, block_n={bn})"
             got = _call(tiled_macs, n, d, bm, bn, what=what)
             expected = _tiled_macs_expected(n, d, bm, bn)
-            try:
-                ok = float(got) == expected
-            except Exception:
-                raise _Fail(f"{what} should return a number, got {type(got).__name__}") from None
-            if not ok:
+            if _as_number(got, what) != expected:
                 raise _Fail(f"{what} = {got}, expected {expected} (naive: 2·N²·D = {2 * n * n * d})",
                             "per computed tile, q kᵀ and p v each cost len(rows)·len(cols)·D multiply-adds, with "
                             "the real (ragged) tile sizes; skipped tiles cost nothing")
@@ -725,11 +727,7 @@ def check_scores_computed(scores_computed) -> bool:
             what = f"scores_computed(N={n}, bm={bm}, bn={bn})"
             got = _call(scores_computed, n, bm, bn, what=what)
             expected = int(tiles.flash_schedule(n, n, True, bm, bn).computed.sum()) * bm * bn
-            try:
-                ok = float(got) == expected
-            except Exception:
-                raise _Fail(f"{what} should return a number, got {type(got).__name__}") from None
-            if not ok:
+            if _as_number(got, what) != expected:
                 raise _Fail(f"{what} = {got}, expected {expected}",
                             "run flash_attention with kernel_options={'BLOCK_M': bm, 'BLOCK_N': bn} and "
                             "tile_record=rec; count the tiles with rec.maps['fwd'][0, 0] > 0 and multiply by bm·bn")
@@ -844,21 +842,12 @@ def check_kernel_bf16_error(kernel_bf16_error, *, seed=None) -> bool:
         return ((out.double() - truth).norm() / truth.norm()).item()
 
     def body():
-        rows = []
-        for n in ((64, 128) if dev.type == "cpu" else (512, 2048)):
-            got = _call(kernel_bf16_error, n, what=f"kernel_bf16_error({n})")
-            try:
-                got = float(got)
-            except Exception:
-                raise _Fail(f"kernel_bf16_error({n}) should return a number, got {type(got).__name__}") from None
-            typical = _typical(lambda: measure(n))
-            if not typical / 3 <= got <= typical * 3:
-                raise _Fail(f"kernel_bf16_error({n}) = {got:.2e}, but flash_attention in bfloat16 has relative "
-                            f"errors around {typical:.1e} at this size",
-                            "rel_err(flash_attention(q, k, v, causal=True), ref.attention(q, k, v, causal=True)) "
-                            "with q, k, v of shape (1, 2, n, 64) in torch.bfloat16 on `device`")
-            rows.append(f"N={n}: {got:.1e}")
-        return ", ".join(rows)
+        return _error_near_typical(
+            kernel_bf16_error, "kernel_bf16_error", (64, 128) if dev.type == "cpu" else (512, 2048), measure,
+            "flash_attention in bfloat16 has relative errors",
+            "rel_err(flash_attention(q, k, v, causal=True), ref.attention(q, k, v, causal=True)) "
+            "with q, k, v of shape (1, 2, n, 64) in torch.bfloat16 on `device`",
+        )
 
     return _run("03 · exercise 4, kernel_bf16_error", body, seed)
 
@@ -1224,9 +1213,7 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, *, load_tile, key_tile_range, s
     n_qt, n_kt = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
     if tile_record is not None:
         tile_record.start("03b", {"BLOCK_M": block_m, "BLOCK_N": block_n})
-        rec = tile_record.buffer("fwd", (B, H, n_qt, n_kt), q.device)
-    else:
-        rec = lse2
+    (rec,) = record_buffers(tile_record, ["fwd"], (B, H, n_qt, n_kt), q.device, lse2)
     _launch(forward_skeleton, (n_qt, B * H), q, k, v, o, lse2, rec, *_strides(q), *_strides(k), *_strides(v),
             H, n, (1.0 / math.sqrt(d)) * LOG2E,
             LOAD_TILE=load_tile, KEY_TILE_RANGE=key_tile_range, SOFTMAX_STEP=softmax_step, FINISH_ROW=finish_row,
@@ -1247,13 +1234,9 @@ def run_backward(q, k, v, o, lse2, do, *, load_tile, key_tile_range, backward_st
     lse2 = lse2.float().contiguous()
     dq, dk, dv = (torch.full((B, H, n, d), float("nan"), dtype=torch.float32, device=q.device) for _ in range(3))
     n_qt, n_kt = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
-    if tile_record is not None:
-        if tile_record.kind != "03b":
-            tile_record.start("03b", {"BLOCK_M": block_m, "BLOCK_N": block_n})
-        rec_kv = tile_record.buffer("bwd_kv", (B, H, n_qt, n_kt), q.device)
-        rec_q = tile_record.buffer("bwd_q", (B, H, n_qt, n_kt), q.device)
-    else:
-        rec_kv = rec_q = delta
+    if tile_record is not None and tile_record.kind != "03b":
+        tile_record.start("03b", {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    rec_kv, rec_q = record_buffers(tile_record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
     _launch(backward_skeleton, (max(n_qt, n_kt), B * H), q, k, v, do, lse2, delta, dq, dk, dv, rec_kv, rec_q,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), H, n,
             (1.0 / math.sqrt(d)) * LOG2E, 1.0 / math.sqrt(d),

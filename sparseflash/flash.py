@@ -42,6 +42,7 @@ from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as fla
     dot_precision,
     kernel_config,
     launch_params,
+    record_buffers,
     record_tile,
     softmax_delta,
     store_tile,
@@ -268,8 +269,7 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
     lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(n_q, BM), B * H)
-    # Without a record the kernel never touches REC (RECORD is a compile-time switch): any pointer does.
-    rec = record.buffer("fwd", (B, H, grid[0], triton.cdiv(n_k, BN)), q.device) if record is not None else lse2
+    (rec,) = record_buffers(record, ["fwd"], (B, H, grid[0], triton.cdiv(n_k, BN)), q.device, lse2)
     _flash_fwd_kernel[grid](
         q, k, v, o, lse2, rec,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -293,11 +293,7 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
     dv = _runtime.new_output((B, H, n_k, D), v.dtype, v.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_qt, n_kt = triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)
-    if record is not None:
-        rec_kv = record.buffer("bwd_kv", (B, H, n_qt, n_kt), q.device)
-        rec_q = record.buffer("bwd_q", (B, H, n_qt, n_kt), q.device)
-    else:
-        rec_kv = rec_q = delta
+    rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
     _flash_bwd_kernel[(max(n_qt, n_kt), B * H)](
         q, k, v, do, lse2, delta, dq, dk, dv, rec_kv, rec_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

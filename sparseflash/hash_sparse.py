@@ -30,16 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord
 
 
-def check_buckets(q_buckets: Tensor, k_buckets: Tensor, q: Tensor, n_buckets: int | None) -> None:
-    """Integer ``(B, H, N)`` ids in ``[0, n_buckets)``; raise ``ValueError`` otherwise.
-
-    The range check reads four numbers back from the device: one synchronisation.
-    """
-    _runtime.check_per_token("q_buckets", q_buckets, q, "int")
-    _runtime.check_per_token("k_buckets", k_buckets, q, "int")
-    _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
-
-
 def hash_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -78,10 +68,11 @@ def hash_sparse_attention(
     _runtime.check_per_token("k_buckets", k_buckets, q, "int")
     if n_buckets is not None and (not isinstance(n_buckets, int) or n_buckets < 1):
         raise ValueError(f"n_buckets must be a positive int, got {n_buckets!r}")
+    top = None
     if validate or n_buckets is None:
-        _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
+        top = _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
     if n_buckets is None or n_buckets > MAX_DIRECT_BUCKETS:
-        # Read the ids off the device (one sync); huge id ranges are renumbered densely.
-        q_buckets, k_buckets, n_buckets = dense_bucket_ids(q_buckets, k_buckets, n_buckets)
+        # Ids read off the device (the range check's one sync); huge id ranges are renumbered densely.
+        q_buckets, k_buckets, n_buckets = dense_bucket_ids(q_buckets, k_buckets, n_buckets, top=top)
     return run_layout(q, k, v, q_buckets=q_buckets, k_buckets=k_buckets, n_buckets=n_buckets, sm_scale=sm_scale,
                       kernel_options=kernel_options, tile_record=tile_record, kind="hash")

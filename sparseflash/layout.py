@@ -174,7 +174,7 @@ def tile_tables(stats: TileStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 # ``index`` holds every token exactly once.  Alignment costs at most ``block - 1``
 # slots per non-empty bucket, so the length is static: ``layout_length``.
 
-Q_PAD = -1         #: position of a padding query slot: it sees no key
+Q_PAD = PAD        #: position of a padding query slot: it sees no key
 K_PAD = INT32_MAX  #: position of a padding key slot: no query sees it
 
 
@@ -192,11 +192,11 @@ class Layout:
     Attributes (``L = layout_length(N, n_buckets, block)`` slots):
         index: int32 ``(B, H, L)``: the token in each slot; ``N`` for a padding slot.
         pos: int32 ``(B, H, L)``: that token's position (the causal coordinate);
-            ``pad`` for padding and dropped tokens.
+            :data:`Q_PAD` or :data:`K_PAD` (the side's padding) for padding and dropped tokens.
         bucket: int32 ``(B, H, L)``: its bucket; -1 for padding and dropped tokens.
         start: int32 ``(B, H, n_buckets)``: first slot of each bucket's run (a multiple
             of ``block``); count: int32 ``(B, H, n_buckets)``: tokens in it.
-        n_tokens, n_buckets, block, pad: as built.
+        n_buckets, block: as built.
     """
 
     index: Tensor
@@ -204,10 +204,8 @@ class Layout:
     bucket: Tensor
     start: Tensor
     count: Tensor
-    n_tokens: int
     n_buckets: int
     block: int
-    pad: int
 
     @property
     def n_slots(self) -> int:
@@ -218,7 +216,7 @@ class Layout:
         return self.n_slots // self.block
 
 
-def _check_layout_args(n, n_buckets, block):
+def _check_layout_args(n_buckets, block):
     if n_buckets < 1:
         raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
     if block < 1:
@@ -233,10 +231,10 @@ def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | Non
     ``shape`` is ``(B, H, N)``; ``buckets`` integer ids (absent: one bucket), ``keep``
     bool (absent: all kept), ``pos`` each token's position (absent: ``arange(N)``).
     A token is dropped if not kept or its id is outside ``[0, n_buckets)``.
-    No host synchronisation.  :func:`bucket_layout` builds the same with one kernel.
+    No host synchronisation.  :func:`bucket_layouts` builds the same with two launches.
     """
     B, H, N = shape
-    _check_layout_args(N, n_buckets, block)
+    _check_layout_args(n_buckets, block)
     device = device if buckets is None else buckets.device
     tok = torch.arange(N, device=device).expand(B, H, N)
     key = torch.zeros(B, H, N, dtype=torch.long, device=device) if buckets is None else buckets.long()
@@ -262,7 +260,7 @@ def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | Non
     spos = torch.full((B, H, L), pad, dtype=torch.long, device=device).scatter_(-1, slot, p_sorted)
     sbucket = torch.full((B, H, L), -1, dtype=torch.long, device=device).scatter_(-1, slot, b_sorted)
     return Layout(index.int(), spos.int(), sbucket.int(), run_start[..., :n_buckets].int().contiguous(),
-                  counts[..., :n_buckets].int().contiguous(), N, n_buckets, block, pad)
+                  counts[..., :n_buckets].int().contiguous(), n_buckets, block)
 
 
 @triton.jit
@@ -277,6 +275,15 @@ def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_K
         ok = ok & (tl.load(KEEP + t, mask=t < n, other=0) != 0)
     return tl.where(ok, b, -1)
 
+
+@triton.jit
+def _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets,
+                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, CHUNK: tl.constexpr):
+    """Tokens of chunk ``c`` of one side of one head, and their buckets (-1: dropped)."""
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
+                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP)
+    return t, b
 
 
 @triton.jit
@@ -309,9 +316,7 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, 
         tl.store(INDEX + s, tl.zeros_like(s) + n, mask=live)
         tl.store(SPOS + s, tl.zeros_like(s) + pad, mask=live)
         tl.store(SB + s, tl.zeros_like(s) - 1, mask=live)
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
-                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP)
+    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, HAS_BUCKET, HAS_KEEP, CHUNK)
     ids = tl.arange(0, NB)
     row = (bh * 2 + side) * n_chunks + c
     tl.store(COUNTS + row * NB + ids, tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0))
@@ -348,9 +353,7 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     if c == 0:
         tl.store(_side_args(QSTART, KSTART, side, bh * n_buckets, bh * n_buckets) + ids, starts, mask=ids < n_buckets)
         tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_buckets, bh * n_buckets) + ids, total, mask=ids < n_buckets)
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
-                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP)
+    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, HAS_BUCKET, HAS_KEEP, CHUNK)
     onehot = (b[:, None] == ids[None, :]).to(tl.int32)
     before = tl.cumsum(onehot, 0) - onehot  # same-bucket tokens earlier in this chunk
     slot = tl.sum(onehot * ((starts + seen)[None, :] + before), 1)
@@ -394,7 +397,7 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     """
     B, H, N = shape
     n_k = N if n_k is None else n_k
-    _check_layout_args(N, n_buckets, min(block_m, block_n))
+    _check_layout_args(n_buckets, min(block_m, block_n))
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     device = given[0].device if given else device
     chunking = _chunking(max(N, n_k), n_buckets)
@@ -423,8 +426,8 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
                         *q_side, *k_side, *runs, per_chunk, drops, N, n_k, Lq, Lk, n_buckets, n_chunks,
                         HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         N_CHUNKS=triton.next_power_of_2(n_chunks), **flags, num_warps=4)
-    return (Layout(*q_side, runs[0], runs[1], N, n_buckets, block_m, Q_PAD),
-            Layout(*k_side, runs[2], runs[3], n_k, n_buckets, block_n, K_PAD))
+    return (Layout(*q_side, runs[0], runs[1], n_buckets, block_m),
+            Layout(*k_side, runs[2], runs[3], n_buckets, block_n))
 
 
 # --------------------------------------------------------------------------------------
@@ -456,16 +459,8 @@ class TilePlan:
 
     def visited(self) -> Tensor:
         """bool ``(B, H, n_q_tiles, n_k_tiles)``: the pairs the forward computes."""
-        n_kt = self.k_runs.shape[-2]
-        s = torch.arange(n_kt, device=self.q_runs.device)
-        lo, hi = self.q_runs[..., 0:1], self.q_runs[..., 2:3]
-        return (s >= lo) & (s < hi)
-
-    def mask_free(self) -> Tensor:
-        """bool ``(B, H, n_q_tiles, n_k_tiles)``: forward pairs computed without a mask."""
-        n_kt = self.k_runs.shape[-2]
-        s = torch.arange(n_kt, device=self.q_runs.device)
-        return (s >= self.q_runs[..., 0:1]) & (s < self.q_runs[..., 1:2])
+        s = torch.arange(self.k_runs.shape[-2], device=self.q_runs.device)
+        return (s >= self.q_runs[..., 0:1]) & (s < self.q_runs[..., 2:3])
 
 
 @triton.jit
@@ -487,6 +482,37 @@ def _first_true(lo, hi, PRED_ARR, stride, offset, x, cap, GREATER_EQ: tl.constex
 
 
 @triton.jit
+def _tile_span(SB, POS, START, COUNT, t, n_tiles, BLOCK: tl.constexpr):
+    """For tiles ``t`` of one side: live, real (in a bucket), bucket, and the positions of
+    the first slot and the last real slot (tiles of a bucket's run start with a real slot)."""
+    live = t < n_tiles
+    s0 = t * BLOCK
+    b = tl.load(SB + s0, mask=live, other=-1)
+    real = b >= 0
+    bb = tl.where(real, b, 0)
+    end = tl.load(START + bb, mask=real, other=0) + tl.load(COUNT + bb, mask=real, other=0)
+    first = tl.load(POS + s0, mask=real, other=0)
+    last = tl.load(POS + tl.minimum(s0 + BLOCK, end) - 1, mask=real, other=0)
+    return live, real, bb, first, last
+
+
+@triton.jit
+def _bucket_tiles(START, COUNT, bb, real, BLOCK: tl.constexpr):
+    """The other side's run of tiles for buckets ``bb``: first tile, end tile, first slot, tokens."""
+    start = tl.load(START + bb, mask=real, other=0)
+    count = tl.load(COUNT + bb, mask=real, other=0)
+    first = start // BLOCK
+    return first, first + tl.where(real, (count + BLOCK - 1) // BLOCK, 0), start, count
+
+
+@triton.jit
+def _store_run(OUT, lo, full, hi, live):
+    tl.store(OUT, lo, mask=live)
+    tl.store(OUT + 1, full, mask=live)
+    tl.store(OUT + 2, hi, mask=live)
+
+
+@triton.jit
 def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KRUNS,
                  n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr):
@@ -503,45 +529,20 @@ def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KR
     KSTART += bh * n_buckets
     KCOUNT += bh * n_buckets
     if tl.program_id(2) == 0:
-        live = t < n_q_tiles
-        s0 = t * BLOCK_M
-        b = tl.load(QSB + s0, mask=live, other=-1)
-        real = b >= 0
-        bb = tl.where(real, b, 0)
-        q_end = tl.load(QSTART + bb, mask=real, other=0) + tl.load(QCOUNT + bb, mask=real, other=0)
-        qmin = tl.load(QPOS + s0, mask=real, other=0)
-        qmax = tl.load(QPOS + tl.minimum(s0 + BLOCK_M, q_end) - 1, mask=real, other=0)
-        k_start = tl.load(KSTART + bb, mask=real, other=0)
-        ks = k_start // BLOCK_N
-        ke = ks + tl.where(real, (tl.load(KCOUNT + bb, mask=real, other=0) + BLOCK_N - 1) // BLOCK_N, 0)
+        live, real, bb, qmin, qmax = _tile_span(QSB, QPOS, QSTART, QCOUNT, t, n_q_tiles, BLOCK_M)
+        ks, ke, _, _ = _bucket_tiles(KSTART, KCOUNT, bb, real, BLOCK_N)
         # Tiles whose first key comes after the last query hold no allowed pair.
         hi = _first_true(ks, ke, KPOS, BLOCK_N, 0, qmax, n_k_slots - 1, False, STEPS)
         # Mask-free while the tile's last slot (padding reads +inf) is at or before the first query.
         full = _first_true(ks, hi, KPOS, BLOCK_N, BLOCK_N - 1, qmin, n_k_slots - 1, False, STEPS)
-        out = QRUNS + (bh * n_q_tiles + t) * 3
-        tl.store(out, ks, mask=live)
-        tl.store(out + 1, full, mask=live)
-        tl.store(out + 2, hi, mask=live)
+        _store_run(QRUNS + (bh * n_q_tiles + t) * 3, ks, full, hi, live)
     else:
-        live = t < n_k_tiles
-        s0 = t * BLOCK_N
-        b = tl.load(KSB + s0, mask=live, other=-1)
-        real = b >= 0
-        bb = tl.where(real, b, 0)
-        k_end = tl.load(KSTART + bb, mask=real, other=0) + tl.load(KCOUNT + bb, mask=real, other=0)
-        kmin = tl.load(KPOS + s0, mask=real, other=0)
-        kmax = tl.load(KPOS + tl.minimum(s0 + BLOCK_N, k_end) - 1, mask=real, other=0)
-        q_start = tl.load(QSTART + bb, mask=real, other=0)
-        q_count = tl.load(QCOUNT + bb, mask=real, other=0)
-        qs = q_start // BLOCK_M
-        qe = qs + tl.where(real, (q_count + BLOCK_M - 1) // BLOCK_M, 0)
+        live, real, bb, kmin, kmax = _tile_span(KSB, KPOS, KSTART, KCOUNT, t, n_k_tiles, BLOCK_N)
+        qs, qe, q_start, q_count = _bucket_tiles(QSTART, QCOUNT, bb, real, BLOCK_M)
         # qmax of a query tile is its last real slot: the tile's last slot, or the run's.
         lo = _first_true(qs, qe, QPOS, BLOCK_M, BLOCK_M - 1, kmin, q_start + q_count - 1, True, STEPS)
         full = _first_true(lo, qe, QPOS, BLOCK_M, 0, kmax, n_q_slots - 1, True, STEPS)
-        out = KRUNS + (bh * n_k_tiles + t) * 3
-        tl.store(out, lo, mask=live)
-        tl.store(out + 1, full, mask=live)
-        tl.store(out + 2, qe, mask=live)
+        _store_run(KRUNS + (bh * n_k_tiles + t) * 3, lo, full, qe, live)
 
 
 def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
@@ -615,8 +616,10 @@ def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
 MAX_DIRECT_BUCKETS = 65536
 
 
-def dense_bucket_ids(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None = None) -> tuple[Tensor, Tensor, int]:
-    """Ids and their count when ``n_buckets`` is not given or huge (one host synchronisation).
+def dense_bucket_ids(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None = None, *,
+                     top: int | None = None) -> tuple[Tensor, Tensor, int]:
+    """Ids and their count when ``n_buckets`` is not given or huge (one host synchronisation,
+    none more if the largest id ``top`` is passed in).
 
     Small ids are used as they are; large or sparse ones (hash values, say) are
     renumbered ``0..n-1`` in order, which keeps "same bucket" unchanged.  With
@@ -624,7 +627,8 @@ def dense_bucket_ids(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None
     """
     if q_buckets.numel() == 0:
         return q_buckets, k_buckets, 1
-    top = int(max(int(q_buckets.max()), int(k_buckets.max())))
+    if top is None:
+        top = int(torch.maximum(q_buckets.max(), k_buckets.max()))
     if n_buckets is None and top < 4 * q_buckets.shape[-1] + 64:
         return q_buckets, k_buckets, max(top, 0) + 1
     both = torch.cat([q_buckets.flatten(), k_buckets.flatten()]).long()

@@ -47,6 +47,7 @@ from ._steps import (
     load_tile,
     mma,
     online_softmax_step,
+    record_buffers,
     record_tile,
     softmax_delta,
     store_tile,
@@ -78,9 +79,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
-              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+def _key_tile(k_tile, K, V, KIDX, KPOS, qpos, sk_n, sv_n, n_k, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values of layout tile ``k_tile`` (read through the index), and the
+    position mask against queries at ``qpos`` where the tile needs one."""
     slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     rows = tl.load(KIDX + slots)
@@ -90,6 +92,14 @@ def _fwd_tile(acc, m_i, l_i, q, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k,
         allowed = tl.load(KPOS + slots)[None, :] <= qpos[:, None]
     else:
         allowed = qpos[:, None] >= 0  # unused: MASKED is off
+    return k, v, allowed
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    k, v, allowed = _key_tile(k_tile, K, V, KIDX, KPOS, qpos, sk_n, sv_n, n_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
     return online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED, DOT_PRECISION)
 
 
@@ -119,15 +129,7 @@ def _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, 
 def _dq_tile(dq, q, do, lse2, delta, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
-    slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    rows = tl.load(KIDX + slots)
-    k = load_tile(K, rows, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
-    v = load_tile(V, rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-    if MASKED:
-        allowed = tl.load(KPOS + slots)[None, :] <= qpos[:, None]
-    else:
-        allowed = qpos[:, None] >= 0  # unused: MASKED is off
+    k, v, allowed = _key_tile(k_tile, K, V, KIDX, KPOS, qpos, sk_n, sv_n, n_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
     p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
     return dq + mma(ds.to(k.dtype), k, DOT_PRECISION)
 
@@ -300,7 +302,7 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
     lse2 = _runtime.new_output((B, H, Lq), torch.float32, q.device)
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
-    rec = record.buffer("fwd", (B, H, n_qt, n_kt), q.device) if record is not None else lse2
+    (rec,) = record_buffers(record, ["fwd"], (B, H, n_qt, n_kt), q.device, lse2)
     _layout_fwd_kernel[(n_qt, B * H)](
         q, k, v, o, lse2, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos, plan.tiles.q_runs, rec,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -321,11 +323,7 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
     dk = _runtime.new_output((B, H, n_k, D), k.dtype, k.device)
     dv = _runtime.new_output((B, H, n_k, D), v.dtype, v.device)
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
-    if record is not None:
-        rec_kv = record.buffer("bwd_kv", (B, H, n_qt, n_kt), q.device)
-        rec_q = record.buffer("bwd_q", (B, H, n_qt, n_kt), q.device)
-    else:
-        rec_kv = rec_q = delta
+    rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
     _layout_bwd_kernel[(max(n_qt, n_kt), B * H)](
         q, k, v, do, lse2, delta, dq, dk, dv, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos,
         plan.tiles.q_runs, plan.tiles.k_runs, rec_kv, rec_q,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .layout import K_PAD, Q_PAD, reference_layout, reference_tile_plan
+from .layout import K_PAD, Q_PAD, dense_bucket_ids, reference_layout, reference_tile_plan
 
 
 class TileRecord:
@@ -396,9 +396,9 @@ def hash_schedule(q_buckets: Tensor, k_buckets: Tensor, block_m: int | None = No
     q_buckets, k_buckets = torch.broadcast_tensors(q_buckets, k_buckets)
     block_m, block_n = _blocks(block_m, block_n)
     mask = reference.hash_mask(q_buckets, k_buckets)
-    n_buckets = int(max(int(q_buckets.max()), int(k_buckets.max()))) + 1 if q_buckets.numel() else 1
-    return _permuted_schedule("hash", mask, tuple(q_buckets.shape), dict(buckets=q_buckets),
-                              dict(buckets=k_buckets), n_buckets, block_m, block_n)
+    q_ids, k_ids, n_buckets = dense_bucket_ids(q_buckets, k_buckets)  # as hash_sparse_attention without n_buckets
+    return _permuted_schedule("hash", mask, tuple(q_buckets.shape), dict(buckets=q_ids),
+                              dict(buckets=k_ids), n_buckets, block_m, block_n)
 
 
 # --------------------------------------------------------------------------------------

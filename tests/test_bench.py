@@ -130,31 +130,31 @@ def test_variant_selection_and_resume(tmp_path):
     assert again["meta"]["complete"] is True
 
 
-@pytest.mark.parametrize("family", ["qk", "hash", "dense"])
-def test_prebuilt_block_mask_matches_create_block_mask(family):
-    """flex_kernel's per-head eager block mask is create_block_mask's, table for table."""
-    torch = pytest.importorskip("torch")
-    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+def _flex_pattern(family, B, H, N, seed, n_buckets):
+    """Set the flex mask_mod's layout state for one family; returns ``(mask_mod, B, H)``
+    (dense: one shared mask, ``B = H = 1``)."""
+    import torch
+
     from sparseflash import bench
     from sparseflash.layout import bucket_sort_layout, compact_layout
 
-    B, H, N = 2, 3, 300
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     if family == "qk":
         _, qp = compact_layout(torch.rand(B, H, N, generator=g) < 0.4)
         _, kp = compact_layout(torch.rand(B, H, N, generator=g) < 0.4)
         bench._set_flex_state(qp, kp, None, None)
-        mod, b, h = bench._flex_qk, B, H
-    elif family == "hash":
-        _, qp, qs = bucket_sort_layout(torch.randint(0, 4, (B, H, N), generator=g))
-        _, kp, ks = bucket_sort_layout(torch.randint(0, 4, (B, H, N), generator=g))
+        return bench._flex_qk, B, H
+    if family == "hash":
+        _, qp, qs = bucket_sort_layout(torch.randint(0, n_buckets, (B, H, N), generator=g))
+        _, kp, ks = bucket_sort_layout(torch.randint(0, n_buckets, (B, H, N), generator=g))
         bench._set_flex_state(qp, kp, qs, ks)
-        mod, b, h = bench._flex_hash, B, H
-    else:
-        mod, b, h = bench._flex_causal, 1, 1
-    mine = bench.prebuilt_block_mask(mod, b, h, N, "cpu")
-    ref = flex.create_block_mask(mod, b if family != "dense" else None, h if family != "dense" else None,
-                                 N, N, device="cpu")
+        return bench._flex_hash, B, H
+    return bench._flex_causal, 1, 1
+
+
+def _assert_same_block_mask(mine, ref):
+    import torch
+
     assert torch.equal(mine.to_dense(), ref.to_dense())
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                  "q_indices"):
@@ -162,6 +162,21 @@ def test_prebuilt_block_mask_matches_create_block_mask(family):
         assert (a is None) == (r is None)
         if a is not None:
             assert torch.equal(a, r), name
+
+
+@pytest.mark.parametrize("family", ["qk", "hash", "dense"])
+def test_prebuilt_block_mask_matches_create_block_mask(family):
+    """flex_kernel's per-head eager block mask is create_block_mask's, table for table."""
+    pytest.importorskip("torch")
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from sparseflash import bench
+
+    B, H, N = 2, 3, 300
+    mod, b, h = _flex_pattern(family, B, H, N, seed=0, n_buckets=4)
+    mine = bench.prebuilt_block_mask(mod, b, h, N, "cpu")
+    ref = flex.create_block_mask(mod, b if family != "dense" else None, h if family != "dense" else None,
+                                 N, N, device="cpu")
+    _assert_same_block_mask(mine, ref)
     if family != "dense":
         assert bench._FLEX.qpos.shape == (B, H, N)  # the full layout is back in place
 
@@ -169,34 +184,15 @@ def test_prebuilt_block_mask_matches_create_block_mask(family):
 @pytest.mark.parametrize("family", ["qk", "hash", "dense"])
 def test_prebuilt_block_mask_in_bands(family):
     """At long N the block mask is built a band of query blocks at a time: same tables."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     from sparseflash import bench
-    from sparseflash.layout import bucket_sort_layout, compact_layout
 
-    B, H, N = 1, 2, 600
-    g = torch.Generator().manual_seed(1)
-    if family == "qk":
-        _, qp = compact_layout(torch.rand(B, H, N, generator=g) < 0.4)
-        _, kp = compact_layout(torch.rand(B, H, N, generator=g) < 0.4)
-        bench._set_flex_state(qp, kp, None, None)
-        mod = bench._flex_qk
-    elif family == "hash":
-        _, qp, qs = bucket_sort_layout(torch.randint(0, 3, (B, H, N), generator=g))
-        _, kp, ks = bucket_sort_layout(torch.randint(0, 3, (B, H, N), generator=g))
-        bench._set_flex_state(qp, kp, qs, ks)
-        mod = bench._flex_hash
-    else:
-        mod, B, H = bench._flex_causal, 1, 1
+    N = 600
+    mod, B, H = _flex_pattern(family, 1, 2, N, seed=1, n_buckets=3)
     mine = bench.prebuilt_block_mask(mod, B, H, N, "cpu", max_elems=N * 256)  # bands of 256 query rows: 3
     ref = flex.create_block_mask(mod, B, H, N, N, device="cpu")
-    assert torch.equal(mine.to_dense(), ref.to_dense())
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
-                 "q_indices"):
-        a, r = getattr(mine, name), getattr(ref, name)
-        assert (a is None) == (r is None)
-        if a is not None:
-            assert torch.equal(a, r), name
+    _assert_same_block_mask(mine, ref)
 
 
 # --------------------------------------------------------------------------------------

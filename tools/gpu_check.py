@@ -1,6 +1,7 @@
 """One-call GPU session script: correctness at scale, then timings and a small tuning sweep.
 
 Run on the lent GPU:  PYTHONPATH=. python tools/gpu_check.py [--tune] [--out $OUT]
+Where the time of the sparse calls goes (layout, plan, kernels, host): tools/sparse_speed.py.
 """
 import argparse, json, math, os, sys, time
 import torch
@@ -15,7 +16,6 @@ p = argparse.ArgumentParser()
 p.add_argument("--tune", action="store_true")
 p.add_argument("--out", default=os.environ.get("OUT", "."))
 p.add_argument("--skip-check", action="store_true")
-p.add_argument("--profile", action="store_true")
 p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
 args = p.parse_args()
 dev = "cuda"
@@ -107,7 +107,6 @@ for D in args.dims:
         del q, k, v
 
 if args.tune:
-    from sparseflash.flash import FlashAttention
     for D in (64, 128):
         N = 8192
         q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -123,35 +122,3 @@ if args.tune:
             print("tune", D, opts, {m: round(t, 3) for m, t in out.items()}, flush=True)
 
 json.dump(results, open(os.path.join(args.out, "gpu_check.json"), "w"), indent=1)
-
-# ---- where the time of the sparse variants goes: layout prep vs kernels ----
-if args.profile:
-    from sparseflash import permuted as P
-    from sparseflash.flash import kernel_config
-    B, H, D, N = 2, 12, 64, 16384
-    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    do = torch.randn_like(q)
-    qk = sf.random_keep((B, H, N), 0.3, device=dev); kk = sf.random_keep((B, H, N), 0.3, device=dev)
-    qb = torch.randint(0, 16, (B, H, N), device=dev); kb = torch.randint(0, 16, (B, H, N), device=dev)
-    cfg = kernel_config(D, q.device)
-
-    def prep_qk():
-        qi, qp = P.compact_layout(qk); ki, kp = P.compact_layout(kk)
-        return P._Plan.make(qp, kp, None, None, cfg, qi, ki)
-
-    def prep_hash():
-        qi, qp, qs = P.bucket_sort_layout(qb); ki, kp, ks = P.bucket_sort_layout(kb)
-        return P._Plan.make(qp, kp, qs, ks, cfg, qi, ki)
-
-    for name, prep in (("qk0.3", prep_qk), ("hash16", prep_hash)):
-        plan = prep()
-        qc, kc, vc = q, k, v
-        o, lse = P.permuted_forward(qc, kc, vc, plan, 0.125, cfg)
-        t_prep = triton.testing.do_bench(prep, warmup=25, rep=100, return_mode="median")
-        t_fwd = triton.testing.do_bench(lambda: P.permuted_forward(qc, kc, vc, plan, 0.125, cfg), warmup=25, rep=100, return_mode="median")
-        t_bwd = triton.testing.do_bench(lambda: P.permuted_backward(qc, kc, vc, o, lse, do, plan, 0.125, cfg), warmup=25, rep=100, return_mode="median")
-        t_plan = triton.testing.do_bench(lambda: P._Plan.make(plan.q_pos, plan.k_pos, plan.q_buckets, plan.k_buckets, cfg, plan.q_index, plan.k_index), warmup=25, rep=100, return_mode="median")
-        vis = plan.stats().visited().float().mean().item()
-        print(f"profile {name}: prep {t_prep:.3f} ms (plan {t_plan:.3f}), fwd kernel {t_fwd:.3f} ms, bwd kernel {t_bwd:.3f} ms, visited tile fraction of grid {vis:.4f}", flush=True)
-        results.setdefault("profile", []).append(dict(name=name, prep=t_prep, plan=t_plan, fwd=t_fwd, bwd=t_bwd, visited=vis))
-    json.dump(results, open(os.path.join(args.out, "gpu_check.json"), "w"), indent=1)

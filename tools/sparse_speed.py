@@ -31,17 +31,14 @@ def check(N=1500, D=64, dtype=torch.bfloat16):
     torch.manual_seed(0)
     B, H = 1, 3
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(4))
+    qk, kk = torch.rand(B, H, N, device="cuda") < 0.3, torch.rand(B, H, N, device="cuda") < 0.3
+    qb, kb = torch.randint(0, 16, (B, H, N), device="cuda"), torch.randint(0, 16, (B, H, N), device="cuda")
+    cases = {
+        "qk0.3": (ref.qk_dropping_mask(qk, kk), lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk)),
+        "hash16": (ref.hash_mask(qb, kb), lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16)),
+    }
     out = {}
-    for name, mask, fn in [
-        ("qk0.3", None, None), ("hash16", None, None)]:
-        if name.startswith("qk"):
-            qk, kk = torch.rand(B, H, N, device="cuda") < 0.3, torch.rand(B, H, N, device="cuda") < 0.3
-            mask = ref.qk_dropping_mask(qk, kk)
-            fn = lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk)
-        else:
-            qb, kb = torch.randint(0, 16, (B, H, N), device="cuda"), torch.randint(0, 16, (B, H, N), device="cuda")
-            mask = ref.hash_mask(qb, kb)
-            fn = lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16)
+    for name, (mask, fn) in cases.items():
         qq, kk_, vv = (t.clone().requires_grad_() for t in (q, k, v))
         o = fn(qq, kk_, vv)
         o.backward(do)
@@ -174,7 +171,6 @@ def main():
                     except Exception as e:  # noqa: BLE001
                         print("FAIL", name, mode, repr(e)[:200], flush=True)
                         times[(name, mode)] = float("nan")
-            rec = sf.tiles.TileRecord() if hasattr(sf, "tiles") else None
             for name, mode in times:
                 row = dict(variant=name, mode=mode, N=N, D=D, B=B, H=H, ms=times[(name, mode)],
                            vs_sdpa_flash=times[("sdpa_flash", mode)] / times[(name, mode)],
