@@ -60,6 +60,11 @@ def _new_ax(ax, figsize=(4.5, 4.5)):
     return plt.subplots(figsize=figsize, constrained_layout=True)[1]
 
 
+def _row(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """Head ``(b, h)`` of a per-token ``(B, H, N)`` tensor (or ``(N,)``)."""
+    return x if x.dim() == 1 else x[b, h]
+
+
 def _head(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
     while x.dim() < 4:
         x = x.unsqueeze(0)
@@ -337,8 +342,196 @@ def plot_fraction(vary: str = "seq_len", kinds=None, values=None, *, seq_len: in
 
 
 # --------------------------------------------------------------------------------------
+# Layouts and tile plans (sparseflash.layout)
+# --------------------------------------------------------------------------------------
+
+PAD_COLOR = "white"  #: padding slots of a layout
+DROPPED_COLOR = "0.75"  #: dropped tokens (not kept, or no bucket)
+
+
+def _n_tokens(index: torch.Tensor) -> int:
+    """Tokens of a layout row: padding slots hold the token count ``N`` (several of them), tokens 0..N-1."""
+    top = int(index.max())
+    return top if int((index == top).sum()) > 1 else index.numel()
+
+
+def plot_layout(layout, b: int = 0, h: int = 0, *, n_tokens: int | None = None, ax=None, title: str | None = None,
+                labels: bool = True):
+    """Where each token sits in a :class:`~sparseflash.layout.Layout`: tokens in original order
+    (top row) joined to their slots (bottom row), coloured by bucket; padding slots white,
+    dropped tokens grey; dotted lines at tile boundaries, and each slot's position below it.
+
+    Args:
+        layout: from :func:`~sparseflash.layout.bucket_layouts` or ``reference_layout``.
+        n_tokens: tokens ``N`` (read off the layout if None: padding slots hold ``N``).
+        labels: write each slot's position under it (small layouts only).
+    Returns:
+        The axes.
+    """
+    index = _row(layout.index, b, h).long().cpu()
+    pos = _row(layout.pos, b, h).long().cpu()
+    bucket = _row(layout.bucket, b, h).long().cpu()
+    L, block = index.numel(), layout.block
+    n = _n_tokens(index) if n_tokens is None else int(n_tokens)
+    ax = _new_ax(ax, figsize=(max(6.0, 0.42 * L), 2.8))
+    cmap = matplotlib.colormaps["tab10"]
+    real = index < n
+    token_bucket = torch.full((n,), -1, dtype=torch.long)
+    token_bucket[index[real]] = bucket[real]
+    colour = lambda bk: cmap(int(bk) % 10) if bk >= 0 else DROPPED_COLOR
+    for a in range(L):
+        if real[a]:
+            ax.plot([int(index[a]), a], [1, 0], color=colour(bucket[a]), lw=1.2, alpha=0.8)
+    ax.scatter(range(n), np.ones(n), c=[colour(bk) for bk in token_bucket.tolist()], marker="s", s=120, zorder=3,
+               edgecolors="0.4", linewidths=0.5)
+    slot_colours = [colour(bucket[a]) if real[a] else PAD_COLOR for a in range(L)]
+    ax.scatter(range(L), np.zeros(L), c=slot_colours, marker="s", s=120, zorder=3, edgecolors="0.4", linewidths=0.5)
+    for t in range(block, L, block):
+        ax.axvline(t - 0.5, ymin=0.02, ymax=0.45, color="0.3", ls=":", lw=1)
+    if labels:
+        for a in range(L):
+            p = int(pos[a])
+            text = str(p) if real[a] and bucket[a] >= 0 else "·"
+            ax.text(a, -0.22, text, ha="center", va="top", fontsize=8)
+    ax.set_xticks(range(0, max(L, n), 1 if max(L, n) <= 40 else 8))
+    ax.set(yticks=[0, 1], yticklabels=["slot\n(position)", "token"], ylim=(-0.5, 1.25), xlim=(-1, max(L, n)),
+           xlabel="token position (top row), slot (bottom row); dotted: tile boundaries")
+    ax.spines[["top", "right", "left"]].set_visible(False)
+    ax.set_title(title if title is not None else
+                 f"layout: {n} tokens in {L} slots, tiles of {block} (colour = bucket, white = padding, "
+                 "grey = dropped)")
+    return ax
+
+
+def allowed_per_tile(q_layout, k_layout, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """int32 ``(B, H, n_q_tiles, n_k_tiles)``: allowed (query, key) pairs in each tile of two
+    layouts: same bucket, both real, ``0 <= k_pos <= q_pos`` (quadratic: small sizes only).
+
+    Tiles default to the layouts' own blocks; pass others to tile a layout built with ``block=1``
+    (the plain sort, with no padding)."""
+    bm = q_layout.block if block_m is None else int(block_m)
+    bn = k_layout.block if block_n is None else int(block_n)
+    qp, kp = q_layout.pos.long(), k_layout.pos.long()
+    qb, kb = q_layout.bucket.long(), k_layout.bucket.long()
+    ok = (kp[..., None, :] <= qp[..., :, None]) & (kp[..., None, :] >= 0) & (kb[..., None, :] == qb[..., :, None])
+    ok &= (qb >= 0)[..., :, None] & (kb >= 0)[..., None, :]
+    ok = torch.nn.functional.pad(ok.int(), (0, (-ok.shape[-1]) % bn, 0, (-ok.shape[-2]) % bm))
+    return ok.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm)).sum((-3, -1), dtype=torch.int32)
+
+
+def tile_plan_states(plan, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 ``(B, H, n_q_tiles, n_k_tiles)`` tile states of the forward of a
+    :class:`~sparseflash.layout.TilePlan`: :data:`~sparseflash.tiles.FULL` for its mask-free
+    run ``[lo, full)``, :data:`~sparseflash.tiles.PARTIAL` for the masked run ``[full, hi)``,
+    :data:`~sparseflash.tiles.SKIPPED` elsewhere.  ``plan`` may also be a bool map of visited
+    tiles (a rule without runs: every visited tile masked).  With ``allowed`` (pairs per tile,
+    :func:`allowed_per_tile`), visited tiles with no allowed pair are :data:`~sparseflash.tiles.EMPTY`."""
+    if isinstance(plan, torch.Tensor):
+        visited = plan.bool()
+        while visited.dim() < 4:
+            visited = visited.unsqueeze(0)
+        free = torch.zeros_like(visited)
+    else:
+        runs = plan.q_runs.long()
+        s = torch.arange(plan.k_runs.shape[-2], device=runs.device)
+        visited = (s >= runs[..., 0:1]) & (s < runs[..., 2:3])
+        free = (s >= runs[..., 0:1]) & (s < runs[..., 1:2])
+    state = torch.full(visited.shape, SKIPPED, dtype=torch.int8, device=visited.device)
+    state[visited] = PARTIAL
+    state[free] = FULL
+    if allowed is not None:
+        state[visited & (allowed.to(visited.device) == 0)] = EMPTY
+    return state
+
+
+PLAN_LABELS = {SKIPPED: "skipped", FULL: "no mask (lo..full)", PARTIAL: "masked (full..hi)",
+               EMPTY: "computed, nothing allowed"}
+
+
+def plot_tile_plan(plan, b: int = 0, h: int = 0, *, allowed: torch.Tensor | None = None, q_layout=None,
+                   k_layout=None, ax=None, title: str | None = None, legend: bool = True):
+    """Draw the tiles a kernel visits, one cell per (query tile, key tile): the mask-free run
+    of a :class:`~sparseflash.layout.TilePlan` dark blue, its masked run light blue, skipped
+    tiles grey (and orange: visited with no allowed pair, when ``allowed`` is given).
+
+    ``plan`` may also be a bool ``(n_q_tiles, n_k_tiles)`` (or ``(B, H, ·, ·)``) map of
+    visited tiles.  With ``q_layout`` and ``k_layout``, red lines mark where each bucket's
+    run of tiles starts.
+    Returns:
+        The axes.
+    """
+    ax = _new_ax(ax)
+    state = _head(tile_plan_states(plan, allowed), b, h).long().cpu().numpy()
+    palette = np.array([to_rgb(STATE_COLORS[s]) for s in (SKIPPED, PARTIAL, FULL, EMPTY)])
+    n_qt, n_kt = state.shape
+    ax.imshow(palette[state], interpolation="nearest", extent=(-0.5, n_kt - 0.5, n_qt - 0.5, -0.5), aspect="auto")
+    if max(n_qt, n_kt) <= 48:
+        for y in range(1, n_qt):
+            ax.axhline(y - 0.5, color="white", lw=0.6)
+        for x in range(1, n_kt):
+            ax.axvline(x - 0.5, color="white", lw=0.6)
+    for lay, line in ((q_layout, ax.axhline), (k_layout, ax.axvline)):
+        if lay is not None:
+            starts = _row(lay.start, b, h)[_row(lay.count, b, h) > 0] // lay.block
+            for t in starts.tolist():
+                if t > 0:
+                    line(t - 0.5, color="tab:red", lw=1)
+    ax.set(xlabel="key tile", ylabel="query tile")
+    ax.set_title(title if title is not None else f"tile plan: {int((state != SKIPPED).sum())} tiles visited")
+    if legend:
+        present = [s for s in (SKIPPED, FULL, PARTIAL, EMPTY) if (state == s).any()]
+        ax.legend(handles=[Patch(facecolor=STATE_COLORS[s], edgecolor="#888888", label=PLAN_LABELS[s])
+                           for s in present], loc="upper right", fontsize="small", framealpha=0.9)
+    return ax
+
+
+def png_bytes(path, max_width: int = 900) -> bytes:
+    """A PNG file's bytes, scaled down (keeping its aspect) to at most ``max_width`` pixels wide:
+    committed figures are drawn large; a notebook shows them smaller, and its saved outputs stay light."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.width <= max_width:
+            with open(path, "rb") as f:
+                return f.read()
+        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+        small = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
+        if small.mode == "RGBA":  # our figures are opaque: a palette keeps the PNG small
+            small = small.convert("RGB")
+        small = small.quantize(256, method=Image.Quantize.MEDIANCUT)
+    buf = io.BytesIO()
+    small.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def show_png(path, max_width: int = 900) -> None:
+    """Display a PNG file in a notebook, scaled down to at most ``max_width`` pixels (:func:`png_bytes`)."""
+    from IPython.display import Image as IPImage, display
+
+    display(IPImage(data=png_bytes(path, max_width), format="png"))
+
+
+# --------------------------------------------------------------------------------------
 # Explorer
 # --------------------------------------------------------------------------------------
+
+
+def draw_explorer(fig, kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: float = 0.5,
+                  n_buckets: int = 4, seed: int = 0) -> TileSchedule:
+    """The explorer's picture on ``fig`` (cleared first): the tile maps of one random example,
+    original coordinates and kernel layout, and the computed fraction against the variant's
+    own parameter.  Returns the example's :class:`~sparseflash.tiles.TileSchedule`."""
+    sched = tiles.schedule_for(kind, seq_len, block, keep_rate=keep_rate, n_buckets=n_buckets, seed=seed)
+    fig.clear()
+    axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.15])
+    plot_skipping(schedule=sched, axes=axes[:2])
+    vary = {"dense": "seq_len", "qk": "keep_rate", "hash": "n_buckets"}[kind]
+    values = {"seq_len": [32, 64, 128, 256, 512], "keep_rate": [0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0],
+              "n_buckets": [1, 2, 4, 8, 16]}[vary]
+    params = dict(seq_len=seq_len, keep_rate=keep_rate, n_buckets=n_buckets)
+    plot_fraction(vary, kinds=(kind,), values=values, seq_len=seq_len, block=block, keep_rate=keep_rate,
+                  n_buckets=n_buckets, seeds=(seed,), mark=params[vary], ax=axes[2])
+    return sched
 
 
 def explore(kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: float = 0.5, n_buckets: int = 4,
@@ -347,14 +540,15 @@ def explore(kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: fl
 
     Controls: variant (dense causal / query-key dropping / hash buckets), ``seq_len``,
     tile size (square tiles), keep rate, number of buckets, random seed.  The picture
-    shows the tile map in original coordinates and in the kernel's layout, and the
-    computed fraction against the variant's own parameter (``seq_len`` for dense, the
-    keep rate for dropping, the bucket count for hashing).  Hash buckets are uniform
-    random ids (:func:`sparseflash.tiles.example_inputs`), so that any bucket count works.
+    (:func:`draw_explorer`) shows the tile map in original coordinates and in the kernel's
+    layout, and the computed fraction against the variant's own parameter (``seq_len`` for
+    dense, the keep rate for dropping, the bucket count for hashing).  Hash buckets are
+    uniform random ids (:func:`sparseflash.tiles.example_inputs`), so that any bucket count works.
 
     The figure is rendered to PNG into an ``ipywidgets.Image``, so it draws the same with
     any matplotlib backend and also without a frontend (then it is drawn once, and again
-    on each change of a control).
+    on each change of a control).  In a notebook, prefer :func:`show_explorer`, which draws
+    the default setting as a plain figure first.
 
     Returns:
         An ``ipywidgets.VBox``, with attributes ``controls`` (dict name → widget:
@@ -383,7 +577,7 @@ def explore(kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: fl
     }
     image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
     info = widgets.HTML()
-    fig = Figure(figsize=(14, 4.8), dpi=80, layout="constrained")
+    fig = Figure(figsize=EXPLORER_FIGSIZE, dpi=80, layout="constrained")
     FigureCanvasAgg(fig)
     box = widgets.VBox([widgets.HBox([widgets.VBox(list(controls.values())[:3]),
                                       widgets.VBox(list(controls.values())[3:])]), info, image])
@@ -392,17 +586,7 @@ def explore(kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: fl
         v = {name: w.value for name, w in controls.items()}
         controls["keep_rate"].disabled = v["kind"] != "qk"
         controls["n_buckets"].disabled = v["kind"] != "hash"
-        sched = tiles.schedule_for(v["kind"], v["seq_len"], v["block"], keep_rate=v["keep_rate"],
-                                   n_buckets=v["n_buckets"], seed=v["seed"])
-        fig.clear()
-        axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.15])
-        plot_skipping(schedule=sched, axes=axes[:2])
-        vary = {"dense": "seq_len", "qk": "keep_rate", "hash": "n_buckets"}[v["kind"]]
-        values = {"seq_len": [32, 64, 128, 256, 512], "keep_rate": [0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0],
-                  "n_buckets": [1, 2, 4, 8, 16]}[vary]
-        plot_fraction(vary, kinds=(v["kind"],), values=values, seq_len=v["seq_len"], block=v["block"],
-                      keep_rate=v["keep_rate"], n_buckets=v["n_buckets"], seeds=(v["seed"],),
-                      mark=v[vary], ax=axes[2])
+        sched = draw_explorer(fig, **v)
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         image.value = buf.getvalue()
@@ -416,3 +600,61 @@ def explore(kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: fl
         w.observe(redraw, names="value")
     redraw()
     return box
+
+
+#: Size (inches) of the explorer's picture.
+EXPLORER_FIGSIZE = (12, 4.2)
+
+#: What a view without live widgets shows in place of the explorer's controls.
+EXPLORER_NOTE = ("[interactive explorer: its sliders need a live Jupyter kernel with ipywidgets; "
+                 "the figure above shows its default setting]")
+
+
+class _WidgetOrNote:
+    """Displays as the widget where a frontend renders widgets, and as ``note`` (its
+    ``text/plain``) everywhere else: static views, nbconvert, a terminal."""
+
+    def __init__(self, widget, note: str):
+        self.widget, self.note = widget, note
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs):
+        data = self.widget._repr_mimebundle_(include=include, exclude=exclude, **kwargs)
+        if isinstance(data, tuple):  # (data, metadata)
+            data = data[0]
+        data = dict(data or {})
+        data["text/plain"] = self.note
+        return data
+
+    def __repr__(self) -> str:
+        return self.note
+
+
+def show_explorer(kind: str = "qk", seq_len: int = 128, block: int = 16, keep_rate: float = 0.5,
+                  n_buckets: int = 4, seed: int = 0, *, interactive: bool = True):
+    """Static first, interactive second: the explorer of a notebook cell.
+
+    1. Draws the default setting with plain matplotlib (:func:`draw_explorer`), so that a
+       static view of the notebook, and a headless run, show it.
+    2. Then, if ``interactive`` and ipywidgets is installed, displays the live
+       :func:`explore` controls; a view that cannot render widgets shows
+       :data:`EXPLORER_NOTE` in their place.  Without ipywidgets it prints a note instead.
+
+    Returns None (so that a notebook cell ending with it displays nothing more).
+    """
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=EXPLORER_FIGSIZE, layout="constrained")
+    sched = draw_explorer(fig, kind, seq_len, block, keep_rate, n_buckets, seed)
+    plt.show()
+    print(f"{_kind_label(kind, keep_rate, n_buckets)}, N={seq_len}, {block}×{block} tiles: {describe(sched)}")
+    if not interactive:
+        return None
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython.display import display
+    except ImportError:
+        print("(ipywidgets is not installed, so there are no sliders: `pip install ipywidgets` for the "
+              "live explorer; the figure above shows its default setting)")
+        return None
+    display(_WidgetOrNote(explore(kind, seq_len, block, keep_rate, n_buckets, seed), EXPLORER_NOTE))
+    return None

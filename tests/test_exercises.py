@@ -28,7 +28,7 @@ def _load(name):
     return module
 
 
-ex01, ex02, ex03, ex03b = (_load(n) for n in ("ex01", "ex02", "ex03", "ex03b"))
+ex01, ex02, ex03, ex03b, ex08 = (_load(n) for n in ("ex01", "ex02", "ex03", "ex03b", "ex08"))
 
 
 def passes(capsys, check, *args, **kwargs):
@@ -89,6 +89,7 @@ SOLVED = [
     ("check_backward", lambda: (ex03b.load_tile, ex03b.key_tile_range, ex03b.backward_step)),
     ("check_backward", lambda: (ex03b.load_tile, ex03b.key_tile_range, ex03b.backward_step,
                                 ex03b.query_tile_start)),
+    ("check_top2_key_slots", lambda: (ex08.top2_key_slots,)),
 ]
 
 
@@ -476,3 +477,41 @@ def test_pictures(tmp_path):
     fig = ex.plot_tile_record(rec, 64)
     assert len(fig.axes) == 3
     plt.close("all")
+
+
+# ======================================================================================
+# Notebook 08: wrong answers
+# ======================================================================================
+
+
+def test_08_wrong_answers(capsys):
+    def top1_only(k_logits):                                       # forgets the second expert
+        B, H, N, _ = k_logits.shape
+        i = torch.arange(N).expand(B, H, N)
+        return i, i.clone(), k_logits.argmax(-1)
+
+    fails(capsys, ex.check_top2_key_slots, top1_only, contains="miss")
+
+    def experts_first(k_logits):                                   # slots grouped by copy: positions restart
+        B, H, N, _ = k_logits.shape
+        i = torch.arange(N).repeat(2).expand(B, H, 2 * N)
+        return i, i.clone(), k_logits.topk(2, dim=-1).indices.transpose(-1, -2).flatten(-2)
+
+    fails(capsys, ex.check_top2_key_slots, experts_first, contains="ascend")
+
+    def same_bucket_twice(k_logits):                               # the best expert twice: key counted twice
+        k_index, k_pos, k_buckets = ex08.top2_key_slots(k_logits)
+        k_buckets = k_buckets.clone()
+        k_buckets[..., 1::2] = k_buckets[..., 0::2]
+        return k_index, k_pos, k_buckets
+
+    fails(capsys, ex.check_top2_key_slots, same_bucket_twice, contains="more than once")
+
+    def positions_of_slots(k_logits):                              # slot numbers instead of token positions
+        k_index, _, k_buckets = ex08.top2_key_slots(k_logits)
+        return k_index, torch.arange(k_index.shape[-1]).expand_as(k_index), k_buckets
+
+    fails(capsys, ex.check_top2_key_slots, positions_of_slots, contains="k_pos")
+    not_attempted(capsys, ex.check_top2_key_slots, _stub)
+    with pytest.raises(TypeError):
+        ex.check_top2_key_slots(None)
