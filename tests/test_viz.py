@@ -114,6 +114,62 @@ def test_explorer_builds_and_reacts():
     assert w.schedule.kind == "flash" and w.schedule.computed_fraction == 1.0
 
 
+def test_layout_and_tile_plan_pictures(tmp_path):
+    from sparseflash.layout import bucket_layouts, reference_layout, tile_plan
+
+    keep = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)[None, None]
+    ql, kl = bucket_layouts(keep.shape, q_keep=keep, k_keep=keep, block_m=4, block_n=4)
+    ax = viz.plot_layout(ql)
+    assert "16 tokens in 20 slots" in ax.get_title()
+    plain = reference_layout((1, 1, 16), buckets=torch.arange(16)[None, None] % 3, n_buckets=3, block=1, pad=-1)
+    viz.plot_layout(plain, n_tokens=16)
+
+    g = torch.Generator().manual_seed(0)
+    qb, kb = (torch.randint(0, 4, (1, 2, 96), generator=g) for _ in range(2))
+    ql, kl = bucket_layouts((1, 2, 96), q_buckets=qb, k_buckets=kb, n_buckets=4, block_m=16, block_n=16)
+    plan = tile_plan(ql, kl)
+    allowed = viz.allowed_per_tile(ql, kl)
+    assert int(allowed.sum()) == int(reference.hash_mask(qb, kb).sum())
+    states = viz.tile_plan_states(plan, allowed)
+    assert torch.equal(states != tiles.SKIPPED, plan.visited()) and not (states == tiles.EMPTY).any()
+    ax = viz.plot_tile_plan(plan, h=1, allowed=allowed, q_layout=ql, k_layout=kl)
+    ax.figure.savefig(tmp_path / "plan.png")
+    assert _is_png(tmp_path / "plan.png")
+    # a bare map of visited tiles: every one masked, the empty ones marked
+    visited = torch.ones(2, 3, dtype=torch.bool)
+    st = viz.tile_plan_states(visited, torch.tensor([[1, 0, 1], [1, 1, 1]])[None, None])
+    assert st[0, 0].tolist() == [[tiles.PARTIAL, tiles.EMPTY, tiles.PARTIAL], [tiles.PARTIAL] * 3]
+    viz.plot_tile_plan(visited)
+
+
+def test_show_explorer_is_static_first(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)       # import ipywidgets -> ImportError
+    assert viz.show_explorer(kind="hash", seq_len=64, block=16, n_buckets=2) is None
+    out = capsys.readouterr().out
+    assert "hash, 2 random buckets, N=64" in out and "ipywidgets is not installed" in out
+    (num,) = plt.get_fignums()                                  # one plain figure, drawn first
+    assert len(plt.figure(num).axes) >= 3
+
+
+def test_explorer_degrades_to_a_note():
+    w = viz.explore(kind="qk", seq_len=64, block=16)
+    bundle = viz._WidgetOrNote(w, viz.EXPLORER_NOTE)._repr_mimebundle_()
+    assert bundle["text/plain"] == viz.EXPLORER_NOTE
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_png_bytes_scales_down(tmp_path):
+    from PIL import Image
+    import io
+
+    fig, ax = plt.subplots(figsize=(12, 4), dpi=100)
+    ax.plot(np.arange(10))
+    fig.savefig(tmp_path / "big.png")
+    small = viz.png_bytes(tmp_path / "big.png", max_width=300)
+    assert small[:8] == PNG_MAGIC and Image.open(io.BytesIO(small)).width == 300
+    assert viz.png_bytes(tmp_path / "big.png", max_width=5000) == (tmp_path / "big.png").read_bytes()
+
+
 def _bench_rows(dims=(64,), ns=(1024, 2048, 4096)):
     """Rows in the ``python -m sparseflash.bench`` schema (only the keys the figure reads)."""
     variants = ["sdpa_flash", "sdpa_cudnn", "ours_dense", "flex_dense", "naive"] + [
