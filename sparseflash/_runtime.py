@@ -63,7 +63,12 @@ def check_runnable(t: Tensor) -> None:
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> None:
-    """Validate ``(B, H, N, D)`` queries, keys and values; raise ``ValueError`` naming what was expected."""
+    """Validate queries ``(B, Hq, N, D)`` and keys, values ``(B, Hkv, M, D)``; raise ``ValueError``
+    naming what was expected.
+
+    ``Hkv`` divides ``Hq`` (grouped-query attention; ``Hkv = Hq`` is plain multi-head): query
+    head ``h`` reads kv head ``h // (Hq // Hkv)``, as SDPA's ``enable_gqa=True``.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -76,9 +81,16 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> Non
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, N, D = q.shape
-    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+    h_kv = k.shape[1]
+    if k.shape[0] != B or v.shape[:2] != (B, h_kv):
         raise ValueError(
-            f"batch and heads must match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"batch and heads must match (k and v with the same heads): q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if h_kv != H and (h_kv == 0 or H % h_kv):
+        raise ValueError(
+            f"the heads of k and v must divide the heads of q (grouped-query attention), got {h_kv} kv heads "
+            f"for {H} query heads: q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     if k.shape[3] != D or v.shape[3] != D:
         raise ValueError(f"q, k, v must share head_dim {D}: got k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -93,15 +105,17 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> Non
     check_runnable(q)
 
 
-def check_per_token(name: str, t: Tensor, q: Tensor, kind: str) -> None:
-    """Validate a per-token ``(B, H, N)`` tensor (``kind``: 'bool' or 'int')."""
-    B, H, N, _ = q.shape
+def check_per_token(name: str, t: Tensor, x: Tensor, kind: str) -> None:
+    """Validate a per-token ``(B, H, N)`` tensor (``kind``: 'bool' or 'int') of the side of ``x``:
+    ``(B, H, N)`` of ``x`` ``(B, H, N, D)``, so q for a query-side tensor and k for a key-side one
+    (whose heads are the kv heads)."""
+    B, H, N, _ = x.shape
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (B, H, N) = {(B, H, N)}")
     if tuple(t.shape) != (B, H, N):
         raise ValueError(f"{name} must have shape (batch, heads, seq_len) = {(B, H, N)}, got {tuple(t.shape)}")
-    if t.device != q.device:
-        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but the inputs are on {x.device}")
     if kind == "bool" and t.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor, got {t.dtype}")
     if kind == "int" and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):

@@ -114,6 +114,35 @@ def attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale,
 
 
 @triton.jit
+def kv_head(h, GROUP: tl.constexpr):
+    """The kv head of query head ``h`` when ``GROUP`` query heads share one (grouped-query
+    attention, heads grouped contiguously as in SDPA's ``enable_gqa``): ``h // GROUP``.
+
+    Also maps a flat ``b·Hq + h`` to the flat ``b·Hkv + h // GROUP``.  ``GROUP`` is a
+    compile-time constant, so with ``GROUP == 1`` this is ``h`` and costs nothing.
+    """
+    if GROUP > 1:
+        h = h // GROUP
+    return h
+
+
+@triton.jit
+def owns_kv_tile(tile, n_k_tiles, h, GROUP: tl.constexpr):
+    """Whether the backward program ``(tile, b, h)`` computes dK, dV of key tile ``tile``
+    of its kv head.
+
+    dK, dV of a kv head sum over the ``GROUP`` query heads that read it, and one program
+    sums them all (no atomics, deterministic).  The group's programs take turns: key tile
+    ``t`` goes to the query head with ``h % GROUP == t % GROUP``, so each (key tile, kv
+    head) is computed exactly once and the dK/dV work is spread evenly over the group.
+    """
+    mine = tile < n_k_tiles
+    if GROUP > 1:
+        mine = mine & (h % GROUP == tile % GROUP)
+    return mine
+
+
+@triton.jit
 def record_tile(rec_ptr, q_tile, k_tile, n_k_tiles, RECORD: tl.constexpr):
     """Count a computed ``(query tile, key tile)`` pair; compiled away when ``RECORD`` is off.
 

@@ -16,6 +16,11 @@ Tile skipping (causal): a key tile whose first key comes after the query tile's
 last query holds no allowed pair and is never loaded.  Of the visited tiles only
 the ones that straddle the diagonal (or the ragged end of the sequence) are masked.
 
+Grouped-query attention: k and v may have ``Hkv`` heads for ``H`` query heads; query
+head ``h`` reads kv head ``h // G``, ``G = H / Hkv`` (a compile-time constant: with
+``G = 1`` the kernels are the plain multi-head ones).  dK and dV of a kv head sum over
+its ``G`` query heads; the backward's programs share that work (:func:`owns_kv_tile`).
+
 Everything works in base 2: ``exp(x) = exp2(x · log2 e)``, so scores are scaled by
 ``sm_scale · log2(e)`` once and the kernels use ``exp2``, which is what the hardware has.
 """
@@ -31,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .ops import attention_op, cfg_args, cfg_dict
 from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as flash.<name>)
     LOG2E,
     attention_grads_step,
@@ -41,7 +47,9 @@ from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as fla
     KernelAttention,
     dot_precision,
     kernel_config,
+    kv_head,
     launch_params,
+    owns_kv_tile,
     record_buffers,
     record_tile,
     softmax_delta,
@@ -118,14 +126,18 @@ def _flash_fwd_kernel(
     H, n_q, n_k, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
+    """Program ``(q_tile, b·H + h)``: output rows of query tile ``q_tile`` of query head
+    ``h``, which reads kv head ``h // GROUP`` (``GROUP`` query heads per kv head)."""
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = kv_head(h, GROUP)
     Q += b * sq_b + h * sq_h
-    K += b * sk_b + h * sk_h
-    V += b * sv_b + h * sv_h
+    K += b * sk_b + hk * sk_h
+    V += b * sv_b + hk * sv_h
     O += b * so_b + h * so_h
 
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,45 +172,56 @@ def _flash_bwd_kernel(
     H, n_q, n_k, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """One launch for the whole backward: program ``t`` computes dK, dV of key tile
-    ``t`` (walking the query tiles that see it), then dQ of query tile ``t`` (walking
-    the key tiles it sees, as in the forward).  Gradients are contiguous (B, H, N, D)."""
+    """One launch for the whole backward: program ``(t, b·H + h)`` computes dK, dV of key
+    tile ``t`` (walking the query tiles that see it), then dQ of query tile ``t`` of query
+    head ``h`` (walking the key tiles it sees, as in the forward).  Gradients are contiguous,
+    dQ ``(B, H, Nq, D)``, dK and dV ``(B, H / GROUP, Nk, D)``.
+
+    With ``GROUP > 1`` query heads per kv head, dK and dV of kv head ``h // GROUP`` sum over
+    its group's query heads; program ``h`` does key tile ``t`` only if it owns it
+    (:func:`owns_kv_tile`), and then walks all the group's heads, accumulating in float32.
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = kv_head(h, GROUP)
     Q += b * sq_b + h * sq_h
-    K += b * sk_b + h * sk_h
-    V += b * sv_b + h * sv_h
+    K += b * sk_b + hk * sk_h
+    V += b * sv_b + hk * sv_h
     DO += b * sdo_b + h * sdo_h
     LSE += bh.to(tl.int64) * n_q
     DELTA += bh.to(tl.int64) * n_q
     DQ += bh.to(tl.int64) * n_q * HEAD_DIM
-    DK += bh.to(tl.int64) * n_k * HEAD_DIM
-    DV += bh.to(tl.int64) * n_k * HEAD_DIM
+    DK += kv_head(bh, GROUP).to(tl.int64) * n_k * HEAD_DIM
+    DV += kv_head(bh, GROUP).to(tl.int64) * n_k * HEAD_DIM
     n_q_tiles = tl.cdiv(n_q, BLOCK_M)
     n_k_tiles = tl.cdiv(n_k, BLOCK_N)
     REC_KV += bh.to(tl.int64) * n_q_tiles * n_k_tiles
     REC_Q += bh.to(tl.int64) * n_q_tiles * n_k_tiles
     cols = tl.arange(0, BLOCK_D)
 
-    # ---- dK, dV for key tile `tile` ----
-    if tile < n_k_tiles:
+    # ---- dK, dV for key tile `tile` of kv head h // GROUP ----
+    if owns_kv_tile(tile, n_k_tiles, h, GROUP):
         keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
         v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        first, first_full, n_q_tiles = _dense_query_range(tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
-        for q_tile in range(first, first_full):
-            dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
-                                      qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
-            record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
-        for q_tile in range(first_full, n_q_tiles):
-            dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
-                                      qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
-            record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
+        if GROUP == 1:
+            dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q, DO, LSE, DELTA, REC_KV, sq_n, sdo_n, n_q, n_k,
+                                      n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                                      DOT_PRECISION, RECORD)
+        else:
+            # The group's query heads are h - h % GROUP + g; the pointers are at head h.
+            for g in range(GROUP):
+                d = g - h % GROUP
+                dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q,
+                                          DELTA + d * n_q, REC_KV + d * n_q_tiles * n_k_tiles, sq_n, sdo_n, n_q,
+                                          n_k, n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                                          DOT_PRECISION, RECORD)
         store_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
         store_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
 
@@ -220,6 +243,24 @@ def _flash_bwd_kernel(
                                 True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
             record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
         store_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dense_dkdv_head(dk, dv, k, v, keys, k_tile, Q, DO, LSE, DELTA, REC, sq_n, sdo_n, n_q, n_k, n_k_tiles, qk_scale,
+                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr):
+    """Add one query head's terms to dK, dV of key tile ``k_tile`` (``Q``, ``DO``, ``LSE``,
+    ``DELTA``, ``REC`` at that head): the query tiles that see it, diagonal ones masked."""
+    first, first_full, n_q_tiles = _dense_query_range(k_tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    for q_tile in range(first, first_full):
+        dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
+                                  qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    for q_tile in range(first_full, n_q_tiles):
+        dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
+                                  qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    return dk, dv
 
 
 @triton.jit
@@ -261,7 +302,8 @@ def _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, 
 
 
 def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
-    """Run the dense forward kernel; returns ``(o, lse2)`` with ``lse2`` (B, H, Nq) float32 base-2."""
+    """Run the dense forward kernel on q ``(B, H, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` (``Hkv``
+    dividing ``H``); returns ``(o, lse2)`` with ``lse2`` (B, H, Nq) float32 base-2."""
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -277,20 +319,21 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
         H, n_q, n_k, sm_scale * LOG2E,
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
-        **launch_params(cfg),
+        GROUP=H // k.shape[1], **launch_params(cfg),
     )
     return o, lse2
 
 
 def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
-    """Run the dense backward kernel; returns contiguous ``(dq, dk, dv)``."""
+    """Run the dense backward kernel; returns contiguous ``(dq, dk, dv)``, dk and dv with k's
+    ``Hkv`` heads (summed over each kv head's group of query heads)."""
     B, H, n_q, D = q.shape
-    n_k = k.shape[2]
+    h_kv, n_k = k.shape[1], k.shape[2]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
     delta = softmax_delta(o, do)
     dq = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
-    dk = _runtime.new_output((B, H, n_k, D), k.dtype, k.device)
-    dv = _runtime.new_output((B, H, n_k, D), v.dtype, v.device)
+    dk = _runtime.new_output((B, h_kv, n_k, D), k.dtype, k.device)
+    dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_qt, n_kt = triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)
     rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
@@ -301,9 +344,19 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
         H, n_q, n_k, sm_scale * LOG2E, sm_scale,
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
-        **launch_params(cfg, backward=True),
+        GROUP=H // h_kv, **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
+
+
+# The registered op pair (see ops.py): what flash_attention calls, and what torch.compile traces.
+_flash_op = attention_op(
+    "flash", "bool causal, float sm_scale, int[] cfg",
+    lambda q, k, v, causal, sm_scale, cfg: flash_forward(q, k, v, causal, sm_scale, cfg_dict(cfg)),
+    lambda q, k, v, o, lse2, do, causal, sm_scale, cfg: flash_backward(q, k, v, o, lse2, do, causal, sm_scale,
+                                                                       cfg_dict(cfg)),
+    lse_shape=lambda q, k, v, *_: q.shape[:3],
+)
 
 
 def flash_attention(
@@ -319,7 +372,10 @@ def flash_attention(
     """FlashAttention: ``softmax(q kᵀ · sm_scale [+ causal mask]) v`` without the N×N matrix.
 
     Args:
-        q: ``(B, H, N, D)`` queries; k, v: ``(B, H, M, D)``.  Any strides (the last
+        q: ``(B, H, N, D)`` queries; k, v: ``(B, Hkv, M, D)``, ``Hkv`` dividing ``H``:
+            grouped-query attention (multi-query for ``Hkv = 1``), query head ``h`` using
+            kv head ``h // (H / Hkv)`` as SDPA's ``enable_gqa=True``; k and v are not
+            copied, and their gradients are ``(B, Hkv, M, D)``.  Any strides (the last
             dim is made contiguous if it is not); float16, bfloat16 or float32;
             ``16 <= D <= 128`` (any value, not only powers of two).
         causal: query ``i`` sees keys ``j <= i`` (positions counted from 0 in both,
@@ -337,5 +393,8 @@ def flash_attention(
     cfg = kernel_config(q.shape[-1], q.device, kernel_options)
     if tile_record is not None:
         tile_record.start("flash", cfg)
+    if tile_record is None:
+        return _flash_op(q, k, v, bool(causal), sm_scale, cfg_args(cfg))
+    # Recording is instrumentation for pictures and tests: eager only, not an op.
     settings = dict(causal=bool(causal), sm_scale=sm_scale, cfg=cfg, record=tile_record)
     return KernelAttention.apply(q, k, v, partial(flash_forward, **settings), partial(flash_backward, **settings))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from . import _runtime
@@ -46,8 +47,9 @@ def hash_sparse_attention(
     """Causal attention inside hash buckets.
 
     Args:
-        q, k, v: ``(B, H, N, D)`` as in :func:`~sparseflash.flash_attention`.
-        q_buckets, k_buckets: integer ``(B, H, N)`` bucket ids (e.g. from
+        q: ``(B, H, N, D)``; k, v: ``(B, Hkv, N, D)``, ``Hkv`` dividing ``H`` (grouped-query
+            attention), as in :func:`~sparseflash.flash_attention`.
+        q_buckets, k_buckets: integer ``(B, H, N)`` / ``(B, Hkv, N)`` bucket ids (e.g. from
             :func:`~sparseflash.lsh_buckets`); queries and keys may be bucketed
             differently.
         sm_scale: default ``1/sqrt(D)``.
@@ -65,10 +67,13 @@ def hash_sparse_attention(
     """
     _runtime.check_qkv(q, k, v, same_length=True)
     _runtime.check_per_token("q_buckets", q_buckets, q, "int")
-    _runtime.check_per_token("k_buckets", k_buckets, q, "int")
+    _runtime.check_per_token("k_buckets", k_buckets, k, "int")
     if n_buckets is not None and (not isinstance(n_buckets, int) or n_buckets < 1):
         raise ValueError(f"n_buckets must be a positive int, got {n_buckets!r}")
     top = None
+    if (validate or n_buckets is None) and torch.compiler.is_compiling():
+        raise ValueError("under torch.compile, hash_sparse_attention needs n_buckets and validate=False "
+                         "(both would read ids back to the host); check ids outside the compiled region")
     if validate or n_buckets is None:
         top = _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
     if n_buckets is None or n_buckets > MAX_DIRECT_BUCKETS:

@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime  # noqa: F401  (first: may turn on Triton's interpreter)
+from ._steps import kv_head
 
 INT32_MAX = 2**31 - 1
 PAD = -1  #: position of a padding slot
@@ -187,7 +188,8 @@ def layout_length(n: int, n_buckets: int, block: int) -> int:
 
 @dataclass
 class Layout:
-    """Where each token of one side (queries or keys) sits, per (batch, head).
+    """Where each token of one side (queries or keys) sits, per (batch, head): ``H`` is the
+    query heads for the query side, the kv heads for the key side (grouped-query attention).
 
     Attributes (``L = layout_length(N, n_buckets, block)`` slots):
         index: int32 ``(B, H, L)``: the token in each slot; ``N`` for a padding slot.
@@ -214,6 +216,13 @@ class Layout:
     @property
     def n_tiles(self) -> int:
         return self.n_slots // self.block
+
+
+def _group(n_q_heads: int, n_k_heads: int) -> int:
+    """Query heads per kv head (grouped-query attention); raise if the kv heads do not divide them."""
+    if n_k_heads < 1 or n_q_heads % n_k_heads:
+        raise ValueError(f"the key side's {n_k_heads} heads must divide the query side's {n_q_heads}")
+    return n_q_heads // n_k_heads
 
 
 def _check_layout_args(n_buckets, block):
@@ -296,14 +305,26 @@ def _side_args(QX, KX, side, q_off, k_off):
 
 
 @triton.jit
+def _idle_key_program(bh, side, GROUP: tl.constexpr):
+    """Whether a program of the layout kernels has no head: the grid spans the ``B·Hq``
+    query heads, and the key side (axis 2 = 1) has only ``B·Hq / GROUP``."""
+    return (side == 1) & (bh >= tl.num_programs(1) // GROUP)
+
+
+@triton.jit
 def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, COUNTS, DROPS,
                   n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, fill,
-                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr):
-    """Grid ``(chunks, B·H, 2)``, axis 2 the side: pad this chunk's share of the slots,
-    and count this chunk's tokens per bucket (the first pass of a counting sort)."""
+                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """Grid ``(chunks, B·Hq, 2)``, axis 2 the side: pad this chunk's share of the slots,
+    and count this chunk's tokens per bucket (the first pass of a counting sort).  The
+    key side has ``Hkv = Hq / GROUP`` heads."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
+    if GROUP > 1:
+        if _idle_key_program(bh, side, GROUP):
+            return
     n = tl.where(side == 0, n_q, n_k)
     n_slots = tl.where(side == 0, n_q_slots, n_k_slots)
     pad = tl.where(side == 0, -1, 2147483647)
@@ -329,13 +350,16 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
                   n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
-                  N_CHUNKS: tl.constexpr):
-    """Grid ``(chunks, B·H, 2)``: the second pass.  Each program adds up the counts of
+                  N_CHUNKS: tl.constexpr, GROUP: tl.constexpr):
+    """Grid ``(chunks, B·Hq, 2)``: the second pass.  Each program adds up the counts of
     the chunks before its own, lays the buckets' runs out on tile boundaries, and
     writes its tokens to their slots, in order inside a bucket."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
+    if GROUP > 1:
+        if _idle_key_program(bh, side, GROUP):
+            return
     n = tl.where(side == 0, n_q, n_k)
     pad = tl.where(side == 0, -1, 2147483647)
     block = tl.where(side == 0, BLOCK_M, BLOCK_N)
@@ -385,18 +409,23 @@ def _chunking(n: int, n_buckets: int) -> tuple[int, int, int] | None:
 
 def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None,
                    k_pos=None, n_buckets: int = 1, block_m: int, block_n: int, n_k: int | None = None,
-                   device=None) -> tuple[Layout, Layout]:
+                   k_heads: int | None = None, device=None) -> tuple[Layout, Layout]:
     """The query and key :class:`Layout` of one attention call: a counting sort in two
     launches (count per chunk of tokens, then place), both sides at once.
 
     Same arguments as :func:`reference_layout`, per side (give both sides' ``buckets``,
     ``keep``, ``pos``, or neither); the result is identical to it.  ``shape`` is the
-    queries' ``(B, H, N)``; ``n_k`` the keys' length (default ``N``).  No host
-    synchronisation.  With many buckets on long sequences it falls back to
-    :func:`reference_layout` (a sort).
+    queries' ``(B, H, N)``; ``n_k`` the keys' length (default ``N``); ``k_heads`` the
+    keys' heads ``Hkv`` (grouped-query attention: ``Hkv`` divides ``H``; default: the
+    heads of the key-side tensors, else ``H``), so the key-side tensors are
+    ``(B, Hkv, n_k)`` and the key layout is per kv head.  No host synchronisation.  With
+    many buckets on long sequences it falls back to :func:`reference_layout` (a sort).
     """
     B, H, N = shape
     n_k = N if n_k is None else n_k
+    if k_heads is None:
+        k_heads = next((t.shape[1] for t in (k_buckets, k_keep, k_pos) if t is not None), H)
+    group = _group(H, k_heads)
     _check_layout_args(n_buckets, min(block_m, block_n))
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     device = given[0].device if given else device
@@ -404,30 +433,34 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     if chunking is None:
         return (reference_layout(shape, buckets=q_buckets, keep=q_keep, pos=q_pos, n_buckets=n_buckets,
                                  block=block_m, pad=Q_PAD, device=device),
-                reference_layout((B, H, n_k), buckets=k_buckets, keep=k_keep, pos=k_pos, n_buckets=n_buckets,
+                reference_layout((B, k_heads, n_k), buckets=k_buckets, keep=k_keep, pos=k_pos, n_buckets=n_buckets,
                                  block=block_n, pad=K_PAD, device=device))
     nb, chunk, n_chunks = chunking
     Lq, Lk = layout_length(N, n_buckets, block_m), layout_length(n_k, n_buckets, block_n)
     i32 = dict(dtype=torch.int32, device=device)
     q_side = torch.empty((3, B, H, Lq), **i32)
-    k_side = torch.empty((3, B, H, Lk), **i32)
-    runs = torch.empty((4, B, H, n_buckets), **i32)
+    k_side = torch.empty((3, B, k_heads, Lk), **i32)
+    runs = torch.empty((2 * B * (H + k_heads) * n_buckets,), **i32)  # each side's start and count
+    q_runs = runs[: 2 * B * H * n_buckets].view(2, B, H, n_buckets)
+    k_runs = runs[2 * B * H * n_buckets:].view(2, B, k_heads, n_buckets)
     counts = torch.empty((B * H * 2 * n_chunks * (nb + 1),), **i32)
     per_chunk, drops = counts[: B * H * 2 * n_chunks * nb], counts[B * H * 2 * n_chunks * nb:]
 
     def arg(t):  # absent inputs pass a stand-in the kernels never read
         return runs if t is None else t.contiguous()
 
-    flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, NB=nb, CHUNK=chunk)
+    # One program per (chunk, batch and query head, side); with fewer kv heads the key
+    # side's surplus programs return at once.
+    flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, NB=nb, CHUNK=chunk, GROUP=group)
     grid = (n_chunks, B * H, 2)
     _count_kernel[grid](arg(q_buckets), arg(q_keep), arg(k_buckets), arg(k_keep), *q_side, *k_side, per_chunk, drops,
                         N, n_k, Lq, Lk, n_buckets, n_chunks, -(-max(Lq, Lk) // n_chunks), **flags, num_warps=4)
     _place_kernel[grid](arg(q_buckets), arg(q_keep), arg(q_pos), arg(k_buckets), arg(k_keep), arg(k_pos),
-                        *q_side, *k_side, *runs, per_chunk, drops, N, n_k, Lq, Lk, n_buckets, n_chunks,
+                        *q_side, *k_side, *q_runs, *k_runs, per_chunk, drops, N, n_k, Lq, Lk, n_buckets, n_chunks,
                         HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         N_CHUNKS=triton.next_power_of_2(n_chunks), **flags, num_warps=4)
-    return (Layout(*q_side, runs[0], runs[1], n_buckets, block_m),
-            Layout(*k_side, runs[2], runs[3], n_buckets, block_n))
+    return (Layout(*q_side, q_runs[0], q_runs[1], n_buckets, block_m),
+            Layout(*k_side, k_runs[0], k_runs[1], n_buckets, block_n))
 
 
 # --------------------------------------------------------------------------------------
@@ -443,6 +476,11 @@ class TilePlan:
     key tiles ``[lo, full)`` with no mask, then ``[full, hi)`` masked.
     ``k_runs``: int32 ``(B, H, n_k_tiles, 3)``: key tile ``S`` (dK/dV) visits query
     tiles ``[lo, full)`` masked, then ``[full, hi)`` with no mask.
+
+    Both are per query head ``h``.  With grouped-query attention (a key layout of ``Hkv``
+    heads, ``G = H / Hkv``), query head ``h`` meets the key layout of kv head ``h // G``:
+    ``q_runs`` index its key tiles, and ``k_runs[b, h, S]`` is the run, in head ``h``'s
+    query layout, of that kv head's key tile ``S``.
 
     The rule, for tiles of one bucket (tiles of different buckets never meet):
     ``S`` is visited by ``T`` iff ``kmin(S) <= qmax(T)``, the first key at or before the
@@ -515,19 +553,22 @@ def _store_run(OUT, lo, full, hi, live):
 @triton.jit
 def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KRUNS,
                  n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr):
-    """Grid ``(tile chunks, B·H, 2)``: axis 2 picks the query tiles' runs (0) or the key
-    tiles' runs (1); each lane finds its tile's bucket run and searches it twice."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr,
+                 GROUP: tl.constexpr):
+    """Grid ``(tile chunks, B·Hq, 2)``: axis 2 picks the query tiles' runs (0) or the key
+    tiles' runs (1); each lane finds its tile's bucket run and searches it twice.  Query
+    head ``h`` meets the key layout of kv head ``h // GROUP``."""
     bh = tl.program_id(1).to(tl.int64)
+    bhk = kv_head(bh, GROUP)
     t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     QPOS += bh * n_q_slots
     QSB += bh * n_q_slots
-    KPOS += bh * n_k_slots
-    KSB += bh * n_k_slots
+    KPOS += bhk * n_k_slots
+    KSB += bhk * n_k_slots
     QSTART += bh * n_buckets
     QCOUNT += bh * n_buckets
-    KSTART += bh * n_buckets
-    KCOUNT += bh * n_buckets
+    KSTART += bhk * n_buckets
+    KCOUNT += bhk * n_buckets
     if tl.program_id(2) == 0:
         live, real, bb, qmin, qmax = _tile_span(QSB, QPOS, QSTART, QCOUNT, t, n_q_tiles, BLOCK_M)
         ks, ke, _, _ = _bucket_tiles(KSTART, KCOUNT, bb, real, BLOCK_N)
@@ -546,9 +587,14 @@ def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KR
 
 
 def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
-    """The :class:`TilePlan` of two layouts, in one kernel launch (no host synchronisation)."""
+    """The :class:`TilePlan` of two layouts, in one kernel launch (no host synchronisation).
+
+    ``q_layout`` is per query head ``(B, H, ·)``, ``k_layout`` per kv head ``(B, Hkv, ·)``
+    (``Hkv`` dividing ``H``); the plan is per query head.
+    """
     B, H, Lq = q_layout.index.shape
     Lk = k_layout.n_slots
+    group = _group(H, k_layout.index.shape[1])
     bm, bn = q_layout.block, k_layout.block
     n_qt, n_kt = Lq // bm, Lk // bn
     runs = torch.empty(B * H * 3 * (n_qt + n_kt), dtype=torch.int32, device=q_layout.index.device)
@@ -559,7 +605,7 @@ def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
         q_layout.pos, q_layout.bucket, q_layout.start, q_layout.count,
         k_layout.pos, k_layout.bucket, k_layout.start, k_layout.count, q_runs, k_runs,
         Lq, Lk, n_qt, n_kt, q_layout.n_buckets,
-        BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, STEPS=max(n_qt, n_kt).bit_length() + 1, num_warps=2,
+        BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, STEPS=max(n_qt, n_kt).bit_length() + 1, GROUP=group, num_warps=2,
     )
     return TilePlan(q_runs, k_runs, bm, bn)
 
@@ -571,10 +617,12 @@ def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     ``0 <= kpos <= qpos``, both real); mask-free iff every pair of a real query slot
     with any key slot is allowed (forward) or every pair of a real query slot with a
     real key slot is (dK/dV).  Raises if a set is not the run the kernels assume.
+    A key layout of fewer (kv) heads is repeated to the query heads, as in :func:`tile_plan`.
     """
     bm, bn = q_layout.block, k_layout.block
-    qp, kp = q_layout.pos.long(), k_layout.pos.long()
-    qb, kb = q_layout.bucket, k_layout.bucket
+    group = _group(q_layout.pos.shape[1], k_layout.pos.shape[1])
+    qp, kp = q_layout.pos.long(), k_layout.pos.long().repeat_interleave(group, dim=1)
+    qb, kb = q_layout.bucket, k_layout.bucket.repeat_interleave(group, dim=1)
     q_real, k_real = qb >= 0, kb >= 0
     allowed = (kp[..., None, :] <= qp[..., :, None]) & (kb[..., None, :] == qb[..., :, None])
     allowed &= q_real[..., :, None] & k_real[..., None, :]

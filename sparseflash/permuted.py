@@ -22,6 +22,10 @@ and ``[full, hi)`` mask-free, then the forward's pairs for dQ.
 
 q, k, v, the output and the gradients stay in token order: the kernels read and
 write rows through the layout's ``index``, so no permuted copy is ever made.
+
+Grouped-query attention: with ``Hkv`` kv heads for ``H`` query heads, the query layout
+is per query head and the key layout per kv head; query head ``h`` meets kv head
+``h // G`` (``G = H / Hkv``), and dK, dV sum over the group, as in :mod:`sparseflash.flash`.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .ops import attention_op, cfg_args, cfg_dict
 from ._steps import (
     LOG2E,
     KernelAttention,
@@ -44,9 +49,11 @@ from ._steps import (
     finish_softmax,
     kernel_config,
     launch_params,
+    kv_head,
     load_tile,
     mma,
     online_softmax_step,
+    owns_kv_tile,
     record_buffers,
     record_tile,
     softmax_delta,
@@ -58,6 +65,7 @@ from .layout import (  # noqa: F401  (re-exported for existing imports)
     PAD,
     Layout,
     TilePlan,
+    layout_length,
     TileStats,
     bucket_layouts,
     bucket_sort_layout,
@@ -126,6 +134,26 @@ def _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, 
 
 
 @triton.jit
+def _dkdv_head(dk, dv, k, v, kpos, k_tile, RUN, Q, DO, LSE, DELTA, QIDX, QPOS, REC, sq_n, sdo_n, n_q, n_k_tiles,
+               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr):
+    """Add one query head's terms to dK, dV of key tile ``k_tile``: its run ``RUN`` of query
+    tiles, ``[lo, full)`` masked, ``[full, hi)`` mask-free (pointers at that query head)."""
+    lo = tl.load(RUN)
+    full = tl.load(RUN + 1)
+    hi = tl.load(RUN + 2)
+    for q_tile in range(lo, full):
+        dk, dv = _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, sdo_n, n_q,
+                            qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    for q_tile in range(full, hi):
+        dk, dv = _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, sdo_n, n_q,
+                            qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    return dk, dv
+
+
+@triton.jit
 def _dq_tile(dq, q, do, lse2, delta, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
@@ -145,21 +173,24 @@ def _layout_fwd_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr,
 ):
+    """Program ``(q_tile, b·H + h)``: query tile ``q_tile`` of query head ``h``'s layout,
+    over the key tiles of its run in kv head ``h // GROUP``'s key layout."""
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = kv_head(h, GROUP)
     bh64 = bh.to(tl.int64)
     Q += b * sq_b + h * sq_h
-    K += b * sk_b + h * sk_h
-    V += b * sv_b + h * sv_h
+    K += b * sk_b + hk * sk_h
+    V += b * sv_b + hk * sv_h
     O += b * so_b + h * so_h
     QIDX += bh64 * n_q_slots
     QPOS += bh64 * n_q_slots
-    KIDX += bh64 * n_k_slots
-    KPOS += bh64 * n_k_slots
+    KIDX += kv_head(bh64, GROUP) * n_k_slots
+    KPOS += kv_head(bh64, GROUP) * n_k_slots
     n_q_tiles = n_q_slots // BLOCK_M
     n_k_tiles = n_k_slots // BLOCK_N
     REC += bh64 * n_q_tiles * n_k_tiles
@@ -198,37 +229,44 @@ def _layout_bwd_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Program ``t``: dK, dV of key tile ``t`` over the query tiles that see it, then
-    dQ of query tile ``t`` over the key tiles it sees; the same pairs as the forward.
-    ``LSE`` is in slot order; ``DELTA`` and the gradients are in token order."""
+    """Program ``(t, b·H + h)``: dK, dV of key tile ``t`` of kv head ``h // GROUP`` over
+    the query tiles that see it, then dQ of query tile ``t`` of query head ``h`` over the key
+    tiles it sees; the same pairs as the forward.  ``LSE`` is in slot order; ``DELTA`` and
+    the gradients are in token order.
+
+    With ``GROUP > 1``, dK and dV sum over the group's query heads, as in the dense
+    backward: the owning program (:func:`owns_kv_tile`) walks each head's run of query
+    tiles (``KRUNS`` of that head), accumulating in float32.
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = kv_head(h, GROUP)
     bh64 = bh.to(tl.int64)
     Q += b * sq_b + h * sq_h
-    K += b * sk_b + h * sk_h
-    V += b * sv_b + h * sv_h
+    K += b * sk_b + hk * sk_h
+    V += b * sv_b + hk * sv_h
     DO += b * sdo_b + h * sdo_h
     LSE += bh64 * n_q_slots
     DELTA += bh64 * n_q
     QIDX += bh64 * n_q_slots
     QPOS += bh64 * n_q_slots
-    KIDX += bh64 * n_k_slots
-    KPOS += bh64 * n_k_slots
+    KIDX += kv_head(bh64, GROUP) * n_k_slots
+    KPOS += kv_head(bh64, GROUP) * n_k_slots
     DQ += bh64 * n_q * HEAD_DIM
-    DK += bh64 * n_k * HEAD_DIM
-    DV += bh64 * n_k * HEAD_DIM
+    DK += kv_head(bh64, GROUP) * n_k * HEAD_DIM
+    DV += kv_head(bh64, GROUP) * n_k * HEAD_DIM
     n_q_tiles = n_q_slots // BLOCK_M
     n_k_tiles = n_k_slots // BLOCK_N
     REC_KV += bh64 * n_q_tiles * n_k_tiles
     REC_Q += bh64 * n_q_tiles * n_k_tiles
     cols = tl.arange(0, BLOCK_D)
 
-    # ---- dK, dV for key tile `tile` ----
-    if tile < n_k_tiles:
+    # ---- dK, dV for key tile `tile` of kv head h // GROUP ----
+    if owns_kv_tile(tile, n_k_tiles, h, GROUP):
         slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.load(KIDX + slots)
         kpos = tl.load(KPOS + slots)
@@ -236,18 +274,19 @@ def _layout_bwd_kernel(
         v = load_tile(V, rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        run = KRUNS + (bh64 * n_k_tiles + tile) * 3
-        lo = tl.load(run)
-        full = tl.load(run + 1)
-        hi = tl.load(run + 2)
-        for q_tile in range(lo, full):
-            dk, dv = _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, sdo_n, n_q,
-                                qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
-            record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
-        for q_tile in range(full, hi):
-            dk, dv = _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, sdo_n, n_q,
-                                qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
-            record_tile(REC_KV, q_tile, tile, n_k_tiles, RECORD)
+        if GROUP == 1:
+            dk, dv = _dkdv_head(dk, dv, k, v, kpos, tile, KRUNS + (bh64 * n_k_tiles + tile) * 3, Q, DO, LSE, DELTA,
+                                QIDX, QPOS, REC_KV, sq_n, sdo_n, n_q, n_k_tiles, qk_scale, HEAD_DIM, BLOCK_D,
+                                BLOCK_M, DOT_PRECISION, RECORD)
+        else:
+            # The group's query heads are h - h % GROUP + g; the pointers are at head h.
+            for g in range(GROUP):
+                d = g - h % GROUP
+                dk, dv = _dkdv_head(dk, dv, k, v, kpos, tile, KRUNS + ((bh64 + d) * n_k_tiles + tile) * 3,
+                                    Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q_slots, DELTA + d * n_q,
+                                    QIDX + d * n_q_slots, QPOS + d * n_q_slots, REC_KV + d * n_q_tiles * n_k_tiles,
+                                    sq_n, sdo_n, n_q, n_k_tiles, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                    DOT_PRECISION, RECORD)
         store_tile(DK, dk * sm_scale, rows, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
         store_tile(DV, dv, rows, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
 
@@ -296,7 +335,9 @@ def _dims(q, k, plan: LayoutPlan):
 
 
 def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
-    """Forward kernel; ``o`` in token order, ``lse2`` ``(B, H, Lq)`` float32 in slot order."""
+    """Forward kernel on q ``(B, H, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` (``Hkv`` dividing ``H``;
+    ``plan.q`` per query head, ``plan.k`` per kv head); ``o`` in token order, ``lse2``
+    ``(B, H, Lq)`` float32 in slot order."""
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
@@ -309,19 +350,22 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, **launch_params(cfg),
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // k.shape[1],
+        **launch_params(cfg),
     )
     return o, lse2
 
 
 def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, record=None):
-    """Backward kernel; returns contiguous ``(dq, dk, dv)`` in token order."""
+    """Backward kernel; returns contiguous ``(dq, dk, dv)`` in token order, dk and dv with k's
+    ``Hkv`` heads (summed over each kv head's group of query heads)."""
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
+    h_kv = k.shape[1]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
     delta = softmax_delta(o, do)
     dq = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
-    dk = _runtime.new_output((B, H, n_k, D), k.dtype, k.device)
-    dv = _runtime.new_output((B, H, n_k, D), v.dtype, v.device)
+    dk = _runtime.new_output((B, h_kv, n_k, D), k.dtype, k.device)
+    dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
     rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
     _layout_bwd_kernel[(max(n_qt, n_kt), B * H)](
@@ -331,9 +375,91 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, **launch_params(cfg, backward=True),
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // h_kv,
+        **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# Registered ops (see ops.py): the layout-and-plan op, and the attention op pair
+# --------------------------------------------------------------------------------------
+# An op may not return tensors that share memory, and the layout kernels write each
+# side's index, position and bucket into one buffer (and both tile plans into another),
+# so the ops pass those buffers whole, flat, and the kernels' side takes views again.
+
+
+def _packed(parts: list[Tensor]) -> Tensor:
+    """The flat buffer holding ``parts`` back to back (one copy if they are not)."""
+    base = parts[0]._base
+    if (base is not None and base.is_contiguous() and all(p._base is base for p in parts)
+            and sum(p.numel() for p in parts) == base.numel()
+            and all(p.is_contiguous() and p.data_ptr() == base.data_ptr() + i * p.numel() * p.element_size()
+                    for i, p in enumerate(parts))):
+        return base.view(-1)
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+def _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
+    Lq, Lk = layout_length(n_q, n_buckets, block_m), layout_length(n_k, n_buckets, block_n)
+    runs = 3 * B * Hq * (Lq // block_m + Lk // block_n)
+    return 3 * B * Hq * Lq, 3 * B * Hkv * Lk, runs
+
+
+@torch.library.custom_op("sparseflash::bucket_plan", mutates_args=(), schema=(
+    "(Tensor? q_buckets, Tensor? k_buckets, Tensor? q_keep, Tensor? k_keep, Tensor? q_pos, Tensor? k_pos, "
+    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n) -> (Tensor, Tensor, Tensor)"))
+def _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets,
+                    block_m, block_n):
+    """Both layouts and the tile plan, flat: ``(q_slots, k_slots, runs)`` (see :func:`_unpack_plan`)."""
+    given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
+    ql, kl = bucket_layouts((B, Hq, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
+                            q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=block_m, block_n=block_n,
+                            n_k=n_k, k_heads=Hkv, device=given[0].device)
+    tiles = tile_plan(ql, kl)
+    return (_packed([ql.index, ql.pos, ql.bucket]), _packed([kl.index, kl.pos, kl.bucket]),
+            _packed([tiles.q_runs, tiles.k_runs]))
+
+
+@_bucket_plan_op.register_fake
+def _(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
+    given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
+    sizes = _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n)
+    return tuple(given[0].new_empty((n,), dtype=torch.int32) for n in sizes)
+
+
+def _unpack_plan(q: Tensor, k: Tensor, q_slots: Tensor, k_slots: Tensor, runs: Tensor, n_buckets: int,
+                 block_m: int, block_n: int) -> LayoutPlan:
+    """A :class:`LayoutPlan` viewing the flat buffers of :func:`_bucket_plan_op`
+    (only the fields the attention kernels read)."""
+    B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
+    qi, qp, qb = q_slots.view(3, B, Hq, -1).unbind(0)
+    ki, kp, kb = k_slots.view(3, B, Hkv, -1).unbind(0)
+    n_qt, n_kt = qi.shape[-1] // block_m, ki.shape[-1] // block_n
+    q_runs = runs[: B * Hq * n_qt * 3].view(B, Hq, n_qt, 3)
+    k_runs = runs[B * Hq * n_qt * 3:].view(B, -1, n_kt, 3)
+    return LayoutPlan(Layout(qi, qp, qb, None, None, n_buckets, block_m), Layout(ki, kp, kb, None, None, n_buckets,
+                                                                               block_n),
+                      TilePlan(q_runs, k_runs, block_m, block_n))
+
+
+def _layout_forward_op(q, k, v, q_slots, k_slots, runs, n_buckets, sm_scale, cfg):
+    cfg = cfg_dict(cfg)
+    plan = _unpack_plan(q, k, q_slots, k_slots, runs, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    return layout_forward(q, k, v, plan, sm_scale, cfg)
+
+
+def _layout_backward_op(q, k, v, o, lse2, do, q_slots, k_slots, runs, n_buckets, sm_scale, cfg):
+    cfg = cfg_dict(cfg)
+    plan = _unpack_plan(q, k, q_slots, k_slots, runs, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    return layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg)
+
+
+_layout_op = attention_op(
+    "layout", "Tensor q_slots, Tensor k_slots, Tensor runs, int n_buckets, float sm_scale, int[] cfg",
+    _layout_forward_op, _layout_backward_op,
+    lse_shape=lambda q, k, v, q_slots, *_: (q.shape[0], q.shape[1], q_slots.numel() // (3 * q.shape[0] * q.shape[1])),
+)
 
 
 def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None, k_pos=None,
@@ -343,6 +469,11 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     cfg = kernel_config(q.shape[-1], q.device, kernel_options)
     B, H, n_q, _ = q.shape
+    if tile_record is None:
+        plan = _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, H, n_q, k.shape[1], k.shape[2],
+                               int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"])
+        return _layout_op(q, k, v, *plan, int(n_buckets), sm_scale, cfg_args(cfg))
+    # Recording is instrumentation for pictures and tests: eager only, not an op.
     ql, kl = bucket_layouts((B, H, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
                             q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=cfg["BLOCK_M"],
                             block_n=cfg["BLOCK_N"], n_k=k.shape[2], device=q.device)
@@ -395,11 +526,13 @@ def permuted_attention(
     a pattern of their own) between layers and want the sparse kernels on it.
 
     Args:
-        q: ``(B, H, Nq, D)``; k, v: ``(B, H, Nk, D)``, in your slot order.
-        q_pos, k_pos: integer ``(B, H, Nq)`` / ``(B, H, Nk)``: each slot's position
+        q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``, in your slot order; ``Hkv``
+            divides ``H`` (grouped-query attention: query head ``h`` uses kv head
+            ``h // (H / Hkv)``, whose slot order the key-side tensors below follow).
+        q_pos, k_pos: integer ``(B, H, Nq)`` / ``(B, Hkv, Nk)``: each slot's position
             (the causal coordinate); ``-1`` marks a padding slot, anywhere.  Real
             positions must ascend along the slots (inside each bucket, with buckets).
-        q_buckets, k_buckets: optional integer ``(B, H, Nq)`` / ``(B, H, Nk)`` ids.
+        q_buckets, k_buckets: optional integer ``(B, H, Nq)`` / ``(B, Hkv, Nk)`` ids.
         n_buckets: ids are in ``[0, n_buckets)``; a slot with another id is treated as
             padding.  Without it, with buckets, it is read off the ids (one host
             synchronisation).
@@ -417,6 +550,9 @@ def permuted_attention(
     _runtime.check_per_token("k_pos", k_pos, k, "int")
     if (q_buckets is None) != (k_buckets is None):
         raise ValueError("give both q_buckets and k_buckets, or neither")
+    if (validate or (q_buckets is not None and n_buckets is None)) and torch.compiler.is_compiling():
+        raise ValueError("under torch.compile, permuted_attention needs n_buckets (with buckets) and "
+                         "validate=False (both would read values back to the host)")
     if q_buckets is not None:
         _runtime.check_per_token("q_buckets", q_buckets, q, "int")
         _runtime.check_per_token("k_buckets", k_buckets, k, "int")

@@ -45,9 +45,11 @@ def qk_sparse_attention(
     """Causal attention restricted to kept queries and kept keys.
 
     Args:
-        q, k, v: ``(B, H, N, D)`` as in :func:`~sparseflash.flash_attention` (one
-            ``N`` for all three: positions are shared).
-        q_keep, k_keep: bool ``(B, H, N)``; heads may keep different counts.
+        q: ``(B, H, N, D)``; k, v: ``(B, Hkv, N, D)``, ``Hkv`` dividing ``H`` (grouped-query
+            attention), as in :func:`~sparseflash.flash_attention` (one ``N`` for all
+            three: positions are shared).
+        q_keep, k_keep: bool ``(B, H, N)`` / ``(B, Hkv, N)``; heads may keep different
+            counts.
         sm_scale: default ``1/sqrt(D)``.
         kernel_options, tile_record: as in :func:`~sparseflash.flash_attention`;
             recorded tiles are in the compacted layout.

@@ -8,6 +8,11 @@ masks built below.
 Convention for an empty row (a query that may attend to no key): its output is 0
 and it passes no gradient, instead of the NaN that ``softmax`` of all ``-inf``
 would give.
+
+Grouped-query attention: k, v (and the key-side masks and buckets) may have ``Hkv``
+heads for ``Hq`` query heads, ``Hkv`` dividing ``Hq``; query head ``h`` uses kv head
+``h // (Hq // Hkv)``.  Here they are simply repeated to ``Hq`` heads (the kernels never
+copy them); the gradients of k and v then sum over each group, as they should.
 """
 from __future__ import annotations
 
@@ -15,6 +20,25 @@ import math
 
 import torch
 from torch import Tensor
+
+
+def repeat_kv(x: Tensor, n_q_heads: int) -> Tensor:
+    """``x`` ``(B, Hkv, ...)`` repeated to ``(B, Hq, ...)``: query head ``h`` gets kv head
+    ``h // (Hq // Hkv)`` (heads grouped contiguously, as SDPA's ``enable_gqa=True``)."""
+    n_kv = x.shape[1]
+    if n_kv == n_q_heads:
+        return x
+    if n_kv == 0 or n_q_heads % n_kv:
+        raise ValueError(f"{n_kv} kv heads do not divide {n_q_heads} query heads")
+    return x.repeat_interleave(n_q_heads // n_kv, dim=1)
+
+
+def _key_side(k_side: Tensor, q_side: Tensor) -> Tensor:
+    """A key-side ``(B, Hkv, N)`` tensor repeated to the query side's heads (other shapes,
+    and one kv head, broadcast as they are)."""
+    if q_side.dim() == k_side.dim() == 3 and k_side.shape[1] not in (1, q_side.shape[1]):
+        return repeat_kv(k_side, q_side.shape[1])
+    return k_side
 
 
 def causal_mask(n_q: int, n_k: int | None = None, device=None) -> Tensor:
@@ -38,7 +62,8 @@ def attention(
     """Naive attention ``softmax(q kᵀ · scale + mask) v``.
 
     Args:
-        q: ``(B, H, N, D)`` queries.  k, v: ``(B, H, M, D)`` keys and values.
+        q: ``(B, H, N, D)`` queries.  k, v: ``(B, Hkv, M, D)`` keys and values, ``Hkv``
+            dividing ``H`` (grouped-query attention; see the module docstring).
         allowed: bool mask broadcastable to ``(B, H, N, M)``; True = may attend.
         sm_scale: score scale, default ``1/sqrt(D)``.
         causal: also require key position <= query position.
@@ -50,6 +75,8 @@ def attention(
     """
     if float64:
         q, k, v = q.double(), k.double(), v.double()
+    if q.dim() == k.dim() == 4:
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     scores = (q @ k.transpose(-1, -2)) * scale
     mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
@@ -72,9 +99,11 @@ def qk_dropping_mask(q_keep: Tensor, k_keep: Tensor) -> Tensor:
     """``(B, H, N, N)`` mask of query/key dropping.
 
     Query i may attend key j iff ``j <= i`` and both ``q_keep[..., i]`` and
-    ``k_keep[..., j]`` are True.  ``q_keep``, ``k_keep``: bool ``(B, H, N)``.
+    ``k_keep[..., j]`` are True.  ``q_keep``: bool ``(B, H, N)``; ``k_keep``: bool
+    ``(B, Hkv, N)``, ``Hkv`` dividing ``H`` (the kv heads of grouped-query attention).
     """
     n = q_keep.shape[-1]
+    k_keep = _key_side(k_keep, q_keep)
     return causal_mask(n, device=q_keep.device) & q_keep[..., :, None] & k_keep[..., None, :]
 
 
@@ -82,8 +111,10 @@ def hash_mask(q_buckets: Tensor, k_buckets: Tensor) -> Tensor:
     """``(B, H, N, N)`` mask of hash-bucket attention.
 
     Query i may attend key j iff ``j <= i`` and ``q_buckets[..., i] ==
-    k_buckets[..., j]``.  Buckets: integer ``(B, H, N)``.
+    k_buckets[..., j]``.  Buckets: integer ``(B, H, N)`` for the queries, ``(B, Hkv, N)``
+    for the keys (``Hkv`` dividing ``H``: the kv heads of grouped-query attention).
     """
     n = q_buckets.shape[-1]
+    k_buckets = _key_side(k_buckets, q_buckets)
     same = q_buckets[..., :, None] == k_buckets[..., None, :]
     return causal_mask(n, device=q_buckets.device) & same

@@ -1,0 +1,228 @@
+"""Registered ops (sparseflash/ops.py): opcheck, torch.compile with no graph break and no
+recompilation on new data, compiled == eager, CUDA graphs (GPU), and the FlexAttention interop.
+
+On CPU the compiled graphs use ``backend="aot_eager"`` (Dynamo + AOT autograd tracing, the
+kernels run through Triton's interpreter); on the GPU, Inductor (the default backend).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import err
+
+import sparseflash as sf
+from sparseflash.flash import _flash_op
+from sparseflash.ops import cfg_args, cfg_dict
+from sparseflash.permuted import _bucket_plan_op, _layout_op
+
+CPU_CFG = [32, 32, 4, 1, 4, 1]
+
+
+def _inputs(B=1, H=2, N=70, D=32, Hkv=None, dtype=torch.float32, device="cpu"):
+    Hkv = H if Hkv is None else Hkv
+    q = torch.randn(B, H, N, D, dtype=dtype, device=device)
+    k, v = (torch.randn(B, Hkv, N, D, dtype=dtype, device=device) for _ in range(2))
+    return q, k, v
+
+
+def _calls(N, B=1, H=2, device="cpu"):
+    """One call of each public attention on fixed random patterns, as ``fn(q, k, v)``."""
+    qb, kb = (torch.randint(0, 4, (B, H, N), device=device) for _ in range(2))
+    qk, kk = (torch.rand(B, H, N, device=device) < 0.6 for _ in range(2))
+    pos = torch.arange(N, device=device).expand(B, H, N)
+    return {
+        "dense": lambda q, k, v: sf.flash_attention(q, k, v),
+        "qk": lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk),
+        "hash": lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4),
+        "permuted": lambda q, k, v: sf.permuted_attention(q, k, v, pos, pos, qb, kb, n_buckets=4),
+    }
+
+
+def _fwd_bwd(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def test_cfg_round_trip():
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3, bwd_num_warps=4, bwd_num_stages=2)
+    assert cfg_dict(cfg_args(cfg)) == cfg
+
+
+def test_opcheck_flash(seed):
+    q, k, v = (t.requires_grad_() for t in _inputs(N=40))
+    torch.library.opcheck(_flash_op.forward_op, (q, k, v, True, 0.2, CPU_CFG))
+    torch.library.opcheck(_flash_op.forward_op, (q.detach(), k.detach(), v.detach(), False, 0.2, CPU_CFG))
+
+
+@pytest.mark.parametrize("kind", ["hash", "qk"])
+def test_opcheck_plan_and_layout(seed, kind):
+    B, H, N = 1, 2, 50
+    q, k, v = (t.requires_grad_() for t in _inputs(B, H, N))
+    if kind == "hash":
+        ids = (torch.randint(0, 3, (B, H, N)), torch.randint(0, 3, (B, H, N)))
+        plan_args = (*ids, None, None, None, None, B, H, N, H, N, 3, 32, 32)
+    else:
+        keep = (torch.rand(B, H, N) < 0.5, torch.rand(B, H, N) < 0.5)
+        plan_args = (None, None, *keep, None, None, B, H, N, H, N, 1, 32, 32)
+    torch.library.opcheck(_bucket_plan_op, plan_args)
+    plan = _bucket_plan_op(*plan_args)
+    torch.library.opcheck(_layout_op.forward_op, (q, k, v, *plan, plan_args[11], 0.2, CPU_CFG))
+
+
+@pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted"])
+def test_compile_fullgraph_matches_eager(seed, kind):
+    """Dynamo traces each public call forward and backward in one graph (fullgraph: a graph
+    break would raise), and the compiled call gives the eager outputs and gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    N = 70
+    fn = _calls(N)[kind]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for _ in range(2):  # new data, same shapes: no recompilation
+        q, k, v = _inputs(N=N)
+        do = torch.randn_like(q)
+        want, got = _fwd_bwd(fn, q, k, v, do), _fwd_bwd(compiled, q, k, v, do)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert err(a, b) == 0.0, f"{kind} {name}: compiled differs from eager"
+    assert counter.frame_count == 1, f"{kind}: compiled {counter.frame_count} times for the same shapes"
+
+
+def test_compile_refuses_host_reads():
+    """Under torch.compile, calls that would read values back to the host raise a clear error."""
+    q, k, v = _inputs(N=20)
+    ids = torch.randint(0, 4, (1, 2, 20))
+    for call in (lambda q: sf.hash_sparse_attention(q, k, v, ids, ids),
+                 lambda q: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=4, validate=True)):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="n_buckets and validate=False"):
+            torch.compile(call, backend="aot_eager", fullgraph=True)(q)
+
+
+@pytest.mark.parametrize("kind", ["hash", "qk"])
+def test_flex_block_mask_matches(seed, kind):
+    """The pattern as FlexAttention's BlockMask (from the same tile plan) gives our output."""
+    from sparseflash.flex import flex_pattern
+
+    B, H, N = 1, 2, 200
+    q, k, v = _inputs(B, H, N)
+    if kind == "hash":
+        qb, kb = torch.randint(0, 3, (B, H, N)), torch.randint(0, 3, (B, H, N))
+        pattern = flex_pattern((B, H, N), q_buckets=qb, k_buckets=kb, n_buckets=3)
+        ours = sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=3)
+    else:
+        qk, kk = torch.rand(B, H, N) < 0.4, torch.rand(B, H, N) < 0.4
+        pattern = flex_pattern((B, H, N), q_keep=qk, k_keep=kk)
+        ours = sf.qk_sparse_attention(q, k, v, qk, kk)
+    assert err(pattern.attention(q, k, v), ours) < 1e-5
+    # The block mask holds exactly the plan's tiles.
+    dense = pattern.block_mask.to_dense()
+    assert torch.equal(dense.bool(), pattern.plan.visited())
+
+
+# --------------------------------------------------------------------------------------
+# GPU: Inductor, CUDA graphs, FlexAttention's compiled kernel
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted"])
+def test_inductor_fullgraph_matches_eager(kind):
+    torch._dynamo.reset()
+    N = 1000
+    fn = _calls(N, B=2, H=4, device="cuda")[kind]
+    compiled = torch.compile(fn, fullgraph=True)
+    for _ in range(2):
+        q, k, v = _inputs(2, 4, N, 64, dtype=torch.bfloat16, device="cuda")
+        do = torch.randn_like(q)
+        want, got = _fwd_bwd(fn, q, k, v, do), _fwd_bwd(compiled, q, k, v, do)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert err(a, b) == 0.0, f"{kind} {name}: compiled differs from eager"
+
+
+def _tiny_model(mode, device="cuda"):
+    from sparseflash.nn import SparseCausalSelfAttention
+
+    torch.manual_seed(0)
+    extra = dict(n_buckets=8) if mode == "hash" else dict(keep_rate=0.5) if mode == "qk" else {}
+    return torch.nn.Sequential(
+        torch.nn.Embedding(100, 128),
+        SparseCausalSelfAttention(128, 4, mode=mode, n_kv_heads=2, **extra),
+        torch.nn.Linear(128, 100),
+    ).to(device=device, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dense", "hash", "qk"])
+def test_model_step_cuda_graph(mode):
+    """A fwd+bwd step of a small model captures in a CUDA graph and replays with new tokens."""
+    model = _tiny_model(mode)
+    tokens = torch.randint(0, 100, (2, 512), device="cuda")
+
+    def step(t):
+        model.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.cross_entropy(model(t).flatten(0, 1).float(), t.flatten())
+        loss.backward()
+        return loss
+
+    static = tokens.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step(static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(static)
+    for _ in range(2):
+        new = torch.randint(0, 100, (2, 512), device="cuda")
+        static.copy_(new)
+        graph.replay()
+        replayed = loss.item(), [p.grad.clone() for p in model.parameters()]
+        want = step(new).item()
+        assert abs(replayed[0] - want) < 1e-3
+        for a, p in zip(replayed[1], model.parameters()):
+            assert err(a, p.grad) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dense", "hash", "qk"])
+def test_model_reduce_overhead(mode):
+    """torch.compile(mode="reduce-overhead") (Inductor + CUDA graphs) of a training step."""
+    torch._dynamo.reset()
+    model = _tiny_model(mode)
+
+    def loss_fn(t):
+        return torch.nn.functional.cross_entropy(model(t).flatten(0, 1).float(), t.flatten())
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        t = torch.randint(0, 100, (2, 512), device="cuda")
+        model.zero_grad()
+        got = compiled(t)
+        got.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        want = loss_fn(t)
+        want.backward()
+        assert abs(got.item() - want.item()) < 2e-2
+        for a, p in zip(grads, model.parameters()):
+            assert err(a, p.grad) < 5e-2
+
+
+@pytest.mark.gpu
+def test_flex_compiled_matches_hash():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparseflash.flex import flex_pattern
+
+    B, H, N, D = 2, 4, 4096, 64
+    q, k, v = _inputs(B, H, N, D, dtype=torch.bfloat16, device="cuda")
+    qb, kb = (torch.randint(0, 8, (B, H, N), device="cuda") for _ in range(2))
+    pattern = flex_pattern((B, H, N), q_buckets=qb, k_buckets=kb, n_buckets=8)
+    got = pattern.attention(q, k, v, kernel=torch.compile(flex_attention))
+    assert err(got, sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=8)) < 1e-2
