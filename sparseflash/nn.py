@@ -1,0 +1,142 @@
+"""``SparseCausalSelfAttention``: what a GPT-style block needs from sparseflash.
+
+One module, three attentions (``mode``):
+
+* ``"dense"``: causal FlashAttention (:func:`~sparseflash.flash_attention`).
+* ``"hash"``: hash-bucket attention (:func:`~sparseflash.hash_sparse_attention`), the
+  paper's hashformer.  Queries and keys are bucketed by angular LSH, per head:
+  each kv head has its own random rotation, drawn once at construction from
+  ``seed`` and kept as a buffer (fixed, not redrawn per step, so a trained model
+  sees the same buckets at evaluation); a query head uses its kv head's rotation.
+  Queries are hashed from their own (normalised) vectors and keys from theirs, with
+  the same rotation, so that a query and the keys it would score highly tend to
+  share a bucket.  Hashing reads q and k before the rotary embedding: buckets follow
+  content, not position.  No gradient flows through the bucket choice.
+* ``"qk"``: query/key dropping (:func:`~sparseflash.qk_sparse_attention`).  With
+  ``qk_gate="topk"`` a learned per-head gate (a linear map of the token) scores each
+  token; each head keeps the ``keep_rate`` best-scoring queries and keys
+  (:func:`~sparseflash.topk_keep`).  So that the gate learns, kept outputs are
+  scaled by ``sigmoid(query score)`` and kept values by ``sigmoid(key score)``: the
+  scores get gradients through the tokens they keep.  Note that top-k over the
+  sequence lets a token's fate depend on later tokens' scores: fine for
+  training-speed studies, not for autoregressive sampling.  With
+  ``qk_gate="random"`` each token is kept with probability ``keep_rate`` (the
+  paper's random dropping), drawn anew each call.
+
+Shapes follow nanoGPT: ``x`` is ``(B, N, C)``; heads ``(B, H, N, D)`` inside.
+Grouped-query attention: ``n_kv_heads`` kv heads shared by ``n_heads // n_kv_heads``
+query heads each (never repeated in memory).  Everything runs on CPU through
+Triton's interpreter (small sizes) and on CUDA, eager or under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .flash import flash_attention
+from .hash_sparse import hash_sparse_attention
+from .hashing import lsh_rotations
+from .qk_sparse import qk_sparse_attention, random_keep, topk_keep
+
+MODES = ("dense", "hash", "qk")
+QK_GATES = ("topk", "random")
+
+
+def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding of ``x`` ``(B, H, N, D)`` (pairs of halves, as in GPT-NeoX)."""
+    N, D = x.shape[-2], x.shape[-1]
+    half = D // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = torch.arange(N, device=x.device, dtype=torch.float32)[:, None] * freq
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half:].float()], dim=-1)
+    return out.to(x.dtype)
+
+
+class SparseCausalSelfAttention(nn.Module):
+    """Causal self-attention for GPT-style models, dense or sparse (see the module docstring).
+
+    Args:
+        embed_dim: model width ``C``.
+        n_heads: query heads ``H``; head dim ``D = C // H`` (16 to 128).
+        mode: ``"dense"``, ``"hash"`` or ``"qk"``.
+        n_kv_heads: key/value heads (GQA/MQA); default ``n_heads``.
+        n_buckets: hash buckets (even, ``mode="hash"``).
+        keep_rate: fraction of queries and keys kept (``mode="qk"``).
+        qk_gate: ``"topk"`` (learned gate) or ``"random"`` (``mode="qk"``).
+        positional: ``"rotary"`` or ``None`` (the caller adds positions elsewhere).
+        bias: biases in the projections.
+        seed: seed of the LSH rotations.
+
+    Shape:
+        ``forward(x)``: ``x`` ``(B, N, C)`` -> ``(B, N, C)``.
+    """
+
+    def __init__(self, embed_dim: int, n_heads: int, *, mode: str = "dense", n_kv_heads: int | None = None,
+                 n_buckets: int = 8, keep_rate: float = 0.5, qk_gate: str = "topk",
+                 positional: str | None = "rotary", bias: bool = False, seed: int = 0):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if embed_dim % n_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by n_heads ({n_heads})")
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if positional not in ("rotary", None):
+            raise ValueError(f"positional must be 'rotary' or None, got {positional!r}")
+        if qk_gate not in QK_GATES:
+            raise ValueError(f"qk_gate must be one of {QK_GATES}, got {qk_gate!r}")
+        if mode == "qk" and not 0.0 < keep_rate <= 1.0:
+            raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+        self.embed_dim, self.n_heads, self.n_kv_heads = embed_dim, n_heads, n_kv_heads
+        self.head_dim = embed_dim // n_heads
+        self.mode, self.n_buckets, self.keep_rate, self.qk_gate = mode, n_buckets, keep_rate, qk_gate
+        self.positional = positional
+        self.qkv = nn.Linear(embed_dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, embed_dim, bias=bias)
+        if mode == "hash":
+            self.register_buffer("rotations", lsh_rotations(self.head_dim, n_buckets, heads=n_kv_heads, seed=seed))
+        if mode == "qk" and qk_gate == "topk":
+            self.gate = nn.Linear(embed_dim, n_heads + n_kv_heads, bias=True)
+
+    def extra_repr(self) -> str:
+        extra = {"hash": f", n_buckets={self.n_buckets}", "qk": f", keep_rate={self.keep_rate}, "
+                 f"qk_gate={self.qk_gate!r}"}.get(self.mode, "")
+        return (f"{self.embed_dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, mode={self.mode!r}"
+                f"{extra}, positional={self.positional!r}")
+
+    def _buckets(self, x: Tensor) -> Tensor:
+        """LSH ids ``(B, heads, N)`` of ``x`` with the rotation of each head's kv head."""
+        group = x.shape[1] // self.n_kv_heads
+        rot = self.rotations.repeat_interleave(group, dim=0).to(torch.float32)
+        y = torch.einsum("bhnd,hdr->bhnr", nn.functional.normalize(x.float(), dim=-1), rot)
+        return torch.cat([y, -y], dim=-1).argmax(dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        if C != self.embed_dim:
+            raise ValueError(f"x must be (batch, seq_len, {self.embed_dim}), got {tuple(x.shape)}")
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
+        if self.mode == "hash":
+            with torch.no_grad():
+                q_buckets, k_buckets = self._buckets(q), self._buckets(k)
+        if self.positional == "rotary":
+            q, k = rotary(q), rotary(k)
+        if self.mode == "dense":
+            y = flash_attention(q, k, v)
+        elif self.mode == "hash":
+            y = hash_sparse_attention(q, k, v, q_buckets, k_buckets, n_buckets=self.n_buckets)
+        elif self.qk_gate == "random":
+            q_keep = random_keep((B, H, N), self.keep_rate, device=x.device)
+            k_keep = random_keep((B, Hkv, N), self.keep_rate, device=x.device)
+            y = qk_sparse_attention(q, k, v, q_keep, k_keep)
+        else:
+            q_score, k_score = self.gate(x).float().transpose(1, 2).split([H, Hkv], dim=1)
+            q_keep, k_keep = topk_keep(q_score, self.keep_rate), topk_keep(k_score, self.keep_rate)
+            v = v * torch.sigmoid(k_score)[..., None].to(v.dtype)
+            y = qk_sparse_attention(q, k, v, q_keep, k_keep) * torch.sigmoid(q_score)[..., None].to(v.dtype)
+        return self.proj(y.transpose(1, 2).reshape(B, N, H * D))
+
