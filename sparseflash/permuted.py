@@ -406,10 +406,7 @@ def _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
     return 3 * B * Hq * Lq, 3 * B * Hkv * Lk, runs
 
 
-@torch.library.custom_op("sparseflash::bucket_plan", mutates_args=(), schema=(
-    "(Tensor? q_buckets, Tensor? k_buckets, Tensor? q_keep, Tensor? k_keep, Tensor? q_pos, Tensor? k_pos, "
-    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n) -> (Tensor, Tensor, Tensor)"))
-def _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets,
+def _bucket_plan(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets,
                     block_m, block_n):
     """Both layouts and the tile plan, flat: ``(q_slots, k_slots, runs)`` (see :func:`_unpack_plan`)."""
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
@@ -419,6 +416,11 @@ def _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n
     tiles = tile_plan(ql, kl)
     return (_packed([ql.index, ql.pos, ql.bucket]), _packed([kl.index, kl.pos, kl.bucket]),
             _packed([tiles.q_runs, tiles.k_runs]))
+
+
+_bucket_plan_op = torch.library.custom_op("sparseflash::bucket_plan", _bucket_plan, mutates_args=(), schema=(
+    "(Tensor? q_buckets, Tensor? k_buckets, Tensor? q_keep, Tensor? k_keep, Tensor? q_pos, Tensor? k_pos, "
+    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n) -> (Tensor, Tensor, Tensor)"))
 
 
 @_bucket_plan_op.register_fake
@@ -470,8 +472,10 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
     cfg = kernel_config(q.shape[-1], q.device, kernel_options)
     B, H, n_q, _ = q.shape
     if tile_record is None:
-        plan = _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, H, n_q, k.shape[1], k.shape[2],
-                               int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"])
+        # The op while torch.compile traces; eager calls skip the dispatcher (see ops.py).
+        plan_fn = _bucket_plan_op if torch.compiler.is_compiling() else _bucket_plan
+        plan = plan_fn(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, H, n_q, k.shape[1], k.shape[2],
+                       int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"])
         return _layout_op(q, k, v, *plan, int(n_buckets), sm_scale, cfg_args(cfg))
     # Recording is instrumentation for pictures and tests: eager only, not an op.
     ql, kl = bucket_layouts((B, H, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,

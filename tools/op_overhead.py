@@ -5,9 +5,10 @@
 For the dense, hash (16 buckets) and query/key-dropping (keep 0.3) calls at B=2, H=12,
 D=64, bf16, one fwd+bwd per call, four ways of calling:
 
-* ``op``: the public function (registered ops + their autograd), eager;
-* ``direct``: the same kernels through a plain ``torch.autograd.Function`` (what the
-  public functions did before the ops), eager: the difference is the ops' wrapper cost;
+* ``eager``: the public function, eager (the launch code through a plain
+  ``torch.autograd.Function``: eager calls skip the op dispatcher);
+* ``op``: the registered ops called explicitly, eager (what a compiled graph runs):
+  the difference to ``eager`` is the op dispatcher's cost;
 * ``compiled``: ``torch.compile(fullgraph=True)`` (Inductor) around the call;
 * ``graphs``: ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs).
 
@@ -26,24 +27,24 @@ import torch
 import triton
 
 import sparseflash as sf
-from sparseflash._steps import KernelAttention, kernel_config
-from sparseflash.flash import flash_backward, flash_forward
-from sparseflash.layout import bucket_layouts, tile_plan
-from sparseflash.permuted import LayoutPlan, layout_backward, layout_forward
+from sparseflash._steps import kernel_config
+from sparseflash.flash import _flash_op
+from sparseflash.ops import cfg_args
+from sparseflash.permuted import _bucket_plan_op, _layout_op
 
 
-def direct_dense(q, k, v):
+def op_dense(q, k, v):
+    """The registered op pair called explicitly (what a compiled graph runs), eagerly."""
     cfg = kernel_config(q.shape[-1], q.device)
-    s = dict(causal=True, sm_scale=q.shape[-1] ** -0.5, cfg=cfg)
-    return KernelAttention.apply(q, k, v, partial(flash_forward, **s), partial(flash_backward, **s))
+    return _flash_op.forward_op(q, k, v, True, q.shape[-1] ** -0.5, cfg_args(cfg))[0]
 
 
-def direct_layout(q, k, v, **pattern):
+def op_layout(q, k, v, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, n_buckets=1):
     cfg = kernel_config(q.shape[-1], q.device)
     B, H, N, _ = q.shape
-    ql, kl = bucket_layouts((B, H, N), block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"], device=q.device, **pattern)
-    s = dict(plan=LayoutPlan(ql, kl, tile_plan(ql, kl)), sm_scale=q.shape[-1] ** -0.5, cfg=cfg)
-    return KernelAttention.apply(q, k, v, partial(layout_forward, **s), partial(layout_backward, **s))
+    plan = _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, None, None, B, H, N, k.shape[1], N, n_buckets,
+                           cfg["BLOCK_M"], cfg["BLOCK_N"])
+    return _layout_op.forward_op(q, k, v, *plan, n_buckets, q.shape[-1] ** -0.5, cfg_args(cfg))[0]
 
 
 def measure(fn, q, k, v, g, reps=100):
@@ -80,15 +81,15 @@ def main():
         qk, kk = torch.rand(B, H, N, device="cuda") < 0.3, torch.rand(B, H, N, device="cuda") < 0.3
         qb, kb = torch.randint(0, 16, (B, H, N), device="cuda"), torch.randint(0, 16, (B, H, N), device="cuda")
         calls = {
-            "dense": (lambda q, k, v: sf.flash_attention(q, k, v), direct_dense),
+            "dense": (lambda q, k, v: sf.flash_attention(q, k, v), op_dense),
             "hash16": (lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16),
-                       partial(direct_layout, q_buckets=qb, k_buckets=kb, n_buckets=16)),
+                       partial(op_layout, q_buckets=qb, k_buckets=kb, n_buckets=16)),
             "qk0.3": (lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk),
-                      partial(direct_layout, q_keep=qk, k_keep=kk)),
+                      partial(op_layout, q_keep=qk, k_keep=kk)),
         }
-        for name, (public, direct) in calls.items():
+        for name, (public, op) in calls.items():
             torch._dynamo.reset()
-            ways = {"op": public, "direct": direct, "compiled": torch.compile(public, fullgraph=True),
+            ways = {"eager": public, "op": op, "compiled": torch.compile(public, fullgraph=True),
                     "graphs": torch.compile(public, mode="reduce-overhead", fullgraph=True)}
             for way, fn in ways.items():
                 try:
