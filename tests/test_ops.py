@@ -54,6 +54,9 @@ def test_opcheck_flash(seed):
     q, k, v = (t.requires_grad_() for t in _inputs(N=40))
     torch.library.opcheck(_flash_op.forward_op, (q, k, v, True, 0.2, CPU_CFG))
     torch.library.opcheck(_flash_op.forward_op, (q.detach(), k.detach(), v.detach(), False, 0.2, CPU_CFG))
+    o, lse2 = _flash_op.forward_op(q.detach(), k.detach(), v.detach(), True, 0.2, CPU_CFG)
+    torch.library.opcheck(_flash_op.backward_op, (q.detach(), k.detach(), v.detach(), o, lse2, torch.randn_like(o),
+                                                  True, 0.2, CPU_CFG))
 
 
 @pytest.mark.parametrize("kind", ["hash", "qk"])
@@ -68,7 +71,11 @@ def test_opcheck_plan_and_layout(seed, kind):
         plan_args = (None, None, *keep, None, None, B, H, N, H, N, 1, 32, 32)
     torch.library.opcheck(_bucket_plan_op, plan_args)
     plan = _bucket_plan_op(*plan_args)
-    torch.library.opcheck(_layout_op.forward_op, (q, k, v, *plan, plan_args[11], 0.2, CPU_CFG))
+    extra = (*plan, plan_args[11], 0.2, CPU_CFG)
+    torch.library.opcheck(_layout_op.forward_op, (q, k, v, *extra))
+    o, lse2 = _layout_op.forward_op(q.detach(), k.detach(), v.detach(), *extra)
+    torch.library.opcheck(_layout_op.backward_op, (q.detach(), k.detach(), v.detach(), o, lse2, torch.randn_like(o),
+                                                   *extra))
 
 
 @pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted"])
