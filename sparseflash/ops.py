@@ -4,7 +4,7 @@
 Every attention in sparseflash is a *forward kernel* ``(q, k, v, ...) -> (o, lse2)``
 and a *backward kernel* ``(do, q, k, v, o, lse2, ...) -> (dq, dk, dv)`` that recomputes
 the tiles from the saved log-sum-exp.  :func:`attention_op` registers such a pair as
-two ops, ``sparseflash::<name>_forward`` and ``sparseflash::<name>_backward``, with
+two ops, ``sparseflash::<name>_forward`` and ``sparseflash::<name>_backward`` (:func:`define_op`), with
 
 * a *fake* implementation (output shapes and dtypes only), so that Dynamo and AOT
   autograd trace through the op without running it, and without a graph break;
@@ -46,6 +46,25 @@ def cfg_dict(args: Sequence[int]) -> dict:
     return dict(zip(CFG_KEYS, (int(a) for a in args)))
 
 
+#: The ``sparseflash`` op namespace.
+LIB = torch.library.Library("sparseflash", "FRAGMENT")
+
+
+def define_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverload:
+    """Define ``sparseflash::name`` with ``schema`` and ``impl`` as its CPU and CUDA kernel.
+
+    Plain ``Library.define`` / ``impl`` rather than ``torch.library.custom_op``: the
+    latter wraps every call in checks (outputs may not alias inputs) that cost about
+    0.6 ms per call on the H100 host we measured, more than a sparse call's whole GPU
+    time at N=4096 (NOTES.md, issue 11).  Our kernels never return an input or a view
+    of one, so the check buys nothing here; ``opcheck`` in the tests verifies it.
+    """
+    LIB.define(name + schema)
+    for key in ("CPU", "CUDA"):
+        LIB.impl(name, impl, key)
+    return getattr(torch.ops.sparseflash, name).default
+
+
 def attention_op(
     name: str,
     extra_schema: str,
@@ -69,20 +88,18 @@ def attention_op(
         ``apply(q, k, v, *extra) -> o``, differentiable in ``q, k, v``: the ops while
         ``torch.compile`` traces, the same two functions directly when eager.
     """
-    fwd_name, bwd_name = f"sparseflash::{name}_forward", f"sparseflash::{name}_backward"
-    forward_op = torch.library.custom_op(
-        fwd_name, forward, mutates_args=(),
-        schema=f"(Tensor q, Tensor k, Tensor v, {extra_schema}) -> (Tensor, Tensor)")
-    backward_op = torch.library.custom_op(
-        bwd_name, backward, mutates_args=(),
-        schema=f"(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse2, Tensor do, {extra_schema}) "
-               f"-> (Tensor, Tensor, Tensor)")
+    forward_op = define_op(f"{name}_forward", f"(Tensor q, Tensor k, Tensor v, {extra_schema}) -> (Tensor, Tensor)",
+                           forward)
+    backward_op = define_op(
+        f"{name}_backward",
+        f"(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse2, Tensor do, {extra_schema}) -> (Tensor, Tensor, Tensor)",
+        backward)
 
-    @forward_op.register_fake
+    @torch.library.register_fake(f"sparseflash::{name}_forward", lib=LIB)
     def _(q, k, v, *extra):
         return q.new_empty(q.shape), q.new_empty(lse_shape(q, k, v, *extra), dtype=torch.float32)
 
-    @backward_op.register_fake
+    @torch.library.register_fake(f"sparseflash::{name}_backward", lib=LIB)
     def _(q, k, v, o, lse2, do, *extra):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -103,7 +120,7 @@ def attention_op(
         dq, dk, dv = backward_op(q, k, v, o, lse2, do.contiguous(), *extra)
         return (dq, dk, dv, *([None] * len(extra)))
 
-    forward_op.register_autograd(derivative, setup_context=setup_context)
+    torch.library.register_autograd(f"sparseflash::{name}_forward", derivative, setup_context=setup_context, lib=LIB)
 
     def apply(q: Tensor, k: Tensor, v: Tensor, *extra) -> Tensor:
         if torch.compiler.is_compiling():

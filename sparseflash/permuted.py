@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
-from .ops import attention_op, cfg_args, cfg_dict
+from .ops import LIB, attention_op, cfg_args, cfg_dict, define_op
 from ._steps import (
     LOG2E,
     KernelAttention,
@@ -418,12 +418,13 @@ def _bucket_plan(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q,
             _packed([tiles.q_runs, tiles.k_runs]))
 
 
-_bucket_plan_op = torch.library.custom_op("sparseflash::bucket_plan", _bucket_plan, mutates_args=(), schema=(
+_bucket_plan_op = define_op("bucket_plan", (
     "(Tensor? q_buckets, Tensor? k_buckets, Tensor? q_keep, Tensor? k_keep, Tensor? q_pos, Tensor? k_pos, "
-    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n) -> (Tensor, Tensor, Tensor)"))
+    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n) -> (Tensor, Tensor, Tensor)"),
+    _bucket_plan)
 
 
-@_bucket_plan_op.register_fake
+@torch.library.register_fake("sparseflash::bucket_plan", lib=LIB)
 def _(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     sizes = _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n)

@@ -10,7 +10,9 @@ D=64, bf16, one fwd+bwd per call, four ways of calling:
 * ``op``: the registered ops called explicitly, eager (what a compiled graph runs):
   the difference to ``eager`` is the op dispatcher's cost;
 * ``compiled``: ``torch.compile(fullgraph=True)`` (Inductor) around the call;
-* ``graphs``: ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs).
+* ``graphs``: ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs);
+* ``cuda_graph``: the eager fwd+bwd captured once with ``torch.cuda.graph`` and replayed
+  (what a training loop that graphs its whole step pays per call).
 
 Per way: *wall* = host clock over 100 back-to-back calls with one final sync, per call
 (what a training loop pays when the host is the bottleneck); *busy* = the GPU's kernel
@@ -47,8 +49,22 @@ def op_layout(q, k, v, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None,
     return _layout_op.forward_op(q, k, v, *plan, n_buckets, q.shape[-1] ** -0.5, cfg_args(cfg))[0]
 
 
-def measure(fn, q, k, v, g, reps=100):
-    step = lambda: fn(q, k, v).backward(g)  # noqa: E731
+def graphed(fn, q, k, v, g):
+    """A whole eager fwd+bwd captured once in a CUDA graph (static q, k, v, g); returns replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(q, k, v).backward(g)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(q, k, v).backward(g)
+    return graph.replay
+
+
+def measure(fn, q, k, v, g, reps=100, replay=None):
+    step = replay or (lambda: fn(q, k, v).backward(g))  # noqa: E731
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -63,7 +79,8 @@ def measure(fn, q, k, v, g, reps=100):
             step()
         torch.cuda.synchronize()
     busy = sum(e.device_time for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 10 / 1e3
-    med = triton.testing.do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v], return_mode="median")
+    med = triton.testing.do_bench(step, warmup=10, rep=50, grad_to_none=None if replay else [q, k, v],
+                                  return_mode="median")
     return dict(wall_ms=wall, busy_ms=busy, do_bench_ms=med, wall_over_busy=wall / busy)
 
 
@@ -91,9 +108,10 @@ def main():
             torch._dynamo.reset()
             ways = {"eager": public, "op": op, "compiled": torch.compile(public, fullgraph=True),
                     "graphs": torch.compile(public, mode="reduce-overhead", fullgraph=True)}
+            ways["cuda_graph"] = public
             for way, fn in ways.items():
                 try:
-                    row = measure(fn, q, k, v, g)
+                    row = measure(fn, q, k, v, g, replay=graphed(fn, q, k, v, g) if way == "cuda_graph" else None)
                 except Exception as e:  # noqa: BLE001
                     row = dict(error=repr(e)[:300])
                 row.update(call=name, way=way, N=N, B=B, H=H, D=D)
