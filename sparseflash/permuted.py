@@ -472,16 +472,17 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     cfg = kernel_config(q.shape[-1], q.device, kernel_options)
     B, H, n_q, _ = q.shape
-    if tile_record is None:
-        # The op while torch.compile traces; eager calls skip the dispatcher (see ops.py).
-        plan_fn = _bucket_plan_op if torch.compiler.is_compiling() else _bucket_plan
-        plan = plan_fn(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, H, n_q, k.shape[1], k.shape[2],
-                       int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"])
+    if torch.compiler.is_compiling():
+        if tile_record is not None:
+            raise ValueError("tile_record is eager-only instrumentation: call without torch.compile to record")
+        plan = _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, H, n_q, k.shape[1], k.shape[2],
+                               int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"])
         return _layout_op(q, k, v, *plan, int(n_buckets), sm_scale, cfg_args(cfg))
-    # Recording is instrumentation for pictures and tests: eager only, not an op.
+    # Eager: the same layouts, plan and kernels without the ops' packing and dispatch
+    # (each costs host time: NOTES.md, issue 11).
     ql, kl = bucket_layouts((B, H, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
                             q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=cfg["BLOCK_M"],
-                            block_n=cfg["BLOCK_N"], n_k=k.shape[2], device=q.device)
+                            block_n=cfg["BLOCK_N"], n_k=k.shape[2], k_heads=k.shape[1], device=q.device)
     plan = LayoutPlan(ql, kl, tile_plan(ql, kl))
     if tile_record is not None:
         tile_record.start(kind, cfg)
