@@ -171,3 +171,43 @@ def test_ddp_two_processes_match_one(sample, tmp_path):
                             device="cpu", progress=False, out_dir=str(tmp_path / "one")))
     np.testing.assert_allclose([s["loss"] for s in ddp["steps"]], [s["loss"] for s in one["steps"]], rtol=1e-5)
     np.testing.assert_allclose([v["loss"] for v in ddp["val"]], [v["loss"] for v in one["val"]], rtol=1e-5)
+
+
+def test_experiment_results_file(tmp_path, capsys, monkeypatch):
+    """Rows per configuration, ratios to sdpa and to no attention, a refused overwrite, --resume
+    skipping what is done and finishing a loss run the time budget stopped."""
+    from sparseflash.train import experiment
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"".join(p.read_bytes() for p in sorted(SAMPLE.rglob("*.txt"))))
+    out = tmp_path / "train_cpu.json"
+    flags = ["--out", str(out), "--device", "cpu", "--data", str(text), "--work-dir", str(tmp_path / "runs"),
+             "--speed-seq-lens", "64", "--speed-model", "1x32x2", "--speed-tokens", "128", "--speed-configs", "sdpa",
+             "none", "--warmup", "1", "--timed", "2", "--loss-seq-len", "64", "--loss-model", "1x32x2",
+             "--loss-batch", "1", "--loss-steps", "6", "--eval-every", "3", "--eval-windows", "2", "--no-progress"]
+    assert experiment.main(flags + ["--phase", "speed"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["status"]) for r in rows] == [("sdpa", "ok"), ("none", "ok")]
+    sdpa = rows[0]
+    assert sdpa["speedup_vs_sdpa"] == 1.0 and sdpa["none_ms"] == rows[1]["step_ms"]
+    assert sdpa["attention_share"] == pytest.approx(1 - rows[1]["step_ms"] / sdpa["step_ms"])
+    assert experiment.main(flags) == 2  # exists: refused
+    assert "--resume" in capsys.readouterr().err
+    loss = ["--phase", "loss", "--loss-configs", "dense", "sdpa", "--resume"]
+    with monkeypatch.context() as m:  # the time budget runs out after the first step of the first loss run
+        m.setattr(experiment, "train", lambda cfg, data: train(dataclasses.replace(cfg, time_budget=0.0), data=data))
+        assert experiment.main(flags + loss + ["--time-budget", "1000"]) == 0
+    data = json.loads(out.read_text())
+    partial = [r for r in data["rows"] if r["phase"] == "loss"]
+    assert [(r["name"], r["status"]) for r in partial] == [("dense", "partial")] and not data["meta"]["complete"]
+    assert experiment.main(flags + loss) == 0
+    data = json.loads(out.read_text())
+    loss_rows = {r["name"]: r for r in data["rows"] if r["phase"] == "loss"}
+    assert {r["status"] for r in loss_rows.values()} == {"ok"} and data["meta"]["complete"]
+    dense = loss_rows["dense"]
+    assert dense["steps_done"] == 6 and [p["step"] for p in dense["curve"]] == [0, 3, 6]
+    assert len(dense["segments"]) == 2 and dense["is_reference"] and dense["speedup_to_reference"] == 1.0
+    assert loss_rows["sdpa"]["reference"] == "dense"
+    assert len(data["rows"]) == 4 and len(data["meta"]["previous_invocations"]) == 2
+    assert experiment.reach([{"step": 0, "time_s": 0.0, "loss": 5.0}, {"step": 10, "time_s": 2.0, "loss": 3.0}],
+                            4.0) == (1.0, 5.0)

@@ -194,7 +194,9 @@ class Stepper:
     def __init__(self, model, wrapped, opt, cfg: TrainConfig, data, d: Dist):
         self.model, self.wrapped, self.opt, self.cfg, self.data, self.d = model, wrapped, opt, cfg, data, d
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, sync_loss: bool = True):
+        """Step ``step`` (0-based); returns the mean loss over the global batch (a float, or a
+        device tensor with ``sync_loss=False``, which then does not wait for the device)."""
         cfg, d = self.cfg, self.d
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -219,7 +221,7 @@ class Stepper:
         if d.ddp:
             dist.all_reduce(total)
             total /= d.world
-        return float(total)
+        return float(total) if sync_loss else total
 
 
 @torch.no_grad()
