@@ -15,6 +15,11 @@ by :mod:`sparseflash.tiles`, which the tests check against the kernels):
   ``status == "ok"``, are left out with a printed note, and so are rows not timed on a GPU
   (files with ``meta.interpreter`` true, rows whose ``timer`` is ``interpreter-wallclock`` or
   ``cpu-wallclock``): interpreter timings are never drawn as GPU speed-ups.
+- ``train_speed.png`` and ``train_loss.png``, only when ``results/train_*.json`` hold rows of
+  ``python -m sparseflash.train.experiment`` (see :func:`train_speed_figure` and
+  :func:`train_loss_figure`): training step throughput per attention and sequence length,
+  with the no-attention ceiling, and validation loss against steps and training time.
+  These files are not benchmark records: :func:`load_results` leaves them out.
 """
 from __future__ import annotations
 
@@ -46,6 +51,11 @@ SPEED_STYLES = {"ours": ("-", "ours"), "flex_kernel": ("--", "flex, kernel"), "f
 SPEED_PARAM_COLORS = ("C3", "C4", "C5", "C6", "C8", "C9")
 #: ``timer`` values of rows that are not GPU timings (``python -m sparseflash.bench`` on a CPU).
 NON_GPU_TIMERS = ("interpreter-wallclock", "cpu-wallclock")
+#: Result files of ``python -m sparseflash.train.experiment`` (drawn by the training figures only).
+TRAIN_GLOB = "train_*.json"
+#: Training configurations in drawing order, with their colours.
+TRAIN_COLORS = {"sdpa": "C0", "sdpa_cudnn": "C1", "dense": "C2", "hash16": "C3", "hash32": "C4", "qk0.5": "C5",
+                "qk0.3": "C6", "none": "0.5"}
 
 def _pyplot():
     import matplotlib.pyplot as plt
@@ -113,10 +123,13 @@ def load_results(folder) -> list[dict]:
     writes; ``meta["device"]`` is copied into rows without one, and rows of a file with
     ``meta["interpreter"]`` true get ``_interpreter: True``), a dict with a
     ``"records"`` / ``"results"`` list, a list of records, or one record.  Unreadable
-    files are skipped with a note.
+    files are skipped with a note, and so are training results (:data:`TRAIN_GLOB`, read
+    by :func:`load_train_results`).
     """
     records: list[dict] = []
     for path in sorted(Path(folder).glob("*.json")):
+        if path.match(TRAIN_GLOB):
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -288,6 +301,130 @@ def speed_figures(records: list[dict], out) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------
+# Training (from python -m sparseflash.train.experiment results)
+# --------------------------------------------------------------------------------------
+
+
+def load_train_results(folder) -> list[dict]:
+    """Rows of ``folder/train_*.json`` (``{"meta", "rows"}`` of ``python -m
+    sparseflash.train.experiment``), each with ``_file`` and ``device``.  Files of runs in
+    Triton's interpreter (``meta.interpreter``) are left out with a note: not GPU timings."""
+    rows = []
+    for path in sorted(Path(folder).glob(TRAIN_GLOB)):
+        try:
+            data = json.loads(path.read_text())
+            meta, file_rows = data.get("meta", {}), data["rows"]
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            print(f"figures: skipping {path}: {exc}")
+            continue
+        if meta.get("interpreter"):
+            print(f"figures: skipping {path.name}: measured in Triton's interpreter (not GPU timings)")
+            continue
+        rows += [dict(r, _file=path.name, device=r.get("device") or meta.get("device")) for r in file_rows
+                 if isinstance(r, dict)]
+    return rows
+
+
+def _train_order(name: str) -> tuple:
+    names = list(TRAIN_COLORS)
+    return (names.index(name) if name in names else len(names), name)
+
+
+def train_speed_figure(rows: list[dict], path=None):
+    """Training throughput (tokens/s) per attention, one panel per sequence length, from the
+    ``phase == "speed"`` rows with ``status == "ok"``; each bar says its speed-up over SDPA
+    FlashAttention-2, and the grey line is the model with no attention (Amdahl's ceiling).
+    Returns the figure, or None (with a note) if there are no such rows."""
+    rows = [r for r in rows if r.get("phase") == "speed" and r.get("status") == "ok" and r.get("tokens_per_s")]
+    if not rows:
+        print("figures: no training speed rows; no train_speed figure")
+        return None
+    plt = _pyplot()
+    lens = sorted({int(r["seq_len"]) for r in rows})
+    fig, axes = plt.subplots(1, len(lens), figsize=(5.2 * len(lens), 3.8), squeeze=False, constrained_layout=True)
+    for ax, n in zip(axes[0], lens):
+        mine = sorted((r for r in rows if int(r["seq_len"]) == n), key=lambda r: _train_order(r["name"]))
+        bars = [r for r in mine if r["name"] != "none"]
+        y = range(len(bars))
+        ax.barh(list(y), [r["tokens_per_s"] / 1e3 for r in bars],
+                color=[TRAIN_COLORS.get(r["name"], "C7") for r in bars])
+        ax.set_yticks(list(y), [r["name"] for r in bars])
+        ax.invert_yaxis()
+        for i, r in enumerate(bars):
+            label = f" {r['speedup_vs_sdpa']:.2f}x" if r.get("speedup_vs_sdpa") else ""
+            ax.text(r["tokens_per_s"] / 1e3, i, label, va="center", fontsize=9)
+        none = next((r for r in mine if r["name"] == "none"), None)
+        if none:
+            ax.axvline(none["tokens_per_s"] / 1e3, color="0.4", ls="--", lw=1.2)
+            ax.text(none["tokens_per_s"] / 1e3, len(bars) - 0.6, " no attention\n (ceiling)", color="0.3",
+                    fontsize=9, va="bottom")
+        ax.set_xlim(0, max([r["tokens_per_s"] for r in mine]) / 1e3 * 1.25)
+        ax.set_xlabel("thousand tokens / s (training step)")
+        r0 = mine[0]
+        ax.set_title(f"N = {n}: model {r0.get('model')}, {r0.get('tokens_per_step')} tokens/step", fontsize=10.5)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Training throughput on {_values(rows, 'device') or 'an unknown device'} "
+                 "(label: speed-up over SDPA FlashAttention-2)", fontsize=12)
+    if path is not None:
+        fig.savefig(path, dpi=DPI)
+    return fig
+
+
+def train_loss_figure(rows: list[dict], path=None):
+    """Validation loss (nats per byte) of the ``phase == "loss"`` rows against steps (left) and
+    training time (right); the dotted line is the reference run's final loss, and a dot marks
+    where each run reaches it.  Returns the figure, or None (with a note) if there are no rows."""
+    rows = sorted((r for r in rows if r.get("phase") == "loss" and r.get("curve")),
+                  key=lambda r: _train_order(r["name"]))
+    if not rows:
+        print("figures: no training loss rows; no train_loss figure")
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, constrained_layout=True)
+    for r in rows:
+        c = [p for p in r["curve"] if p["step"] > 0]
+        color = TRAIN_COLORS.get(r["name"], "C7")
+        label = f"{r['name']}: {r['final_val_loss']:.3f}" + ("" if r.get("status") == "ok" else " (partial)")
+        axes[0].plot([p["step"] for p in c], [p["loss"] for p in c], color=color, marker=".", label=label)
+        axes[1].plot([p["time_s"] for p in c], [p["loss"] for p in c], color=color, marker=".")
+        if r.get("time_to_reference_s") is not None:
+            axes[1].plot(r["time_to_reference_s"], r["reference_final_val_loss"], "o", color=color, ms=7)
+    target = next((r.get("reference_final_val_loss") for r in rows if r.get("reference_final_val_loss")), None)
+    for ax in axes:
+        if target:
+            ax.axhline(target, color="k", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+    points = [p for r in rows for p in r["curve"] if p["step"] > 0]
+    lo, hi = min(p["loss"] for p in points), max(p["loss"] for p in points)
+    last = max(p["step"] for p in points)
+    top = max((p["loss"] for p in points if p["step"] >= 0.1 * last), default=hi)  # from 10% of the steps on
+    axes[0].set_ylim(lo - 0.05 * (top - lo), top + 0.05 * (top - lo))
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training time (s)")
+    axes[0].set_ylabel("validation loss (nats / byte)")
+    axes[0].legend(title="final validation loss", fontsize=9)
+    r0 = rows[0]
+    fig.suptitle(f"Validation loss, N = {r0.get('seq_len')}, model {r0.get('model')}, on "
+                 f"{_values(rows, 'device') or 'an unknown device'}", fontsize=12)
+    if path is not None:
+        fig.savefig(path, dpi=DPI)
+    return fig
+
+
+def train_figures(folder, out) -> list[Path]:
+    """``train_speed.png`` and ``train_loss.png`` in ``out`` from ``folder/train_*.json``; the paths written."""
+    plt = _pyplot()
+    rows = load_train_results(folder)
+    written = []
+    for name, make in (("train_speed.png", train_speed_figure), ("train_loss.png", train_loss_figure)):
+        fig = make(rows, Path(out) / name) if rows else None
+        if fig is not None:
+            plt.close(fig)
+            written.append(Path(out) / name)
+    return written
+
+
+# --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
 
@@ -309,6 +446,8 @@ def build_all(out, results=None) -> list[Path]:
               "no speed figure")
     else:
         written += speed_figures(records, out)
+    if results.is_dir() and any(results.glob(TRAIN_GLOB)):
+        written += train_figures(results, out)
     return written
 
 

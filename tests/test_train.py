@@ -211,3 +211,57 @@ def test_experiment_results_file(tmp_path, capsys, monkeypatch):
     assert len(data["rows"]) == 4 and len(data["meta"]["previous_invocations"]) == 2
     assert experiment.reach([{"step": 0, "time_s": 0.0, "loss": 5.0}, {"step": 10, "time_s": 2.0, "loss": 3.0}],
                             4.0) == (1.0, 5.0)
+
+
+def _fake_results(path: Path, *, interpreter=False):
+    """A results file in the experiment's schema with made-up GPU numbers."""
+    from sparseflash.train.experiment import add_ratios
+
+    rows = [dict(phase="speed", name=name, seq_len=n, model="12x768x12", tokens_per_step=16384, compile=False,
+                 max_steps=None, status="ok", step_ms=ms * n / 8192, tokens_per_s=16384 / (ms * n / 8192) * 1e3)
+            for n in (8192, 16384) for name, ms in (("sdpa", 60), ("dense", 66), ("hash16", 40), ("none", 30))]
+    for name, rate, step_s in (("dense", 1.0, 0.1), ("hash16", 1.0, 0.05), ("qk0.5", 0.5, 0.05)):
+        curve = [dict(step=s, tokens=s * 100, loss=5.5 - s / 100 * rate, ppl=1.0, time_s=s * step_s, wall_s=s)
+                 for s in range(0, 301, 50)]
+        rows.append(dict(phase="loss", name=name, seq_len=8192, model="6x512x8", tokens_per_step=32768, compile=False,
+                         max_steps=300, status="ok", is_reference=name == "dense", curve=curve,
+                         final_val_loss=curve[-1]["loss"]))
+    add_ratios(rows)
+    path.write_text(json.dumps({"meta": {"device": "NVIDIA H100 80GB HBM3", "interpreter": interpreter},
+                                "rows": rows}))
+    return rows
+
+
+def test_ratios_of_made_up_results(tmp_path):
+    rows = _fake_results(tmp_path / "train_h100.json")
+    hash16 = next(r for r in rows if r["name"] == "hash16" and r["phase"] == "speed" and r["seq_len"] == 8192)
+    assert hash16["speedup_vs_sdpa"] == pytest.approx(1.5) and hash16["attention_share"] == pytest.approx(0.25)
+    loss = {r["name"]: r for r in rows if r["phase"] == "loss"}
+    assert loss["dense"]["time_to_reference_s"] == pytest.approx(30.0) and loss["dense"]["reference"] == "dense"
+    assert loss["hash16"]["time_to_reference_s"] == pytest.approx(15.0)
+    assert loss["hash16"]["speedup_to_reference"] == pytest.approx(2.0)
+    assert loss["qk0.5"]["time_to_reference_s"] is None and loss["qk0.5"]["speedup_to_reference"] is None
+
+
+def test_training_figures(tmp_path, capsys, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparseflash import figures
+
+    for name in ("tile_maps_figure", "computed_fraction_figure"):  # not under test here, and slow
+        monkeypatch.setattr(figures, name, lambda path: plt.figure())
+
+    res = tmp_path / "results"
+    res.mkdir()
+    _fake_results(res / "train_h100.json")
+    _fake_results(res / "train_cpu.json", interpreter=True)
+    assert figures.load_results(res) == []  # not benchmark records
+    rows = figures.load_train_results(res)
+    assert {r["_file"] for r in rows} == {"train_h100.json"} and "interpreter" in capsys.readouterr().out
+    written = figures.build_all(tmp_path / "figs", res)
+    names = [p.name for p in written]
+    assert "train_speed.png" in names and "train_loss.png" in names
+    assert figures.train_loss_figure([]) is None and figures.train_speed_figure([{"phase": "loss"}]) is None
