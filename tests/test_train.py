@@ -265,3 +265,26 @@ def test_training_figures(tmp_path, capsys, monkeypatch):
     names = [p.name for p in written]
     assert "train_speed.png" in names and "train_loss.png" in names
     assert figures.train_loss_figure([]) is None and figures.train_speed_figure([{"phase": "loss"}]) is None
+
+
+def test_notebook_07_checkers(capsys):
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        from solutions import ex07
+    finally:
+        sys.path.remove(str(ROOT / "notebooks"))
+    from sparseflash.train import exercises
+
+    assert exercises.check_predicted_step_ms(ex07.predicted_step_ms)
+    assert exercises.check_time_to_reach(ex07.time_to_reach)
+    assert not exercises.check_predicted_step_ms(lambda dense, none, s: dense / s)
+    assert "rest of the step" in capsys.readouterr().out
+    assert not exercises.check_time_to_reach(lambda c, t: next((p["time_s"] for p in c if p["loss"] <= t), None))
+    assert "interpolate" in capsys.readouterr().out
+    assert not exercises.check_time_to_reach(lambda c, t: 0.0)  # "never reached" must be None
+
+    def todo(*args):
+        raise NotImplementedError
+
+    assert not exercises.check_time_to_reach(todo)
+    assert "not attempted" in capsys.readouterr().out
