@@ -17,7 +17,8 @@ Two phases, each a list of configurations (``sdpa``, ``sdpa_cudnn``, ``dense``, 
   against training time, and the time each run takes to reach the final validation loss of the
   first one (the dense run).
 
-**Results** go to ``--out`` (``{"meta": ..., "rows": [...]}``, one row per configuration,
+**Results** go to ``--out`` (default ``results/train_<device>.json``: ``results/train_h100.json``
+on an H100; ``{"meta": ..., "rows": [...]}``, one row per configuration,
 rewritten through a temporary file after each one).  A results file is never destroyed: an
 existing one is refused unless ``--resume`` (extend it: configurations already measured with
 the same setup are skipped) or ``--force`` (move it to ``<name>.bak-<time>`` and start anew).
@@ -334,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
                                 description="Training speed and loss of dense, hash and query/key-dropping "
                                             "attention (results JSON; see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="results/train_h100.json", help="results file")
+    p.add_argument("--out", help="results file (default: results/train_<device>.json, e.g. results/train_h100.json "
+                                 "on an H100, results/train_cpu-interpreter.json on a CPU)")
     p.add_argument("--phase", choices=("speed", "loss", "all"), default="all")
     p.add_argument("--resume", action="store_true", help="extend --out, skipping what is done; resume loss runs")
     p.add_argument("--force", action="store_true", help="move an existing --out aside and start anew")
@@ -405,6 +407,11 @@ def main(argv=None) -> int:
     start = time.time()
     deadline = start + args.time_budget if args.time_budget is not None else math.inf
     meta = make_meta(args, argv)
+    if args.out is None:
+        from ..bench.results import device_slug
+
+        args.out = f"results/train_{device_slug(meta['device'], meta['device_type'], meta['interpreter'])}.json"
+        meta["config"]["out"] = args.out
     try:
         results = Results(Path(args.out), meta, resume=args.resume, force=args.force)
     except Refused as e:
