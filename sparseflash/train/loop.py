@@ -134,6 +134,8 @@ def setup(device: str = "auto") -> Dist:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 parts outside autocast
+        torch.backends.cudnn.allow_tf32 = True
     owns = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -201,6 +203,8 @@ class Stepper:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x_all, y_all = self.data.train_batch(step, global_batch(cfg, d.world), cfg.seq_len, cfg.seed)
+        if d.device.type == "cuda":  # pinned: the copies below do not wait for the GPU
+            x_all, y_all = x_all.pin_memory(), y_all.pin_memory()
         total = torch.zeros((), device=d.device)
         for m in range(cfg.grad_accum):
             rows = slice((m * d.world + d.rank) * cfg.batch_size, (m * d.world + d.rank + 1) * cfg.batch_size)
