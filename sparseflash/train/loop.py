@@ -132,6 +132,8 @@ def setup(device: str = "auto") -> Dist:
     if device == "auto":
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" means this process's GPU
+        dev = torch.device("cuda", local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # the float32 parts outside autocast
