@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .flash import flash_attention
 from .hash_sparse import hash_sparse_attention
-from .hashing import lsh_rotations
+from .hashing import lsh_buckets, lsh_rotations
 from .qk_sparse import qk_sparse_attention, random_keep, topk_keep
 
 MODES = ("dense", "hash", "qk")
@@ -110,9 +110,8 @@ class SparseCausalSelfAttention(nn.Module):
     def _buckets(self, x: Tensor) -> Tensor:
         """LSH ids ``(B, heads, N)`` of ``x`` with the rotation of each head's kv head."""
         group = x.shape[1] // self.n_kv_heads
-        rot = self.rotations.repeat_interleave(group, dim=0).to(torch.float32)
-        y = torch.einsum("bhnd,hdr->bhnr", nn.functional.normalize(x.float(), dim=-1), rot)
-        return torch.cat([y, -y], dim=-1).argmax(dim=-1)
+        rot = self.rotations.repeat_interleave(group, dim=0)
+        return lsh_buckets(nn.functional.normalize(x.float(), dim=-1), self.n_buckets, rotations=rot)
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape

@@ -5,17 +5,14 @@
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, "tools")
 import sparseflash as sf  # noqa: E402
 from op_overhead import op_layout  # noqa: E402
+from sparse_speed import host_cost  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--n", type=int, default=4096)
@@ -28,23 +25,4 @@ qb, kb = (torch.randint(0, 16, (B, H, N), device="cuda") for _ in range(2))
 ways = {"eager": lambda: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16),
         "op": lambda: op_layout(q, k, v, q_buckets=qb, k_buckets=kb, n_buckets=16)}
 for name, call in ways.items():
-    for _ in range(10):
-        call().backward(g)
-    torch.cuda.synchronize()
-    for what, fn in (("fwd", lambda: call()), ("fwd+bwd", lambda: call().backward(g))):
-        t0 = time.perf_counter()
-        for _ in range(args.reps):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        print(f"{name} {what}: {(t1 - t0) / args.reps * 1e6:.0f} us host per call", flush=True)
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(args.reps):
-        call().backward(g)
-    torch.cuda.synchronize()
-    pr.disable()
-    st = io.StringIO()
-    pstats.Stats(pr, stream=st).sort_stats("tottime").print_stats(25)
-    print(f"--- cProfile {name}, {args.reps} fwd+bwd calls ---")
-    print("\n".join(line[:160] for line in st.getvalue().splitlines()[4:40]), flush=True)
+    host_cost(name, call, g, args.reps, rows=25)

@@ -92,9 +92,6 @@ def profile(fn, q, k, v, g, reps=5):
 
 def host_profile(N=1024, reps=50):
     """cProfile of eager fwd+bwd calls at a size where the host is the bottleneck."""
-    import cProfile
-    import io
-    import pstats
     B, H, D = 2, 12, 64
     q, k, v, g = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -104,27 +101,35 @@ def host_profile(N=1024, reps=50):
              "qk": lambda: sf.qk_sparse_attention(q, k, v, qk, kk),
              "hash": lambda: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16)}
     for name, call in calls.items():
-        for _ in range(5):
-            call().backward(g)
-        torch.cuda.synchronize()
-        for what, fn in (("fwd", lambda: call()), ("fwd+bwd", lambda: call().backward(g))):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            print(f"host {name} {what}: {(t1 - t0) / reps * 1e3:.3f} ms per call issued "
-                  f"({(time.perf_counter() - t0) / reps * 1e3:.3f} with the final sync)", flush=True)
-        pr = cProfile.Profile()
-        pr.enable()
+        host_cost(name, call, g, reps)
+
+
+def host_cost(name, call, g, reps, rows=18):
+    """Host time per issued call (fwd, fwd+bwd), then a cProfile of ``reps`` fwd+bwd calls."""
+    import cProfile
+    import io
+    import pstats
+    for _ in range(5):
+        call().backward(g)
+    torch.cuda.synchronize()
+    for what, fn in (("fwd", lambda: call()), ("fwd+bwd", lambda: call().backward(g))):
+        t0 = time.perf_counter()
         for _ in range(reps):
-            call().backward(g)
+            fn()
+        t1 = time.perf_counter()
         torch.cuda.synchronize()
-        pr.disable()
-        st = io.StringIO()
-        pstats.Stats(pr, stream=st).sort_stats("tottime").print_stats(18)
-        print(f"--- cProfile {name}, {reps} fwd+bwd calls ---")
-        print("\n".join(l[:150] for l in st.getvalue().splitlines()[6:32]), flush=True)
+        print(f"host {name} {what}: {(t1 - t0) / reps * 1e3:.3f} ms per call issued "
+              f"({(time.perf_counter() - t0) / reps * 1e3:.3f} with the final sync)", flush=True)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(reps):
+        call().backward(g)
+    torch.cuda.synchronize()
+    pr.disable()
+    st = io.StringIO()
+    pstats.Stats(pr, stream=st).sort_stats("tottime").print_stats(rows)
+    print(f"--- cProfile {name}, {reps} fwd+bwd calls ---")
+    print("\n".join(line[:160] for line in st.getvalue().splitlines()[4:rows + 14]), flush=True)
 
 
 def main():
