@@ -7,6 +7,8 @@ imported first by ``sparseflash/__init__.py`` for that reason.
 """
 from __future__ import annotations
 
+import math
+
 import os
 import warnings
 
@@ -103,6 +105,17 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> Non
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {D}")
     check_runnable(q)
+
+
+def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
+    """The score scale: ``1/sqrt(head_dim)`` by default; a given one must be a finite number > 0
+    (the kernels take each row's maximum before scaling, which needs a positive scale)."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = float(sm_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"sm_scale must be a finite number > 0 (default 1/sqrt(head_dim)), got {sm_scale}")
+    return scale
 
 
 def check_per_token(name: str, t: Tensor, x: Tensor, kind: str) -> None:

@@ -59,7 +59,7 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale,
                         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold one key tile into the running softmax of a query tile.
 
-    With ``s = q kᵀ · qk_scale`` (base-2 logits, -inf where not ``allowed``)::
+    With ``s = q kᵀ · qk_scale`` (base-2 logits, -inf where not ``allowed``; ``qk_scale >= 0``)::
 
         m'  = max(m, rowmax s)
         l'  = l · 2^(m - m') + rowsum 2^(s - m')
@@ -70,12 +70,14 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale,
     ``p`` is rounded to the dtype of ``v`` before ``p v``, as in FlashAttention, so the
     second product runs on the tensor cores at the inputs' precision.
     """
-    s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    s = mma(q, tl.trans(k), DOT_PRECISION)
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # The row max is taken before scaling (max(c·s) = c·max(s) for c >= 0), so each score
+    # costs one fused multiply-add, s·c - m, on its way into exp2.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION)
@@ -158,28 +160,52 @@ def record_tile(rec_ptr, q_tile, k_tile, n_k_tiles, RECORD: tl.constexpr):
 # --------------------------------------------------------------------------------------
 
 
-def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | None = None) -> dict:
+#: Launch defaults of the dense kernels on CUDA, per head dim (up to 64, up to 128): measured
+#: on an H100 by ``tools/dense_sweep.py`` (results/logs/dense_sweep_h100.json, NOTES.md).
+DENSE_CUDA = {
+    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2),
+    128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2),
+}
+
+
+def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | None = None,
+                  dense: bool = False) -> dict:
     """Tile sizes and launch parameters of the forward and backward kernels.
 
     ``kernel_options`` (like FlexAttention's) may override ``BLOCK_M``, ``BLOCK_N``
-    (shared by both passes, so the backward visits the forward's tiles),
-    ``num_warps``, ``num_stages`` (forward) and ``bwd_num_warps``, ``bwd_num_stages``.
-    The CUDA defaults were measured on an H100 (see ``NOTES.md``).  On the CPU
+    (shared by both passes of the sparse kernels, so that the backward visits the
+    forward's tiles), ``num_warps``, ``num_stages`` (forward) and ``bwd_num_warps``,
+    ``bwd_num_stages``.  The dense backward (``dense=True``) may tile differently from its
+    forward: ``bwd_BLOCK`` keys per dK/dV program and queries per dQ program, stepping
+    ``bwd_STEP`` queries (dK/dV) or keys (dQ) at a time; 0 means the forward's tiles.
+    The CUDA defaults were measured on an H100 (``DENSE_CUDA``, ``NOTES.md``).  On the CPU
     interpreter tiles default to 32 so that small inputs still span several tiles.
     """
     if device.type == "cuda":
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2,
+                   bwd_BLOCK=0, bwd_STEP=0)
+        if dense:
+            cfg.update(DENSE_CUDA[64 if head_dim <= 64 else 128])
     else:
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1,
+                   bwd_BLOCK=0, bwd_STEP=0)
     if kernel_options:
         unknown = set(kernel_options) - set(cfg)
         if unknown:
             raise ValueError(f"unknown kernel_options {sorted(unknown)}; expected some of {sorted(cfg)}")
+        if not dense and any(kernel_options.get(k) for k in ("bwd_BLOCK", "bwd_STEP")):
+            raise ValueError("bwd_BLOCK / bwd_STEP apply to the dense kernel only: the sparse backward visits "
+                             "the forward's tiles (set BLOCK_M, BLOCK_N)")
         cfg.update(kernel_options)
-    for name in ("BLOCK_M", "BLOCK_N"):
+    for name in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK", "bwd_STEP"):
         b = cfg[name]
+        if name.startswith("bwd") and b == 0:
+            continue
         if b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
+            raise ValueError(f"{name} must be a power of two >= 16{' (or 0)' if name.startswith('bwd') else ''}, "
+                             f"got {b}")
+    if bool(cfg["bwd_BLOCK"]) != bool(cfg["bwd_STEP"]):
+        raise ValueError(f"set both bwd_BLOCK and bwd_STEP, or neither: got {cfg['bwd_BLOCK']}, {cfg['bwd_STEP']}")
     return cfg
 
 

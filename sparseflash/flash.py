@@ -26,7 +26,6 @@ Everything works in base 2: ``exp(x) = exp2(x · log2 e)``, so scores are scaled
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -128,10 +127,14 @@ def _flash_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    """Program ``(q_tile, b·H + h)``: output rows of query tile ``q_tile`` of query head
-    ``h``, which reads kv head ``h // GROUP`` (``GROUP`` query heads per kv head)."""
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Program ``(b·H + h, t)``: output rows of query tile ``q_tile = n_q_tiles - 1 - t`` of
+    query head ``h``, which reads kv head ``h // GROUP`` (``GROUP`` query heads per kv head).
+
+    Under a causal mask the last query tiles visit the most key tiles; programs start in
+    order of ``t`` (every head's tile ``t`` before any tile ``t + 1``), so the longest rows
+    start first and the short ones fill the end of the launch instead of trailing it."""
+    bh = tl.program_id(0)
+    q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = kv_head(h, GROUP)
@@ -171,13 +174,18 @@ def _flash_bwd_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
     H, n_q, n_k, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
-    GROUP: tl.constexpr,
+    BLOCK_KV: tl.constexpr, STEP_Q: tl.constexpr, BLOCK_Q: tl.constexpr, STEP_K: tl.constexpr,
+     DOT_PRECISION: tl.constexpr,
+    RECORD: tl.constexpr, GROUP: tl.constexpr,
 ):
     """One launch for the whole backward: program ``(t, b·H + h)`` computes dK, dV of key
-    tile ``t`` (walking the query tiles that see it), then dQ of query tile ``t`` of query
-    head ``h`` (walking the key tiles it sees, as in the forward).  Gradients are contiguous,
-    dQ ``(B, H, Nq, D)``, dK and dV ``(B, H / GROUP, Nk, D)``.
+    tile ``t`` (``BLOCK_KV`` keys, walking the query tiles that see it ``STEP_Q`` queries at a
+    time), then dQ of query tile ``t`` of query head ``h`` (``BLOCK_Q`` queries, walking the
+    key tiles it sees ``STEP_K`` keys at a time, as in the forward).  Under a causal mask the
+    first part's work falls with ``t`` while the second's grows, so every program does
+    about the same.  Gradients are contiguous, dQ ``(B, H, Nq, D)``, dK and dV
+    ``(B, H / GROUP, Nk, D)``.  With a tile record the tiles are the forward's:
+    ``STEP_Q = BLOCK_Q = BLOCK_M`` and ``BLOCK_KV = STEP_K = BLOCK_N``.
 
     With ``GROUP > 1`` query heads per kv head, dK and dV of kv head ``h // GROUP`` sum over
     its group's query heads; program ``h`` does key tile ``t`` only if it owns it
@@ -197,22 +205,23 @@ def _flash_bwd_kernel(
     DQ += bh.to(tl.int64) * n_q * HEAD_DIM
     DK += kv_head(bh, GROUP).to(tl.int64) * n_k * HEAD_DIM
     DV += kv_head(bh, GROUP).to(tl.int64) * n_k * HEAD_DIM
-    n_q_tiles = tl.cdiv(n_q, BLOCK_M)
-    n_k_tiles = tl.cdiv(n_k, BLOCK_N)
+    # Tile counts as the dK/dV part sees them (and, with a record, the forward).
+    n_q_tiles = tl.cdiv(n_q, STEP_Q)
+    n_k_tiles = tl.cdiv(n_k, BLOCK_KV)
     REC_KV += bh.to(tl.int64) * n_q_tiles * n_k_tiles
     REC_Q += bh.to(tl.int64) * n_q_tiles * n_k_tiles
     cols = tl.arange(0, BLOCK_D)
 
     # ---- dK, dV for key tile `tile` of kv head h // GROUP ----
     if owns_kv_tile(tile, n_k_tiles, h, GROUP):
-        keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        keys = tile * BLOCK_KV + tl.arange(0, BLOCK_KV)
         k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
         v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
         if GROUP == 1:
             dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q, DO, LSE, DELTA, REC_KV, sq_n, sdo_n, n_q, n_k,
-                                      n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                                      n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, STEP_Q, BLOCK_KV,
                                       DOT_PRECISION, RECORD)
         else:
             # The group's query heads are h - h % GROUP + g; the pointers are at head h.
@@ -220,27 +229,27 @@ def _flash_bwd_kernel(
                 d = g - h % GROUP
                 dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q,
                                           DELTA + d * n_q, REC_KV + d * n_q_tiles * n_k_tiles, sq_n, sdo_n, n_q,
-                                          n_k, n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                                          n_k, n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, STEP_Q, BLOCK_KV,
                                           DOT_PRECISION, RECORD)
         store_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
         store_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
 
     # ---- dQ for query tile `tile` ----
-    if tile < n_q_tiles:
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tile < tl.cdiv(n_q, BLOCK_Q):
+        rows = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
         do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        n_full, n_visit = _dense_key_range(tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        n_full, n_visit = _dense_key_range(tile, n_q, n_k, CAUSAL, BLOCK_Q, STEP_K)
         for k_tile in range(0, n_full):
             dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                                False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                                False, CAUSAL, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
             record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
         for k_tile in range(n_full, n_visit):
             dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                                True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                                True, CAUSAL, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
             record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
         store_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D)
 
@@ -310,8 +319,8 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
     lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(n_q, BM), B * H)
-    (rec,) = record_buffers(record, ["fwd"], (B, H, grid[0], triton.cdiv(n_k, BN)), q.device, lse2)
+    grid = (B * H, triton.cdiv(n_q, BM))
+    (rec,) = record_buffers(record, ["fwd"], (B, H, grid[1], triton.cdiv(n_k, BN)), q.device, lse2)
     _flash_fwd_kernel[grid](
         q, k, v, o, lse2, rec,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -335,15 +344,19 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
     dk = _runtime.new_output((B, h_kv, n_k, D), k.dtype, k.device)
     dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_qt, n_kt = triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)
-    rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
-    _flash_bwd_kernel[(max(n_qt, n_kt), B * H)](
+    if cfg.get("bwd_BLOCK") and record is None:
+        tiles = dict(BLOCK_KV=cfg["bwd_BLOCK"], STEP_Q=cfg["bwd_STEP"], BLOCK_Q=cfg["bwd_BLOCK"], STEP_K=cfg["bwd_STEP"])
+    else:  # the forward's tiles (always with a record: its maps are in the forward's tiles)
+        tiles = dict(BLOCK_KV=BN, STEP_Q=BM, BLOCK_Q=BM, STEP_K=BN)
+    rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)),
+                                   q.device, delta)
+    _flash_bwd_kernel[(max(triton.cdiv(n_q, tiles["BLOCK_Q"]), triton.cdiv(n_k, tiles["BLOCK_KV"])), B * H)](
         q, k, v, do, lse2, delta, dq, dk, dv, rec_kv, rec_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, n_q, n_k, sm_scale * LOG2E, sm_scale,
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
+        **tiles, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
         GROUP=H // h_kv, **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
@@ -389,8 +402,8 @@ def flash_attention(
         ``(B, H, N, D)`` in the dtype of ``q``; differentiable in q, k and v.
     """
     _runtime.check_qkv(q, k, v)
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    cfg = kernel_config(q.shape[-1], q.device, kernel_options)
+    sm_scale = _runtime.softmax_scale(sm_scale, q.shape[-1])
+    cfg = kernel_config(q.shape[-1], q.device, kernel_options, dense=True)
     if tile_record is not None:
         tile_record.start("flash", cfg)
     if tile_record is None:

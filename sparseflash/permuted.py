@@ -29,7 +29,6 @@ is per query head and the key layout per kv head; query head ``h`` meets kv head
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -469,7 +468,7 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
                n_buckets=1, sm_scale=None, kernel_options=None, tile_record=None, kind="permuted"):
     """Shared tail of every sparse entry point (inputs already checked): layouts and tile
     plan in two launches, then the kernels, all without a host synchronisation."""
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    sm_scale = _runtime.softmax_scale(sm_scale, q.shape[-1])
     cfg = kernel_config(q.shape[-1], q.device, kernel_options)
     B, H, n_q, _ = q.shape
     if torch.compiler.is_compiling():

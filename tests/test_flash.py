@@ -286,12 +286,39 @@ def test_bad_input_raises(make, match):
         (dict(BLOCK_M=24), r"BLOCK_M must be a power of two >= 16, got 24"),
         (dict(BLOCK_N=8), r"BLOCK_N must be a power of two >= 16, got 8"),
         (dict(BLOCK_M=0), r"BLOCK_M must be a power of two"),
+        (dict(bwd_BLOCK=32), r"set both bwd_BLOCK and bwd_STEP"),
+        (dict(bwd_BLOCK=32, bwd_STEP=12), r"bwd_STEP must be a power of two >= 16 \(or 0\), got 12"),
     ],
 )
 def test_bad_kernel_options(ko, match):
     q, k, v = (_t(1, 1, 8, 16) for _ in range(3))
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, v, kernel_options=ko)
+
+
+@pytest.mark.parametrize("sm_scale", [0.0, -0.5, float("nan"), float("inf")])
+def test_bad_sm_scale(sm_scale):
+    q, k, v = (_t(1, 1, 8, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"sm_scale must be a finite number > 0"):
+        flash_attention(q, k, v, sm_scale=sm_scale)
+
+
+# The backward may tile differently from the forward (bwd_BLOCK keys per dK/dV program and
+# queries per dQ program, bwd_STEP at a time): awkward lengths, rectangular, GQA, ragged D.
+@pytest.mark.parametrize(
+    "n_q,n_k,D,h_kv,dtype,causal,ko",
+    [
+        (100, 100, 16, 2, f32, True, dict(BLOCK_M=32, BLOCK_N=32, bwd_BLOCK=64, bwd_STEP=16)),
+        (257, 257, 24, 1, bf16, True, dict(BLOCK_M=16, BLOCK_N=32, bwd_BLOCK=32, bwd_STEP=16)),
+        (7, 7, 32, 2, f32, True, dict(bwd_BLOCK=16, bwd_STEP=16)),
+        (100, 37, 16, 2, f32, True, dict(bwd_BLOCK=64, bwd_STEP=32)),
+        (37, 100, 16, 1, f16, False, dict(bwd_BLOCK=16, bwd_STEP=32)),
+    ],
+)
+def test_backward_own_tiles(seed, n_q, n_k, D, h_kv, dtype, causal, ko):
+    q = torch.randn(1, 2, n_q, D, dtype=dtype)
+    k, v = (torch.randn(1, h_kv, n_k, D, dtype=dtype) for _ in range(2))
+    run_and_compare(q, k, v, causal, TOL[dtype], kernel_options=ko)
 
 
 # ---------------------------------------------------------------------------
@@ -439,6 +466,9 @@ def test_gpu_matches_reference(seed, ieee_fp32, N, D, dtype, causal):
         (1025, 1025, 64, bf16, True, _ko(64, 32)),
         (1025, 1025, 128, f16, True, _ko(32, 64)),
         (1, 1, 64, f32, True, None),
+        (1000, 1000, 64, bf16, True, dict(BLOCK_M=128, BLOCK_N=64, bwd_BLOCK=128, bwd_STEP=32)),
+        (2049, 777, 128, f16, True, dict(BLOCK_M=128, BLOCK_N=128, bwd_BLOCK=64, bwd_STEP=64, num_warps=8)),
+        (777, 2049, 96, bf16, True, dict(bwd_BLOCK=128, bwd_STEP=64, bwd_num_warps=8)),
     ],
 )
 def test_gpu_shapes(seed, ieee_fp32, N, M, D, dtype, causal, ko):
