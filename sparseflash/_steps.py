@@ -163,8 +163,10 @@ def record_tile(rec_ptr, q_tile, k_tile, n_k_tiles, RECORD: tl.constexpr):
 #: Launch defaults of the dense kernels on CUDA, per head dim (up to 64, up to 128): measured
 #: on an H100 by ``tools/dense_sweep.py`` (results/logs/dense_sweep_h100.json, NOTES.md).
 DENSE_CUDA = {
-    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2),
-    128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2),
+    64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3,
+             bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2),
+    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3,
+              bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2),
 }
 
 
@@ -206,6 +208,11 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
                              f"got {b}")
     if bool(cfg["bwd_BLOCK"]) != bool(cfg["bwd_STEP"]):
         raise ValueError(f"set both bwd_BLOCK and bwd_STEP, or neither: got {cfg['bwd_BLOCK']}, {cfg['bwd_STEP']}")
+    if device.type == "cuda" and 0 < cfg["bwd_STEP"] < 64 and cfg["bwd_num_stages"] > 1:
+        # Seen on an H100 with triton 3.6 (tools/dense_sweep.py): several such configurations
+        # computed wrong gradients (errors of 0.3 to 0.9), others not; refused rather than risked.
+        raise ValueError(f"bwd_STEP={cfg['bwd_STEP']} (< 64) with bwd_num_stages={cfg['bwd_num_stages']} (> 1) gave wrong "
+                         "gradients on an H100 (triton 3.6): use bwd_num_stages=1 or bwd_STEP >= 64")
     return cfg
 
 

@@ -466,7 +466,7 @@ def test_gpu_matches_reference(seed, ieee_fp32, N, D, dtype, causal):
         (1025, 1025, 64, bf16, True, _ko(64, 32)),
         (1025, 1025, 128, f16, True, _ko(32, 64)),
         (1, 1, 64, f32, True, None),
-        (1000, 1000, 64, bf16, True, dict(BLOCK_M=128, BLOCK_N=64, bwd_BLOCK=128, bwd_STEP=32)),
+        (1000, 1000, 64, bf16, True, dict(BLOCK_M=128, BLOCK_N=64, bwd_BLOCK=128, bwd_STEP=32, bwd_num_stages=1)),
         (2049, 777, 128, f16, True, dict(BLOCK_M=128, BLOCK_N=128, bwd_BLOCK=64, bwd_STEP=64, num_warps=8)),
         (777, 2049, 96, bf16, True, dict(bwd_BLOCK=128, bwd_STEP=64, bwd_num_warps=8)),
     ],
@@ -516,3 +516,10 @@ def test_gpu_cpu_tensors_rejected():
     q, k, v = make_inputs(1, 1, 8, 16, f32)
     with pytest.raises(ValueError, match="interpreter is off"):
         flash_attention(q, k, v)
+
+
+@pytest.mark.gpu
+def test_gpu_refuses_backward_configs_that_computed_wrong_gradients():
+    q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=bf16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"bwd_STEP=32 \(< 64\) with bwd_num_stages=2"):
+        flash_attention(q, k, v, kernel_options=dict(bwd_BLOCK=128, bwd_STEP=32, bwd_num_stages=2))

@@ -36,6 +36,11 @@ BWD = [dict(bwd_BLOCK=b, bwd_STEP=st, bwd_num_warps=w, bwd_num_stages=s)
        for (b, st), w, s in itertools.product([(64, 64), (128, 32), (128, 64), (64, 32), (128, 16)], (4, 8), (1, 2))]
 
 
+def parse(specs: list[str], like: dict) -> list[dict]:
+    """``"128x64x8x3"`` -> the four values of a configuration, keyed as ``like``."""
+    return [dict(zip(like, (int(x) for x in spec.split("x")))) for spec in specs]
+
+
 def bench(fn) -> float:
     fn()
     torch.cuda.synchronize()
@@ -47,7 +52,8 @@ def main() -> int:
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[16384])
     p.add_argument("--passes", nargs="+", default=["fwd", "bwd"])
-    p.add_argument("--top", type=int, default=0, help="only the first TOP configurations of each list")
+    p.add_argument("--fwd", nargs="+", help="forward configurations BMxBNxWARPSxSTAGES instead of the full list")
+    p.add_argument("--bwd", nargs="+", help="backward configurations BLOCKxSTEPxWARPSxSTAGES instead of the full list")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--time-budget", type=float, default=540)
@@ -86,8 +92,8 @@ def main() -> int:
         sm = D ** -0.5
         default = kernel_config(D, dev, dense=True)
         o, lse2 = flash.flash_forward(q, k, v, True, sm, default)
-        configs = [("fwd", c) for c in (FWD[:args.top] if args.top else FWD) if "fwd" in args.passes]
-        configs += [("bwd", c) for c in (BWD[:args.top] if args.top else BWD) if "bwd" in args.passes]
+        configs = [("fwd", c) for c in (parse(args.fwd, FWD[0]) if args.fwd else FWD) if "fwd" in args.passes]
+        configs += [("bwd", c) for c in (parse(args.bwd, BWD[0]) if args.bwd else BWD) if "bwd" in args.passes]
         for kind, c in configs:
             if time.time() - t0 > args.time_budget:
                 put({**base, "kind": kind, **c, "error": "time budget spent: not run"})
