@@ -160,18 +160,34 @@ def record_tile(rec_ptr, q_tile, k_tile, n_k_tiles, RECORD: tl.constexpr):
 # --------------------------------------------------------------------------------------
 
 
-#: Launch defaults of the dense kernels on CUDA, per head dim (up to 64, up to 128): measured
-#: on an H100 by ``tools/dense_sweep.py`` (results/logs/dense_sweep_h100.json, NOTES.md).
-DENSE_CUDA = {
-    64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3,
-             bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2),
-    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3,
-              bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2),
-}
+#: Launch defaults of the dense kernels on CUDA for 2-byte inputs, measured on an H100 by
+#: ``tools/dense_sweep.py`` (results/logs/dense_sweep_h100*.json, NOTES.md "Issue 13").  The
+#: backward is best with 64 x 64 tiles at every size; the forward gains from 128-row query tiles
+#: once the sequence is long enough to fill the GPU with them.  First match of
+#: ``(largest head dim, shortest sequence, forward settings)``, else ``DENSE_CUDA_DEFAULT``.
+DENSE_CUDA_FORWARD = (
+    (64, 4096, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+    (128, 8192, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+)
+DENSE_CUDA_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3,
+                          bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2)
+
+
+def _dense_cuda(head_dim: int, seq_len: int | None, dtype: torch.dtype | None) -> dict:
+    cfg = dict(DENSE_CUDA_DEFAULT)
+    if seq_len is None or dtype not in (torch.float16, torch.bfloat16):  # float32 tiles twice the bytes
+        return cfg
+    for max_d, min_n, fwd in DENSE_CUDA_FORWARD:
+        # Padded head dims (80, 96: BLOCK_D = 128) ran as fast or faster with 64 x 64 tiles.
+        if head_dim <= max_d and (max_d == 64 or head_dim > 96):
+            if seq_len >= min_n:
+                cfg.update(fwd)
+            break
+    return cfg
 
 
 def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | None = None,
-                  dense: bool = False) -> dict:
+                  dense: bool = False, seq_len: int | None = None, dtype: torch.dtype | None = None) -> dict:
     """Tile sizes and launch parameters of the forward and backward kernels.
 
     ``kernel_options`` (like FlexAttention's) may override ``BLOCK_M``, ``BLOCK_N``
@@ -180,14 +196,15 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
     ``bwd_num_stages``.  The dense backward (``dense=True``) may tile differently from its
     forward: ``bwd_BLOCK`` keys per dK/dV program and queries per dQ program, stepping
     ``bwd_STEP`` queries (dK/dV) or keys (dQ) at a time; 0 means the forward's tiles.
-    The CUDA defaults were measured on an H100 (``DENSE_CUDA``, ``NOTES.md``).  On the CPU
+    The CUDA defaults were measured on an H100 (the dense ones depend on ``seq_len`` and
+    ``dtype``: ``DENSE_CUDA_FORWARD``; ``NOTES.md``).  On the CPU
     interpreter tiles default to 32 so that small inputs still span several tiles.
     """
     if device.type == "cuda":
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2,
                    bwd_BLOCK=0, bwd_STEP=0)
         if dense:
-            cfg.update(DENSE_CUDA[64 if head_dim <= 64 else 128])
+            cfg.update(_dense_cuda(head_dim, seq_len, dtype))
     else:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1,
                    bwd_BLOCK=0, bwd_STEP=0)
@@ -211,8 +228,8 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
     if device.type == "cuda" and 0 < cfg["bwd_STEP"] < 64 and cfg["bwd_num_stages"] > 1:
         # Seen on an H100 with triton 3.6 (tools/dense_sweep.py): several such configurations
         # computed wrong gradients (errors of 0.3 to 0.9), others not; refused rather than risked.
-        raise ValueError(f"bwd_STEP={cfg['bwd_STEP']} (< 64) with bwd_num_stages={cfg['bwd_num_stages']} (> 1) gave wrong "
-                         "gradients on an H100 (triton 3.6): use bwd_num_stages=1 or bwd_STEP >= 64")
+        raise ValueError(f"bwd_STEP={cfg['bwd_STEP']} (< 64) with bwd_num_stages={cfg['bwd_num_stages']} (> 1) "
+                         "gave wrong gradients on an H100 (triton 3.6): use bwd_num_stages=1 or bwd_STEP >= 64")
     return cfg
 
 

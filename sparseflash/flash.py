@@ -345,7 +345,8 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
     dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if cfg.get("bwd_BLOCK") and record is None:
-        tiles = dict(BLOCK_KV=cfg["bwd_BLOCK"], STEP_Q=cfg["bwd_STEP"], BLOCK_Q=cfg["bwd_BLOCK"], STEP_K=cfg["bwd_STEP"])
+        block, step = cfg["bwd_BLOCK"], cfg["bwd_STEP"]
+        tiles = dict(BLOCK_KV=block, STEP_Q=step, BLOCK_Q=block, STEP_K=step)
     else:  # the forward's tiles (always with a record: its maps are in the forward's tiles)
         tiles = dict(BLOCK_KV=BN, STEP_Q=BM, BLOCK_Q=BM, STEP_K=BN)
     rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)),
@@ -403,7 +404,7 @@ def flash_attention(
     """
     _runtime.check_qkv(q, k, v)
     sm_scale = _runtime.softmax_scale(sm_scale, q.shape[-1])
-    cfg = kernel_config(q.shape[-1], q.device, kernel_options, dense=True)
+    cfg = kernel_config(q.shape[-1], q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype)
     if tile_record is not None:
         tile_record.start("flash", cfg)
     if tile_record is None:

@@ -90,7 +90,7 @@ def main() -> int:
             put({**base, "kind": name, "fwd_ms": fwd, "fwd_bwd_ms": both, "bwd_ms": both - fwd,
                  "fwd_tflops": flops_fwd / fwd * 1e-9, "bwd_tflops": 2.5 * flops_fwd / (both - fwd) * 1e-9})
         sm = D ** -0.5
-        default = kernel_config(D, dev, dense=True)
+        default = kernel_config(D, dev, dense=True, seq_len=N, dtype=torch.bfloat16)
         o, lse2 = flash.flash_forward(q, k, v, True, sm, default)
         configs = [("fwd", c) for c in (parse(args.fwd, FWD[0]) if args.fwd else FWD) if "fwd" in args.passes]
         configs += [("bwd", c) for c in (parse(args.bwd, BWD[0]) if args.bwd else BWD) if "bwd" in args.passes]

@@ -37,7 +37,7 @@ from sparseflash.permuted import _bucket_plan_op, _layout_op
 
 def op_dense(q, k, v):
     """The registered op pair called explicitly (what a compiled graph runs), eagerly."""
-    cfg = kernel_config(q.shape[-1], q.device)
+    cfg = kernel_config(q.shape[-1], q.device, dense=True, seq_len=q.shape[2], dtype=q.dtype)
     return _flash_op.forward_op(q, k, v, True, q.shape[-1] ** -0.5, cfg_args(cfg))[0]
 
 
