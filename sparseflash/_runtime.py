@@ -108,13 +108,12 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> Non
 
 
 def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
-    """The score scale: ``1/sqrt(head_dim)`` by default; a given one must be a finite number > 0
-    (the kernels take each row's maximum before scaling, which needs a positive scale)."""
+    """The score scale: ``1/sqrt(head_dim)`` by default; a given one must be a finite number."""
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
     scale = float(sm_scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"sm_scale must be a finite number > 0 (default 1/sqrt(head_dim)), got {sm_scale}")
+    if not math.isfinite(scale):
+        raise ValueError(f"sm_scale must be a finite number (default 1/sqrt(head_dim)), got {sm_scale}")
     return scale
 
 

@@ -59,7 +59,7 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale,
                         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold one key tile into the running softmax of a query tile.
 
-    With ``s = q kᵀ · qk_scale`` (base-2 logits, -inf where not ``allowed``; ``qk_scale >= 0``)::
+    With ``s = q kᵀ · qk_scale`` (base-2 logits, -inf where not ``allowed``)::
 
         m'  = max(m, rowmax s)
         l'  = l · 2^(m - m') + rowsum 2^(s - m')
@@ -70,14 +70,12 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale,
     ``p`` is rounded to the dtype of ``v`` before ``p v``, as in FlashAttention, so the
     second product runs on the tensor cores at the inputs' precision.
     """
-    s = mma(q, tl.trans(k), DOT_PRECISION)
+    s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
-    # The row max is taken before scaling (max(c·s) = c·max(s) for c >= 0), so each score
-    # costs one fused multiply-add, s·c - m, on its way into exp2.
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    p = tl.math.exp2(s - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION)

@@ -218,7 +218,7 @@ def test_large_logits(seed, dtype, causal, q_scale, k_scale, tol):
         run_and_compare(q, k, v, causal, TOL[dtype], grad_tol=tol)
 
 
-@pytest.mark.parametrize("dtype,causal,sm_scale", [(f32, True, 0.3), (f16, False, 0.02), (bf16, True, 1.0)])
+@pytest.mark.parametrize("dtype,causal,sm_scale", [(f32, True, 0.3), (f16, False, 0.02), (bf16, True, 1.0), (f32, True, -0.4), (f32, False, 0.0)])
 def test_custom_sm_scale(seed, dtype, causal, sm_scale):
     q, k, v = make_inputs(1, 2, 60, 32, dtype)
     run_and_compare(q, k, v, causal, TOL[dtype], sm_scale=sm_scale, kernel_options=_ko(16, 32))
@@ -296,10 +296,10 @@ def test_bad_kernel_options(ko, match):
         flash_attention(q, k, v, kernel_options=ko)
 
 
-@pytest.mark.parametrize("sm_scale", [0.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("sm_scale", [float("nan"), float("inf")])
 def test_bad_sm_scale(sm_scale):
     q, k, v = (_t(1, 1, 8, 16) for _ in range(3))
-    with pytest.raises(ValueError, match=r"sm_scale must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"sm_scale must be a finite number"):
         flash_attention(q, k, v, sm_scale=sm_scale)
 
 
