@@ -288,3 +288,101 @@ def test_notebook_07_checkers(capsys):
 
     assert not exercises.check_time_to_reach(todo)
     assert "not attempted" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# python -m sparseflash.train.scaling: its bookkeeping only (no torchrun launched here)
+# --------------------------------------------------------------------------------------
+
+
+def _scaling_rows():
+    """Made-up rows of a 2-GPU scaling run: speed rows (tokens/s) and loss rows (curves)."""
+    rows = [dict(phase="speed", name=name, gpus=g, seed=0, status="ok", tokens_per_s=tps)
+            for name, g, tps in (("dense", 1, 100.0), ("dense", 2, 180.0), ("hash16", 1, 150.0), ("hash16", 2, 240.0))]
+
+    def loss(name, g, seed, losses, status="ok"):
+        curve = [dict(step=s, loss=v, time_s=s / 10) for s, v in zip((0, 50, 100), losses)]
+        return dict(phase="loss", name=name, gpus=g, seed=seed, status=status, curve=curve, final_val_loss=losses[-1])
+
+    rows += [loss("dense", 1, 0, (5.0, 3.0, 2.5)), loss("dense", 2, 0, (5.0, 3.1, 2.55)),
+             loss("dense", 1, 1, (5.2, 2.9, 2.6)),
+             # hash16: 2 GPUs end further from 1 GPU (-0.08) than the other seed does (+0.03)
+             loss("hash16", 1, 0, (5.0, 3.5, 3.0)), loss("hash16", 2, 0, (5.0, 3.45, 2.92)),
+             loss("hash16", 1, 1, (5.1, 3.7, 3.03)),
+             loss("hash16", 2, 1, (9.0, 9.0, 9.0), status="partial")]  # not ok: ignored
+    return rows
+
+
+def test_scaling_summarise():
+    from sparseflash.train.scaling import summarise
+
+    s = summarise(_scaling_rows(), gpus=2)
+    dense, hash16 = s["speed"]["dense"], s["speed"]["hash16"]
+    assert dense["tokens_per_s_1gpu"] == 100.0 and dense["tokens_per_s_2gpu"] == 180.0
+    assert dense["scaling_efficiency"] == pytest.approx(0.9) and hash16["scaling_efficiency"] == pytest.approx(0.8)
+    assert dense["speedup_vs_dense_1gpu"] == dense["speedup_vs_dense_2gpu"] == 1.0
+    assert hash16["speedup_vs_dense_1gpu"] == pytest.approx(1.5)
+    assert hash16["speedup_vs_dense_2gpu"] == pytest.approx(240 / 180)
+    assert hash16["speedup_ratio_multi_over_1gpu"] == pytest.approx(240 / 180 / 1.5)
+    lo = s["loss"]["dense"]
+    assert lo["final_val_loss_1gpu"] == 2.5 and lo["final_val_loss_2gpu"] == 2.55 and lo["final_val_loss_1gpu_seed1"] == 2.6
+    assert lo["final_diff_multi_vs_1gpu"] == pytest.approx(0.05)
+    assert lo["max_abs_val_diff_multi_vs_1gpu"] == pytest.approx(0.1)  # step 0 left out
+    assert lo["seed_noise_final"] == pytest.approx(0.1) and lo["seed_noise_max_abs_val_diff"] == pytest.approx(0.1)
+    assert lo["within_noise"] is True
+    lo = s["loss"]["hash16"]
+    assert lo["final_diff_multi_vs_1gpu"] == pytest.approx(-0.08) and lo["seed_noise_final"] == pytest.approx(0.03)
+    assert lo["max_abs_val_diff_multi_vs_1gpu"] == pytest.approx(0.08)
+    assert lo["seed_noise_max_abs_val_diff"] == pytest.approx(0.2)
+    assert lo["within_noise"] is False  # |final difference| against |seed noise|, not the curves' maxima
+    # missing runs: what cannot be computed is left out, nothing raises
+    part = summarise([r for r in _scaling_rows() if not (r["gpus"] == 2 or r["seed"] == 1)], gpus=2)
+    assert part["speed"]["hash16"] == {"speedup_vs_dense_1gpu": pytest.approx(1.5)}
+    assert part["loss"]["dense"] == {}
+
+
+def test_scaling_trainer_argv_round_trips(tmp_path):
+    from sparseflash.train.__main__ import parser
+    from sparseflash.train.scaling import trainer_argv
+
+    out = tmp_path / "loss_hash16"
+    argv = trainer_argv("hash16", "6x512x8", 16384, 2, 400, seed=1, out_dir=out, eval_every=50, eval_windows=16,
+                        data="sotu-gutenberg", time_budget=123.4)
+    cfg = TrainConfig(**vars(parser().parse_args(argv)))
+    want = dict(attention="hash", n_buckets=16, n_layer=6, n_embd=512, n_head=8, seq_len=16384, batch_size=2,
+                max_steps=400, seed=1, out_dir=str(out), eval_every=50, eval_windows=16, ckpt_every=400,
+                data="sotu-gutenberg", time_budget=123.0, resume=True, progress=False)
+    assert {k: getattr(cfg, k) for k in want} == want
+    defaults = TrainConfig()
+    assert (cfg.lr, cfg.grad_accum, cfg.device, cfg.compile) == (defaults.lr, 1, "auto", False)
+    dense = parser().parse_args(trainer_argv("dense", "12x768x12", 16384, 1, 20, seed=0, out_dir=out, eval_every=20,
+                                             eval_windows=2, data="d", time_budget=None))
+    assert (dense.attention, dense.n_layer, dense.n_embd, dense.n_head, dense.batch_size) == ("dense", 12, 768, 12, 1)
+    assert dense.time_budget is None and dense.resume and dense.out_dir == str(out)
+
+
+def test_scaling_main_refuses_before_running(tmp_path, capsys, monkeypatch):
+    from sparseflash.train import scaling
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("no run may start")
+
+    monkeypatch.setattr(scaling, "launch", no_launch)
+    monkeypatch.setattr(scaling, "run_all", no_launch)
+    work, out = tmp_path / "work", tmp_path / "out.json"
+    (work / "speed_T16384_dense_1gpu").mkdir(parents=True)  # an earlier run
+    assert scaling.main(["--work-dir", str(work), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err and not out.exists()
+    # a global batch that does not split over the GPUs: refused up front, even with --resume
+    empty = tmp_path / "empty"
+    assert scaling.main(["--gpus", "3", "--loss-batch", "4", "--work-dir", str(empty), "--out", str(out),
+                         "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--loss-batch 4" in err and "--gpus 3" in err and not out.exists() and not empty.exists()
+    assert scaling.main(["--gpus", "2", "--loss-batch", "1", "--phase", "loss", "--work-dir", str(empty),
+                         "--out", str(out)]) == 2
+    assert scaling.main(["--gpus", "0", "--work-dir", str(empty), "--out", str(out)]) == 2
+    # the plan itself still checks
+    args = scaling.parser().parse_args(["--gpus", "3", "--loss-batch", "4", "--work-dir", str(empty)])
+    with pytest.raises(ValueError, match="does not split"):
+        scaling.Plan(args).runs("loss", float("inf"))

@@ -22,7 +22,7 @@ that many seconds.  Results: ``--out`` (default ``results/train_<device>x<gpus>.
 
 Example (the committed ``results/train_h200x2.json``)::
 
-    python -m sparseflash.train.scaling --gpus 2 --resume --time-budget 540
+    python -m sparseflash.train.scaling --gpus 2 --resume --time-budget 470
 """
 from __future__ import annotations
 
@@ -231,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    if args.gpus < 1:
+        print(f"scaling: --gpus {args.gpus}: at least 1", file=sys.stderr)
+        return 2
+    if args.phase in ("loss", "all") and (args.loss_batch < 1 or args.loss_batch % args.gpus):
+        print(f"scaling: --loss-batch {args.loss_batch} (the global batch) does not split evenly over "
+              f"--gpus {args.gpus}: pick a multiple of {args.gpus}", file=sys.stderr)
+        return 2
     start = time.time()
     deadline = start + args.time_budget if args.time_budget is not None else math.inf
     cuda = torch.cuda.is_available()
