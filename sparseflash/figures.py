@@ -320,6 +320,8 @@ def load_train_results(folder) -> list[dict]:
         if meta.get("interpreter"):
             print(f"figures: skipping {path.name}: measured in Triton's interpreter (not GPU timings)")
             continue
+        if str(meta.get("schema", "")).startswith("sparseflash.train.scaling"):
+            continue  # 1 vs n GPUs (train/scaling.py): other rows, shown in notebook 07 and the README
         rows += [dict(r, _file=path.name, device=r.get("device") or meta.get("device")) for r in file_rows
                  if isinstance(r, dict)]
     return rows
