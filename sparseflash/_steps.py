@@ -101,8 +101,8 @@ def attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale,
     """Recompute one tile of probabilities and their score gradients.
 
     ``p = 2^(s - lse2)`` is the softmax row restricted to this tile and
-    ``ds = p ⊙ (do vᵀ - delta)`` with ``delta_i = do_i · o_i``; the dQ loops accumulate
-    ``dq += ds k`` (dK and dV come from :func:`key_grads_step`, the same step transposed).
+    ``ds = p ⊙ (do vᵀ - delta)`` with ``delta_i = do_i · o_i``; the callers
+    accumulate ``dv += pᵀ do``, ``dk += dsᵀ q`` and ``dq += ds k``.
     """
     s = mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
@@ -111,30 +111,6 @@ def attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale,
     dp = mma(do, tl.trans(v), DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return p, ds
-
-
-@triton.jit
-def key_grads_step(dk, dv, q, k, v, do, lse2, delta, allowed_t, qk_scale,
-                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add one query tile's terms to dK, dV of a key tile, computed with keys on the rows::
-
-        sᵀ = k qᵀ · qk_scale,   pᵀ = 2^(sᵀ - lse2),   dsᵀ = pᵀ ⊙ (v doᵀ - delta)
-        dv += pᵀ do,            dk += dsᵀ q          (dk still to be scaled by sm_scale)
-
-    These are :func:`attention_grads_step`'s ``p`` and ``ds`` transposed (``allowed_t`` is
-    ``allowed`` transposed).  Built this way round, the products that accumulate dK and dV
-    take ``pᵀ`` and ``dsᵀ`` as they come out of the elementwise step, instead of
-    transposing a tile of registers first (as FlashAttention-2's dK/dV loop does).
-    """
-    s_t = mma(k, tl.trans(q), DOT_PRECISION) * qk_scale
-    p_t = tl.math.exp2(s_t - lse2[None, :])
-    if MASKED:
-        p_t = tl.where(allowed_t, p_t, 0.0)
-    dp_t = mma(v, tl.trans(do), DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dv += mma(p_t.to(do.dtype), do, DOT_PRECISION)
-    dk += mma(ds_t.to(q.dtype), q, DOT_PRECISION)
-    return dk, dv
 
 
 @triton.jit

@@ -46,7 +46,6 @@ from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as fla
     KernelAttention,
     dot_precision,
     kernel_config,
-    key_grads_step,
     kv_head,
     launch_params,
     owns_kv_tile,
@@ -284,8 +283,11 @@ def _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n,
     # Rows past n_q read lse = +inf, so their p is 0 without a mask.
     lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
     delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
-    allowed_t = keys[:, None] <= rows[None, :]
-    return key_grads_step(dk, dv, q, k, v, do, lse2, delta, allowed_t, qk_scale, MASKED, DOT_PRECISION)
+    allowed = keys[None, :] <= rows[:, None]
+    p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
+    dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+    dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit

@@ -47,7 +47,6 @@ from ._steps import (
     dot_precision,
     finish_softmax,
     kernel_config,
-    key_grads_step,
     launch_params,
     kv_head,
     load_tile,
@@ -124,10 +123,13 @@ def _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, 
     lse2 = tl.load(LSE + slots)
     delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
     if MASKED:
-        allowed_t = kpos[:, None] <= tl.load(QPOS + slots)[None, :]
+        allowed = kpos[None, :] <= tl.load(QPOS + slots)[:, None]
     else:
-        allowed_t = kpos[:, None] >= 0  # unused: MASKED is off
-    return key_grads_step(dk, dv, q, k, v, do, lse2, delta, allowed_t, qk_scale, MASKED, DOT_PRECISION)
+        allowed = kpos[None, :] >= 0  # unused: MASKED is off
+    p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
+    dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+    dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
