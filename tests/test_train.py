@@ -382,6 +382,11 @@ def test_scaling_main_refuses_before_running(tmp_path, capsys, monkeypatch):
     assert scaling.main(["--gpus", "2", "--loss-batch", "1", "--phase", "loss", "--work-dir", str(empty),
                          "--out", str(out)]) == 2
     assert scaling.main(["--gpus", "0", "--work-dir", str(empty), "--out", str(out)]) == 2
+    # an existing results file without --resume: refused before any run, file untouched
+    out.write_text("{}")
+    assert scaling.main(["--work-dir", str(empty), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_text() == "{}"
+    out.unlink()
     # the plan itself still checks
     args = scaling.parser().parse_args(["--gpus", "3", "--loss-batch", "4", "--work-dir", str(empty)])
     with pytest.raises(ValueError, match="does not split"):

@@ -250,6 +250,9 @@ def main(argv=None) -> int:
         from ..bench.results import device_slug
 
         args.out = f"results/train_{device_slug(dev, 'cuda' if cuda else 'cpu', not cuda)}x{args.gpus}.json"
+    if Path(args.out).exists() and not args.resume:
+        print(f"scaling: {args.out} exists: --resume rewrites it from the runs in {args.work_dir}", file=sys.stderr)
+        return 2
     work = Path(args.work_dir)
     if not args.resume and work.exists() and any(work.iterdir()):
         print(f"scaling: {work} holds earlier runs: --resume keeps them, or remove it", file=sys.stderr)
@@ -280,9 +283,6 @@ def main(argv=None) -> int:
                       "1-GPU run measures run-to-run noise (other initialisation and data order)."]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not args.resume:
-        print(f"scaling: {out} exists: --resume to rewrite it from the runs in {work}", file=sys.stderr)
-        return 2
     doc = {"meta": meta, "summary": summarise(rows, args.gpus), "rows": rows}
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(_clean(doc), indent=1, default=str) + "\n")
