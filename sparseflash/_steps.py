@@ -167,6 +167,9 @@ DENSE_CUDA_FORWARD = (
     (64, 4096, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
     (128, 8192, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
 )
+#: The backward's pipeline depth: 4 stages at head dims up to 64 (5.75 ms against 6.24 ms with 2
+#: at N=16384, ``dense_sweep_h100_bwd_stages.json``); at D=128 more stages were slower.
+DENSE_CUDA_BACKWARD = ((64, dict(bwd_num_stages=4)),)
 DENSE_CUDA_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3,
                           bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2)
 
@@ -175,6 +178,10 @@ def _dense_cuda(head_dim: int, seq_len: int | None, dtype: torch.dtype | None) -
     cfg = dict(DENSE_CUDA_DEFAULT)
     if seq_len is None or dtype not in (torch.float16, torch.bfloat16):  # float32 tiles twice the bytes
         return cfg
+    for max_d, bwd in DENSE_CUDA_BACKWARD:
+        if head_dim <= max_d:
+            cfg.update(bwd)
+            break
     for max_d, min_n, fwd in DENSE_CUDA_FORWARD:
         # Padded head dims (80, 96: BLOCK_D = 128) ran as fast or faster with 64 x 64 tiles.
         if head_dim <= max_d and (max_d == 64 or head_dim > 96):

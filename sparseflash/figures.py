@@ -342,10 +342,18 @@ def train_speed_figure(rows: list[dict], path=None):
         print("figures: no training speed rows; no train_speed figure")
         return None
     plt = _pyplot()
-    lens = sorted({int(r["seq_len"]) for r in rows})
-    fig, axes = plt.subplots(1, len(lens), figsize=(5.2 * len(lens), 3.8), squeeze=False, constrained_layout=True)
-    for ax, n in zip(axes[0], lens):
-        mine = sorted((r for r in rows if int(r["seq_len"]) == n), key=lambda r: _train_order(r["name"]))
+    # One panel per sequence length and mode (eager, or torch.compile'd model): each compared
+    # with its own SDPA and no-attention rows.
+    panels = sorted({(bool(r.get("compile")), int(r["seq_len"])) for r in rows})
+    cols = min(len(panels), 2 if len(panels) == 4 else 3)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (compiled, n) in zip(axes.flat, panels):
+        mine = sorted((r for r in rows if int(r["seq_len"]) == n and bool(r.get("compile")) == compiled),
+                      key=lambda r: _train_order(r["name"]))
         bars = [r for r in mine if r["name"] != "none"]
         y = range(len(bars))
         ax.barh(list(y), [r["tokens_per_s"] / 1e3 for r in bars],
@@ -363,7 +371,9 @@ def train_speed_figure(rows: list[dict], path=None):
         ax.set_xlim(0, max([r["tokens_per_s"] for r in mine]) / 1e3 * 1.25)
         ax.set_xlabel("thousand tokens / s (training step)")
         r0 = mine[0]
-        ax.set_title(f"N = {n}: model {r0.get('model')}, {r0.get('tokens_per_step')} tokens/step", fontsize=10.5)
+        mode = "torch.compile" if compiled else "eager"
+        ax.set_title(f"N = {n}, {mode}\nmodel {r0.get('model')}, {r0.get('tokens_per_step')} tokens/step",
+                     fontsize=10.5)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Training throughput on {_values(rows, 'device') or 'an unknown device'} "
                  "(label: speed-up over SDPA FlashAttention-2)", fontsize=12)
