@@ -387,6 +387,10 @@ def test_scaling_main_refuses_before_running(tmp_path, capsys, monkeypatch):
     assert scaling.main(["--work-dir", str(empty), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_text() == "{}"
     out.unlink()
+    # --gpus 1: the 1-GPU runs are listed once each
+    one = scaling.parser().parse_args(["--gpus", "1", "--work-dir", str(empty)])
+    dirs = [r["out_dir"] for r in scaling.Plan(one).runs("loss", float("inf"))]
+    assert len(dirs) == len(set(dirs)) == 2 * len(one.configs)
     # the plan itself still checks
     args = scaling.parser().parse_args(["--gpus", "3", "--loss-batch", "4", "--work-dir", str(empty)])
     with pytest.raises(ValueError, match="does not split"):

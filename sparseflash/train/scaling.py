@@ -98,7 +98,7 @@ class Plan:
                         eval_every=a.speed_steps, eval_windows=g, data=a.data, time_budget=None)))
         else:
             for name in a.configs:
-                for g, seed in [(1, 0), (a.gpus, 0), (1, 1)]:
+                for g, seed in dict.fromkeys([(1, 0), (a.gpus, 0), (1, 1)]):  # --gpus 1: each run once
                     if a.loss_batch % g:
                         raise ValueError(f"--loss-batch {a.loss_batch} does not split over {g} GPUs")
                     d = self.work / f"loss_T{a.seq_len}_{name}_{g}gpu_seed{seed}"
