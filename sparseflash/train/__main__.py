@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        if f.name == "vocab_size":
+            continue  # byte-level data: always 256
         if f.name == "progress":
             p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
         elif isinstance(default, bool):

@@ -57,23 +57,16 @@ MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig))
 
 
 @dataclass
-class TrainConfig:
-    """Everything a run depends on (the flags of ``python -m sparseflash.train``)."""
+class TrainConfig(GPTConfig):
+    """Everything a run depends on (the flags of ``python -m sparseflash.train``): the model's
+    shape and attention (the fields of :class:`~sparseflash.train.model.GPTConfig`, first),
+    then the data, optimisation, runtime and logging settings below."""
 
     # data
     data: str = data_mod.DEFAULT_CORPUS
     seq_len: int = 8192
     batch_size: int = 4  # sequences per process and micro-step
     grad_accum: int = 1
-    # model (GPTConfig)
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 512
-    n_kv_heads: int | None = None
-    attention: str = "dense"
-    n_buckets: int = 16
-    keep_rate: float = 0.5
-    qk_gate: str = "topk"
     # optimisation
     max_steps: int = 800
     lr: float = 2e-3
@@ -97,7 +90,7 @@ class TrainConfig:
     progress: bool = True
 
     def model_config(self) -> GPTConfig:
-        return GPTConfig(**{k: getattr(self, k) for k in MODEL_FIELDS if hasattr(self, k)})
+        return GPTConfig(**{k: getattr(self, k) for k in MODEL_FIELDS})
 
     def to_dict(self) -> dict:
         return asdict(self)
