@@ -161,11 +161,12 @@ def record_tile(rec_ptr, q_tile, k_tile, n_k_tiles, RECORD: tl.constexpr):
 #: Launch defaults of the dense kernels on CUDA for 2-byte inputs, measured on an H100 by
 #: ``tools/dense_sweep.py`` (results/logs/dense_sweep_h100*.json, NOTES.md "Issue 13").  The
 #: backward is best with 64 x 64 tiles at every size; the forward gains from 128-row query tiles
-#: once the sequence is long enough to fill the GPU with them.  First match of
-#: ``(largest head dim, shortest sequence, forward settings)``, else ``DENSE_CUDA_DEFAULT``.
+#: once the sequence is long enough to fill the GPU with them.  Rows ``(head dims lo..hi,
+#: shortest sequence, forward settings)``, else ``DENSE_CUDA_DEFAULT``; padded head dims
+#: (80, 96: BLOCK_D = 128) ran as fast or faster with the default 64 x 64 tiles.
 DENSE_CUDA_FORWARD = (
-    (64, 4096, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
-    (128, 8192, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+    (1, 64, 4096, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+    (97, 128, 8192, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
 )
 #: The backward's pipeline depth: 4 stages at head dims up to 64 (5.75 ms against 6.24 ms with 2
 #: at N=16384, ``dense_sweep_h100_bwd_stages.json``); at D=128 more stages were slower.
@@ -182,12 +183,9 @@ def _dense_cuda(head_dim: int, seq_len: int | None, dtype: torch.dtype | None) -
         if head_dim <= max_d:
             cfg.update(bwd)
             break
-    for max_d, min_n, fwd in DENSE_CUDA_FORWARD:
-        # Padded head dims (80, 96: BLOCK_D = 128) ran as fast or faster with 64 x 64 tiles.
-        if head_dim <= max_d and (max_d == 64 or head_dim > 96):
-            if seq_len >= min_n:
-                cfg.update(fwd)
-            break
+    for lo, hi, min_n, fwd in DENSE_CUDA_FORWARD:
+        if lo <= head_dim <= hi and seq_len >= min_n:
+            cfg.update(fwd)
     return cfg
 
 
