@@ -220,3 +220,24 @@ def test_uniform_attention_hand_computed():
     want = torch.cumsum(v, dim=-2) / torch.arange(1, 5, dtype=torch.float64)[:, None]
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     assert math.isclose(ref.attention(q, k, v, causal=False)[0, 0, 0, 0].item(), v[0, 0, :, 0].mean().item())
+
+
+# ---------------------------------------------------------------------------
+# The test helper that measures what rounding the output alone costs
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rounding_floor_backward_is_exact_without_rounding(seed, causal):
+    """In float64 (no rounding) ``rounding_floor``'s hand-written backward equals autograd's,
+    with grouped kv heads, a mask with empty rows, and a non-default scale."""
+    from helpers import rounding_floor
+
+    q = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    do = torch.randn_like(q)
+    k, v = (torch.randn(2, 2, 9, 8, dtype=torch.float64) for _ in range(2))
+    allowed = torch.rand(2, 4, 9, 9) < 0.4
+    want = _grads(lambda q, k, v: ref.attention(q, k, v, allowed, 0.3, causal=causal), q, k, v, do)
+    assert max(rounding_floor(want, want[0], q, k, v, do, allowed, 0.3, causal=causal)) < 1e-12
+    floor = rounding_floor(want, want[0].bfloat16(), q, k, v, do, allowed, 0.3, causal=causal)
+    assert 0 < floor[0] < 1e-2 and floor[1] > 0 and floor[3] < 1e-12  # dv does not use delta
