@@ -6,15 +6,17 @@ with ``reference.qk_dropping_mask`` / ``reference.hash_mask``:
 
 * the output and ``dq, dk, dv`` within the tolerances of ``tests/helpers.py``
   (float32 1e-3; bfloat16 1e-2 for outputs, 2e-2 for gradients), NaN/inf never
-  passing;
+  passing; each gradient bound adds the error that the rounding of the kernel's stored
+  output alone causes (``helpers.rounding_floor``: the backward's ``delta = do · o``
+  uses that output, and on rows with two or three keys, whose ``dq``/``dk`` are a
+  cancellation, the rounding alone costs several per cent in bfloat16 (e.g. 0.079 for
+  dense causal N=2, D=128, under the interpreter, whose bfloat16 casts truncate);
+  beyond that floor the kernels stayed below 0.0081 in 280 drawn bfloat16 examples);
 * exact zeros where the mask leaves nothing: the output and ``dq`` of a query with
   no allowed key (dropped queries included) and ``dk, dv`` of a key no query may
   see (dropped keys included).
 
-Every entry point has a float32 test, where all of this is a hard property, and a
-bfloat16 test, where all but the gradient tolerance is: gradient errors above 2e-2 are
-collected over the run and reported as an xfail naming the worst case (see
-:func:`_run_bf16` for why bfloat16 gradients of rows with few keys miss 2e-2 here).
+Every entry point has a float32 and a bfloat16 test, where all of this is a hard property.
 
 Kernels run through Triton's interpreter here, so cases are kept small (the numbers of
 tile pairs and of tokens are capped, see :func:`shapes`) and each test runs a few dozen
@@ -23,18 +25,16 @@ examples; ``sm_scale`` is the default or up to ``MAX_SCALE`` times it.
 Replaying a failure: hypothesis prints the falsifying case as a ``QKCase(...)`` or
 ``HashCase(...)``; it holds everything needed (the tensors come from its ``seed``), so
 ``check_qk(QKCase(...))``, ``check_hash(...)``, ``check_permuted_compacted(...)`` or
-``check_permuted_bucketed(...)`` run it again outside hypothesis (a bfloat16 xfail
-message names its case the same way).  The case summary (kept counts, bucket id range,
-measured errors) is printed through ``note``.
+``check_permuted_bucketed(...)`` run it again outside hypothesis.  The case summary (kept
+counts, bucket id range, measured errors and bounds) is printed through ``note``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
 
-import pytest
 import torch
-from helpers import GRAD_TOL, TOL, err, grads
+from helpers import GRAD_TOL, TOL, err, grads, rounding_floor
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
@@ -236,20 +236,14 @@ def _reference(q, k, v, do, mask, sm_scale):
                  do.double())
 
 
-class GradToleranceError(AssertionError):
-    """A gradient outside its tolerance (everything else about the example was right)."""
-
-    def __init__(self, message: str, error: float):
-        super().__init__(message)
-        self.error = error
-
-
-def _compare(got, want, row_empty, col_empty, dtype, what=""):
+def _compare(got, want, row_empty, col_empty, dtype, floor, what=""):
     """``got``/``want``: ``(out, dq, dk, dv)``.  ``row_empty`` (B, H, Nq): rows with no
-    allowed key; ``col_empty`` (B, H, Nk): keys no query may see.
+    allowed key; ``col_empty`` (B, H, Nk): keys no query may see.  ``floor``: the errors
+    that the rounding of the kernel's stored output alone causes (``rounding_floor``),
+    added to the gradient tolerance.
 
     Checked in this order: shapes, dtypes, finiteness, exact zeros, output error, and
-    last the gradient errors (raising :class:`GradToleranceError`)."""
+    last the gradient errors."""
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.shape == b.shape, f"{what}{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
         assert a.dtype == dtype, f"{what}{name}: dtype {a.dtype} != {dtype}"
@@ -260,12 +254,13 @@ def _compare(got, want, row_empty, col_empty, dtype, what=""):
         bad = int((t[empty] != 0).any(-1).sum())
         assert bad == 0, f"{what}{name}: {bad} rows that should be exactly 0 are not"
     errors = {name: err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
-    note(f"{what}errors: " + ", ".join(f"{n}={e:.3g}" for n, e in errors.items()))
+    bounds = {name: GRAD_TOL[dtype] + f for name, f in zip(("dq", "dk", "dv"), floor[1:])}
+    note(f"{what}errors: " + ", ".join(f"{n}={e:.3g}" for n, e in errors.items())
+         + "; gradient bounds (tolerance + rounding floor): " + ", ".join(f"{n}={b:.3g}" for n, b in bounds.items()))
     assert errors["out"] <= TOL[dtype], f"{what}out: error {errors['out']:.3g} > {TOL[dtype]:g}"
-    name = max(("dq", "dk", "dv"), key=errors.get)
-    if errors[name] > GRAD_TOL[dtype]:
-        raise GradToleranceError(f"{what}{name}: error {errors[name]:.3g} > {GRAD_TOL[dtype]:g} "
-                                 f"({', '.join(f'{n}={e:.3g}' for n, e in errors.items())})", errors[name])
+    for name, bound in bounds.items():
+        assert errors[name] <= bound, (f"{what}{name}: error {errors[name]:.3g} > {bound:.3g} "
+                                       f"({', '.join(f'{n}={e:.3g}' for n, e in errors.items())})")
 
 
 def _describe_keep(name, keep):
@@ -283,7 +278,8 @@ def check_qk(case: QKCase) -> None:
     want = _reference(q, k, v, do, mask, s.sm_scale)
     # dropped queries/keys are in the empty rows/columns of the mask
     assert not (mask.any(-1) & ~q_keep).any() and not (mask.any(-2) & ~k_keep).any()
-    _compare(got, want, ~mask.any(-1), ~mask.any(-2), s.dtype)
+    floor = rounding_floor(want, got[0], q, k, v, do, mask, s.sm_scale)
+    _compare(got, want, ~mask.any(-1), ~mask.any(-2), s.dtype, floor)
 
 
 def check_hash(case: HashCase) -> None:
@@ -297,7 +293,8 @@ def check_hash(case: HashCase) -> None:
     got = grads(lambda q, k, v: hash_sparse_attention(q, k, v, qb, kb, s.sm_scale, **kw), q, k, v, do)
     mask = ref.hash_mask(qb, kb)
     want = _reference(q, k, v, do, mask, s.sm_scale)
-    _compare(got, want, ~mask.any(-1), ~mask.any(-2), s.dtype)
+    floor = rounding_floor(want, got[0], q, k, v, do, mask, s.sm_scale)
+    _compare(got, want, ~mask.any(-1), ~mask.any(-2), s.dtype, floor)
 
 
 def _gather_rows(x, index):
@@ -321,7 +318,10 @@ def _check_permuted(s: Shape, q, k, v, do, mask, q_index, k_index, q_pos, k_pos,
     col_empty = _gather_rows(~mask.any(-2), k_index)
     # padding slots hold dropped tokens: they must be among the empty ones
     assert row_empty[q_pos < 0].all() and col_empty[k_pos < 0].all()
-    _compare(got, want, row_empty, col_empty, s.dtype, "permuted ")
+    slot_mask = mask.gather(-2, q_index[..., None].expand(*q_index.shape, mask.shape[-1]))
+    slot_mask = slot_mask.gather(-1, k_index[..., None, :].expand(*q_index.shape, n_k))
+    floor = rounding_floor(want, got[0], qs, ks, vs, dos, slot_mask, s.sm_scale)
+    _compare(got, want, row_empty, col_empty, s.dtype, floor, "permuted ")
 
 
 def check_permuted_compacted(case: QKCase) -> None:
@@ -375,37 +375,6 @@ def _examples(*cases):
     return decorate
 
 
-def _run_bf16(check, strategy, max_examples, cases):
-    """bfloat16: every check is hard except the gradient tolerance, whose excesses are
-    collected over all examples and reported at the end with ``pytest.xfail``.
-
-    Why: under Triton's CPU interpreter (triton 3.9) every float32 -> bfloat16 cast in a
-    kernel truncates instead of rounding to nearest (``fp_downcast_rounding="rtne"``
-    included), so the stored output is biased toward 0 and ``delta = do · o`` no longer
-    matches the ``p`` the backward recomputes; on rows with few allowed keys, whose
-    ``dq``/``dk`` are a cancellation, the relative gradient error then reaches several
-    percent (e.g. 0.079 for dense causal N=2, D=128, default scale, where the same
-    algorithm with round-to-nearest gives 0.006).  Even with round-to-nearest about 1% of
-    such tiny cases exceed 2e-2.  The xfail message names the worst case found.
-    """
-    excess = []
-
-    @settings(max_examples=max_examples, **SETTINGS)
-    @given(case=strategy)
-    @_examples(*cases)
-    def run(case):
-        try:
-            check(case)
-        except GradToleranceError as e:
-            excess.append((e.error, repr(case), str(e)))
-
-    run()
-    if excess:
-        error, case, message = max(excess)
-        pytest.xfail(f"bfloat16 gradient tolerance exceeded in {len(excess)} example(s); worst: {message} "
-                     f"in {check.__name__}({case})")
-
-
 QK_EXAMPLES = (
     QKCase(_shape(1), ("all", "none"), ("all", "all")),
     QKCase(_shape(7, D=80), ("none", "all"), ("all", "none")),
@@ -437,8 +406,11 @@ def test_qk_sparse_attention(case):
     check_qk(case)
 
 
-def test_qk_sparse_attention_bf16():
-    _run_bf16(check_qk, qk_cases(torch.bfloat16), 15, [_bf16(c) for c in QK_EXAMPLES[1:3]])
+@settings(max_examples=15, **SETTINGS)
+@given(case=qk_cases(torch.bfloat16))
+@_examples(*(_bf16(c) for c in QK_EXAMPLES[1:3]))
+def test_qk_sparse_attention_bf16(case):
+    check_qk(case)
 
 
 @settings(max_examples=15, **SETTINGS)
@@ -448,8 +420,11 @@ def test_hash_sparse_attention(case):
     check_hash(case)
 
 
-def test_hash_sparse_attention_bf16():
-    _run_bf16(check_hash, hash_cases(torch.bfloat16), 8, [_bf16(c) for c in HASH_EXAMPLES[1:3]])
+@settings(max_examples=8, **SETTINGS)
+@given(case=hash_cases(torch.bfloat16))
+@_examples(*(_bf16(c) for c in HASH_EXAMPLES[1:3]))
+def test_hash_sparse_attention_bf16(case):
+    check_hash(case)
 
 
 @settings(max_examples=15, **SETTINGS)
@@ -459,9 +434,11 @@ def test_permuted_attention_compacted(case):
     check_permuted_compacted(case)
 
 
-def test_permuted_attention_compacted_bf16():
-    _run_bf16(check_permuted_compacted, qk_cases(torch.bfloat16, trims=True), 10,
-              [_bf16(c) for c in COMPACTED_EXAMPLES[:1]])
+@settings(max_examples=10, **SETTINGS)
+@given(case=qk_cases(torch.bfloat16, trims=True))
+@_examples(*(_bf16(c) for c in COMPACTED_EXAMPLES[:1]))
+def test_permuted_attention_compacted_bf16(case):
+    check_permuted_compacted(case)
 
 
 @settings(max_examples=8, **SETTINGS)
@@ -471,6 +448,8 @@ def test_permuted_attention_bucketed(case):
     check_permuted_bucketed(case)
 
 
-def test_permuted_attention_bucketed_bf16():
-    _run_bf16(check_permuted_bucketed, hash_cases(torch.bfloat16, with_n_buckets=False, big_ids=False), 6,
-              [_bf16(c) for c in BUCKETED_EXAMPLES[1:]])
+@settings(max_examples=6, **SETTINGS)
+@given(case=hash_cases(torch.bfloat16, with_n_buckets=False, big_ids=False))
+@_examples(*(_bf16(c) for c in BUCKETED_EXAMPLES[1:]))
+def test_permuted_attention_bucketed_bf16(case):
+    check_permuted_bucketed(case)
