@@ -8,7 +8,7 @@ imported first by ``sparseflash/__init__.py`` for that reason.
 from __future__ import annotations
 
 import math
-
+import operator
 import os
 import warnings
 
@@ -55,7 +55,8 @@ def check_runnable(t: Tensor) -> None:
             "got CPU tensors but Triton's interpreter is off (a CUDA device is present): move the inputs "
             "to CUDA, or set TRITON_INTERPRET=1 before importing sparseflash"
         )
-    if _AUTO_INTERPRET and not _said_interpret:
+    # Not while torch.compile traces: Dynamo cannot trace warnings.warn (fullgraph=True would fail).
+    if _AUTO_INTERPRET and not _said_interpret and not torch.compiler.is_compiling():
         _said_interpret = True
         warnings.warn(
             "sparseflash: no CUDA device, so Triton kernels run on the CPU through Triton's interpreter "
@@ -111,6 +112,8 @@ def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
     """The score scale: ``1/sqrt(head_dim)`` by default; a given one must be a finite number."""
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
+    if isinstance(sm_scale, (bool, str)):
+        raise ValueError(f"sm_scale must be a number (default 1/sqrt(head_dim)), got {sm_scale!r}")
     scale = float(sm_scale)
     if not math.isfinite(scale):
         raise ValueError(f"sm_scale must be a finite number (default 1/sqrt(head_dim)), got {sm_scale}")
@@ -134,6 +137,28 @@ def check_per_token(name: str, t: Tensor, x: Tensor, kind: str) -> None:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
 
 
+def check_n_buckets(n_buckets) -> int | None:
+    """``None``, or a positive integer (numpy integers too) returned as ``int``; else ``ValueError``."""
+    if n_buckets is None:
+        return None
+    try:
+        value = operator.index(n_buckets)
+    except TypeError:
+        value = None
+    if isinstance(n_buckets, bool) or value is None or value < 1:
+        raise ValueError(f"n_buckets must be a positive int, got {n_buckets!r}")
+    return value
+
+
+def check_compilable_buckets(fn: str, n_buckets: int | None, validate: bool, max_direct: int) -> None:
+    """Under ``torch.compile`` a call may not read ids back to the host: ``n_buckets`` must be
+    given, small enough to be used directly (``max_direct``), and ``validate`` off."""
+    if validate or n_buckets is None or n_buckets > max_direct:
+        raise ValueError(f"under torch.compile, {fn} needs n_buckets and validate=False, with n_buckets at most "
+                         f"{max_direct}: anything else reads ids back to the host; got n_buckets={n_buckets}, "
+                         f"validate={validate}.  Check or renumber ids outside the compiled region")
+
+
 def check_bucket_range(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None) -> int | None:
     """Bucket ids in ``[0, n_buckets)`` (or ``>= 0`` and int32 without it); raise ``ValueError``.
 
@@ -149,7 +174,7 @@ def check_bucket_range(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | No
         if lo < 0:
             raise ValueError(f"{name} must be >= 0, got a bucket id {lo}")
         if hi >= 2**31 - 1:
-            raise ValueError(f"{name} must fit in int32, got a bucket id {hi}")
+            raise ValueError(f"{name} must be below 2**31 - 1, got a bucket id {hi}")
         if n_buckets is not None and hi >= n_buckets:
             raise ValueError(f"{name} must be < n_buckets={n_buckets}, got a bucket id {hi}")
     return max(q_hi, k_hi)

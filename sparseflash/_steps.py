@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _runtime
 
@@ -302,7 +303,8 @@ class KernelAttention(torch.autograd.Function):
     ``backward_pass(q, k, v, o, lse2, do) -> (dq, dk, dv)`` the matching backward,
     which recomputes the tiles from the saved log-sum-exp.  The dense kernels here and
     the permuted-layout kernels of ``permuted.py`` bind their settings with
-    ``functools.partial``.
+    ``functools.partial``.  Once differentiable: second derivatives (``create_graph=True``
+    then a backward through the gradient) raise instead of coming back silently wrong.
     """
 
     @staticmethod
@@ -313,5 +315,6 @@ class KernelAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no derivative: differentiating them again raises
     def backward(ctx, do):
         return (*ctx.backward_pass(*ctx.saved_tensors, do), None, None)

@@ -53,10 +53,11 @@ def hash_sparse_attention(
             :func:`~sparseflash.lsh_buckets`); queries and keys may be bucketed
             differently.
         sm_scale: default ``1/sqrt(D)``.
-        n_buckets: ids lie in ``[0, n_buckets)``.  Pass it: then a call never waits
-            for the GPU.  Without it the number is read off the ids (one host
-            synchronisation).  A token whose id is outside the range takes part in
-            nothing (output 0, no gradient), unless ``validate`` is on.
+        n_buckets: ids lie in ``[0, n_buckets)``.  Pass it (at most 65536 under
+            ``torch.compile``): then a call never waits for the GPU, and a token whose
+            id is outside the range takes part in nothing (output 0, no gradient),
+            unless ``validate`` is on.  Without it the number is read off the ids (one
+            host synchronisation), which must then be ``>= 0`` (``ValueError``).
         validate: check on the host that every id is in range (or ``>= 0`` without
             ``n_buckets``) and raise ``ValueError`` otherwise; one synchronisation.
         kernel_options, tile_record: as in :func:`~sparseflash.flash_attention`;
@@ -68,12 +69,10 @@ def hash_sparse_attention(
     _runtime.check_qkv(q, k, v, same_length=True)
     _runtime.check_per_token("q_buckets", q_buckets, q, "int")
     _runtime.check_per_token("k_buckets", k_buckets, k, "int")
-    if n_buckets is not None and (not isinstance(n_buckets, int) or n_buckets < 1):
-        raise ValueError(f"n_buckets must be a positive int, got {n_buckets!r}")
+    n_buckets = _runtime.check_n_buckets(n_buckets)
     top = None
-    if (validate or n_buckets is None) and torch.compiler.is_compiling():
-        raise ValueError("under torch.compile, hash_sparse_attention needs n_buckets and validate=False "
-                         "(both would read ids back to the host); check ids outside the compiled region")
+    if torch.compiler.is_compiling():
+        _runtime.check_compilable_buckets("hash_sparse_attention", n_buckets, validate, MAX_DIRECT_BUCKETS)
     if validate or n_buckets is None:
         top = _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
     if n_buckets is None or n_buckets > MAX_DIRECT_BUCKETS:

@@ -276,13 +276,13 @@ def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | Non
 def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr):
     """Bucket of tokens ``t``, or -1 if dropped (not kept, id out of range, past ``n``)."""
     if HAS_BUCKET:
-        b = tl.load(BUCKET + t, mask=t < n, other=-1).to(tl.int32)
+        b = tl.load(BUCKET + t, mask=t < n, other=-1)  # range-checked in its own dtype: 2**32 + 1 is not 1
     else:
         b = tl.zeros_like(t)
     ok = (t < n) & (b >= 0) & (b < n_buckets)
     if HAS_KEEP:
         ok = ok & (tl.load(KEEP + t, mask=t < n, other=0) != 0)
-    return tl.where(ok, b, -1)
+    return tl.where(ok, b, -1).to(tl.int32)
 
 
 @triton.jit

@@ -491,8 +491,12 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
 
 
 def _check_ascending(name: str, pos: Tensor, buckets: Tensor | None) -> None:
-    """Real positions ascend inside each bucket, in slot order (one host synchronisation)."""
+    """Real positions are below ``2**31 - 1`` and ascend inside each bucket, in slot order
+    (host synchronisations)."""
     real = pos >= 0
+    top = int(pos.max()) if pos.numel() else -1
+    if top >= 2**31 - 1:
+        raise ValueError(f"{name}: positions must be below 2**31 - 1 (they are compared as int32), got {top}")
     p = torch.where(real, pos.long(), -1)
     if buckets is None:
         prev = torch.cummax(p, -1).values[..., :-1]
@@ -535,14 +539,17 @@ def permuted_attention(
             divides ``H`` (grouped-query attention: query head ``h`` uses kv head
             ``h // (H / Hkv)``, whose slot order the key-side tensors below follow).
         q_pos, k_pos: integer ``(B, H, Nq)`` / ``(B, Hkv, Nk)``: each slot's position
-            (the causal coordinate); ``-1`` marks a padding slot, anywhere.  Real
+            (the causal coordinate), in ``[0, 2**31 - 1)`` (the kernels compare them as
+            int32); ``-1`` (any negative) marks a padding slot, anywhere.  Real
             positions must ascend along the slots (inside each bucket, with buckets).
         q_buckets, k_buckets: optional integer ``(B, H, Nq)`` / ``(B, Hkv, Nk)`` ids.
         n_buckets: ids are in ``[0, n_buckets)``; a slot with another id is treated as
             padding.  Without it, with buckets, it is read off the ids (one host
-            synchronisation).
-        validate: check the positions' order and the ids' range on the host (raises
-            ``ValueError``); off by default, so a call never waits for the GPU.
+            synchronisation; a negative id is then padding).  At most 65536 under
+            ``torch.compile``.
+        validate: check on the host (``ValueError``) that positions are below
+            ``2**31 - 1`` and ascend, and that ids are in ``[0, n_buckets)`` (``>= 0``
+            without ``n_buckets``); off by default, so a call never waits for the GPU.
 
     Slot a attends to slot b iff ``0 <= k_pos[b] <= q_pos[a]`` (and buckets equal).
     A slot with nothing to attend to (padding included) outputs 0 and passes no gradient.
@@ -555,20 +562,24 @@ def permuted_attention(
     _runtime.check_per_token("k_pos", k_pos, k, "int")
     if (q_buckets is None) != (k_buckets is None):
         raise ValueError("give both q_buckets and k_buckets, or neither")
-    if (validate or (q_buckets is not None and n_buckets is None)) and torch.compiler.is_compiling():
-        raise ValueError("under torch.compile, permuted_attention needs n_buckets (with buckets) and "
-                         "validate=False (both would read values back to the host)")
     if q_buckets is not None:
         _runtime.check_per_token("q_buckets", q_buckets, q, "int")
         _runtime.check_per_token("k_buckets", k_buckets, k, "int")
-        if validate and n_buckets is not None:
-            _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets)
-        if n_buckets is None or n_buckets > MAX_DIRECT_BUCKETS:
-            q_buckets, k_buckets, n_buckets = dense_bucket_ids(q_buckets, k_buckets, n_buckets)
-    n_buckets = 1 if q_buckets is None else int(n_buckets)
+    n_buckets = _runtime.check_n_buckets(n_buckets)
+    if torch.compiler.is_compiling():
+        if q_buckets is not None:
+            _runtime.check_compilable_buckets("permuted_attention", n_buckets, validate, MAX_DIRECT_BUCKETS)
+        elif validate:
+            raise ValueError("under torch.compile, permuted_attention needs validate=False (it reads positions "
+                             "back to the host)")
     if validate:
         _check_ascending("q_pos", q_pos, q_buckets)
         _check_ascending("k_pos", k_pos, k_buckets)
+    if q_buckets is not None:
+        top = _runtime.check_bucket_range(q_buckets, k_buckets, n_buckets) if validate else None
+        if n_buckets is None or n_buckets > MAX_DIRECT_BUCKETS:
+            q_buckets, k_buckets, n_buckets = dense_bucket_ids(q_buckets, k_buckets, n_buckets, top=top)
+    n_buckets = 1 if q_buckets is None else n_buckets
     return run_layout(q, k, v, q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_pos >= 0, k_keep=k_pos >= 0,
                       q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, sm_scale=sm_scale,
                       kernel_options=kernel_options, tile_record=tile_record, kind="permuted")

@@ -277,6 +277,40 @@ def test_out_of_range_ids_take_no_part_without_validate(seed):
     assert (got[0][0, 0, :5] == 0).all() and (got[1][0, 0, :5] == 0).all()
 
 
+def test_ids_beyond_int32_take_no_part(seed):
+    """An int64 id outside ``[0, n_buckets)`` is dropped even when its low 32 bits are a
+    valid id (the layout kernel checks the range before narrowing ids to int32)."""
+    B, H, N, D = 1, 1, 20, 16
+    q, k, v, do = _qkv(B, H, N, D)
+    qb, kb = torch.randint(0, 4, (B, H, N)), torch.randint(0, 4, (B, H, N))
+    wide_q, wide_k = qb.clone(), kb.clone()
+    wide_q[0, 0, 10] += 2**32
+    wide_k[0, 0, 3] -= 2**32
+    got = _kernel(q, k, v, do, wide_q, wide_k, n_buckets=4, kernel_options=SMALL)
+    q_in, k_in = torch.ones(B, H, N, dtype=torch.bool), torch.ones(B, H, N, dtype=torch.bool)
+    q_in[0, 0, 10] = k_in[0, 0, 3] = False
+    mask = ref.hash_mask(qb, kb) & q_in[..., :, None] & k_in[..., None, :]
+    want = _grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())
+    _assert_close(got, want, TOL[torch.float32])
+    assert (got[0][0, 0, 10] == 0).all() and (got[2][0, 0, 3] == 0).all()
+
+
+@pytest.mark.parametrize("n_buckets", [2.5, 4.0, True, 0, "4"])
+def test_n_buckets_must_be_a_positive_int(n_buckets):
+    q, k, v, _ = _qkv(1, 1, 8, 16)
+    ids = torch.zeros(1, 1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="n_buckets must be a positive int"):
+        hash_sparse_attention(q, k, v, ids, ids, n_buckets=n_buckets)
+
+
+def test_numpy_n_buckets(seed):
+    np = pytest.importorskip("numpy")
+    q, k, v, _ = _qkv(1, 1, 8, 16)
+    ids = torch.randint(0, 4, (1, 1, 8))
+    assert torch.equal(hash_sparse_attention(q, k, v, ids, ids, n_buckets=np.int64(4)),
+                       hash_sparse_attention(q, k, v, ids, ids, n_buckets=4))
+
+
 def test_n_buckets_check(seed):
     B, H, N, D = 1, 2, 30, 16
     q, k, v, _ = _qkv(B, H, N, D)

@@ -103,11 +103,48 @@ def test_compile_refuses_host_reads():
     """Under torch.compile, calls that would read values back to the host raise a clear error."""
     q, k, v = _inputs(N=20)
     ids = torch.randint(0, 4, (1, 2, 20))
+    pos = torch.arange(20).expand(1, 2, 20)
     for call in (lambda q: sf.hash_sparse_attention(q, k, v, ids, ids),
-                 lambda q: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=4, validate=True)):
+                 lambda q: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=4, validate=True),
+                 lambda q: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=2**20),  # renumbered on the host
+                 lambda q: sf.permuted_attention(q, k, v, pos, pos, ids, ids),
+                 lambda q: sf.permuted_attention(q, k, v, pos, pos, ids, ids, n_buckets=2**20)):
         torch._dynamo.reset()
         with pytest.raises(Exception, match="n_buckets and validate=False"):
             torch.compile(call, backend="aot_eager", fullgraph=True)(q)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="needs validate=False"):
+        torch.compile(lambda q: sf.permuted_attention(q, k, v, pos, pos, validate=True), backend="aot_eager",
+                      fullgraph=True)(q)
+
+
+@pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted"])
+def test_double_backward_raises(seed, kind):
+    """Second derivatives are not implemented: a backward through a gradient raises
+    instead of silently dropping that gradient's own derivative."""
+    q, k, v = (t.requires_grad_() for t in _inputs(N=20))
+    out = _calls(20)[kind](q, k, v)
+    (dq,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (out.sum() + dq.pow(2).sum()).backward()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's warning is given only without CUDA")
+def test_compile_fullgraph_in_a_fresh_process():
+    """The first call of a process, compiled (fullgraph), works on CPU: the one-time
+    'running through the interpreter' warning is not given while Dynamo traces."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, sparseflash as sf\n"
+            "q, k, v = (torch.randn(1, 2, 20, 16) for _ in range(3))\n"
+            "out = torch.compile(sf.flash_attention, backend='aot_eager', fullgraph=True)(q, k, v)\n"
+            "assert (out - sf.flash_attention(q, k, v)).abs().max() == 0\n")
+    # Without TRITON_INTERPRET (this process set it), as a user's fresh process starts.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kind", ["hash", "qk"])

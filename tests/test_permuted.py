@@ -201,6 +201,31 @@ def test_unsorted_positions_raise_when_validated(q_pos, k_pos):
                            validate=True)
 
 
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_positions_beyond_int32_raise_when_validated(side):
+    """Positions are compared as int32 (2**31 - 1 marks key padding): larger ones are refused."""
+    q, k, v = _qkv()
+    big = (torch.arange(8) + 2**31 - 5).view(1, 1, 8)
+    pos = {"q": torch.arange(8).view(1, 1, 8), "k": torch.arange(8).view(1, 1, 8)}
+    pos[side] = big
+    with pytest.raises(ValueError, match=r"below 2\*\*31 - 1"):
+        permuted_attention(q, k, v, pos["q"], pos["k"], validate=True)
+
+
+def test_bucket_ids_checked_like_hash_sparse_attention():
+    """``n_buckets`` must be a positive int; with ``validate``, ids must be in range (>= 0
+    without ``n_buckets``), as in ``hash_sparse_attention``."""
+    q, k, v = _qkv()
+    pos = torch.arange(8).view(1, 1, 8)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2]).view(1, 1, 8)
+    with pytest.raises(ValueError, match="n_buckets must be a positive int"):
+        permuted_attention(q, k, v, pos, pos, ids, ids, n_buckets=2.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        permuted_attention(q, k, v, pos, pos, ids - 1, ids, validate=True)
+    with pytest.raises(ValueError, match="n_buckets=2"):
+        permuted_attention(q, k, v, pos, pos, ids, ids, n_buckets=2, validate=True)
+
+
 @pytest.mark.parametrize(
     "q_pos,k_pos",
     [
