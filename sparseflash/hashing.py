@@ -1,10 +1,16 @@
 """Locality-sensitive hashing of vectors into buckets (angular LSH by random rotations).
 
 For ``n_buckets = 2r`` draw a random Gaussian matrix ``R`` of shape ``(D, r)``, project
-``y = x R`` and take ``bucket = argmax([y, -y])``: the closest of ``2r`` random
-directions ``±R_c``.  Two vectors at a small angle land in the same bucket with high
-probability, two random vectors with probability about ``1/n_buckets``
-(Andoni et al. 2015; used by Reformer and by the paper's hash-sparse attention).
+``y = x R`` and take ``bucket = argmax([y, -y])`` (Andoni et al. 2015's cross-polytope
+LSH with a Gaussian matrix, as in Reformer and the paper's hash-sparse attention).
+Two vectors at a small angle land in the same bucket with high probability, two
+random vectors with probability a little above ``1/n_buckets``.  The columns of ``R``
+are not normalised, so ``y_c`` is ``|R_c|`` times the cosine with direction ``R_c``:
+buckets are not equally likely.  For isotropic inputs at 16 buckets (seeds 0, 1, 2)
+the largest bucket held 1.8–2.8x as many vectors as the smallest at D=64 (1.4–2.1x
+at D=128), and two random vectors collided with probability 0.063–0.068 rather than
+0.0625.  A sparse call costs about what its largest buckets cost, so uneven buckets
+cost speed.
 Queries and keys must be hashed with the *same* rotations for similar ones to collide:
 pass the same ``seed`` (or generator state) to both calls, or hash ``torch.cat`` of them.
 """

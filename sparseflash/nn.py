@@ -21,7 +21,8 @@ One module, three attentions (``mode``):
   sequence lets a token's fate depend on later tokens' scores: fine for
   training-speed studies, not for autoregressive sampling.  With
   ``qk_gate="random"`` each token is kept with probability ``keep_rate`` (the
-  paper's random dropping), drawn anew each call.
+  paper's random dropping), drawn anew each call, in ``eval()`` mode too: the
+  dropping is the attention pattern, not a regulariser.
 
 Shapes follow nanoGPT: ``x`` is ``(B, N, C)``; heads ``(B, H, N, D)`` inside.
 Grouped-query attention: ``n_kv_heads`` kv heads shared by ``n_heads // n_kv_heads``
@@ -33,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._runtime import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .flash import flash_attention
 from .hash_sparse import hash_sparse_attention
 from .hashing import lsh_buckets, lsh_rotations
@@ -67,7 +69,8 @@ class SparseCausalSelfAttention(nn.Module):
         qk_gate: ``"topk"`` (learned gate) or ``"random"`` (``mode="qk"``).
         positional: ``"rotary"`` or ``None`` (the caller adds positions elsewhere).
         bias: biases in the projections.
-        seed: seed of the LSH rotations.
+        seed: seed of the LSH rotations.  Give each layer its own (e.g. the layer's
+            index): layers built with the same seed bucket alike.
 
     Shape:
         ``forward(x)``: ``x`` ``(B, N, C)`` -> ``(B, N, C)``.
@@ -80,10 +83,15 @@ class SparseCausalSelfAttention(nn.Module):
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if embed_dim < 1 or n_heads < 1:
+            raise ValueError(f"embed_dim and n_heads must be positive, got {embed_dim} and {n_heads}")
         if embed_dim % n_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by n_heads ({n_heads})")
+        if not MIN_HEAD_DIM <= embed_dim // n_heads <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim embed_dim // n_heads must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got "
+                             f"{embed_dim} // {n_heads} = {embed_dim // n_heads}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}), which is >= 1")
         if positional not in ("rotary", None):
             raise ValueError(f"positional must be 'rotary' or None, got {positional!r}")
         if qk_gate not in QK_GATES:
@@ -114,9 +122,9 @@ class SparseCausalSelfAttention(nn.Module):
         return lsh_buckets(nn.functional.normalize(x.float(), dim=-1), self.n_buckets, rotations=rot)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
-        if C != self.embed_dim:
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (batch, seq_len, {self.embed_dim}), got {tuple(x.shape)}")
+        B, N, C = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
         if self.mode == "hash":

@@ -97,7 +97,7 @@ def topk_keep(scores: Tensor, keep_rate: float | None = None, *, k: int | None =
     if k is None:
         if not 0.0 <= keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in [0, 1], got {keep_rate}")
-        k = math.ceil(keep_rate * n)
+        k = math.ceil(round(keep_rate * n, 9))  # round first: 0.07 * 100 is 7.000000000000001
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     keep = torch.zeros_like(scores, dtype=torch.bool)

@@ -303,6 +303,13 @@ def test_bad_sm_scale(sm_scale):
         flash_attention(q, k, v, sm_scale=sm_scale)
 
 
+@pytest.mark.parametrize("sm_scale", ["0.5", True])
+def test_sm_scale_must_be_a_number(sm_scale):
+    q, k, v = (_t(1, 1, 8, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"sm_scale must be a number"):
+        flash_attention(q, k, v, sm_scale=sm_scale)
+
+
 # The backward may tile differently from the forward (bwd_BLOCK keys per dK/dV program and
 # queries per dQ program, bwd_STEP at a time): awkward lengths, rectangular, GQA, ragged D.
 @pytest.mark.parametrize(

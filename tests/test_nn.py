@@ -72,6 +72,10 @@ def test_random_dropping_and_no_rotary():
     (dict(embed_dim=64, n_heads=4, mode="qk", qk_gate="learned"), "qk_gate"),
     (dict(embed_dim=64, n_heads=4, mode="qk", keep_rate=0.0), "keep_rate"),
     (dict(embed_dim=64, n_heads=4, mode="hash", n_buckets=3), "even"),
+    (dict(embed_dim=64, n_heads=0), "positive"),
+    (dict(embed_dim=0, n_heads=4), "positive"),
+    (dict(embed_dim=32, n_heads=4), r"between 16 and 128, got 32 // 4 = 8"),
+    (dict(embed_dim=64, n_heads=-2), "positive"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -81,6 +85,8 @@ def test_bad_arguments(kwargs, match):
 def test_wrong_input_width():
     with pytest.raises(ValueError, match=r"\(batch, seq_len, 64\)"):
         SparseCausalSelfAttention(64, 4)(torch.randn(1, 5, 32))
+    with pytest.raises(ValueError, match=r"\(batch, seq_len, 64\), got \(5, 64\)"):
+        SparseCausalSelfAttention(64, 4)(torch.randn(5, 64))
 
 
 @pytest.mark.parametrize("mode", ["dense", "hash", "qk"])

@@ -266,7 +266,8 @@ def test_random_keep_bad_shape():
         random_keep((1, 1, 1, 10), 0.5)
 
 
-@pytest.mark.parametrize("N,rate,k", [(100, 0.3, 30), (100, 0.101, 11), (7, 0.5, 4), (50, 0.0, 0), (50, 1.0, 50)])
+@pytest.mark.parametrize("N,rate,k", [(100, 0.3, 30), (100, 0.101, 11), (7, 0.5, 4), (50, 0.0, 0), (50, 1.0, 50),
+                                     (100, 0.07, 7), (100, 0.29, 29)])  # 0.07 * 100 = 7.000000000000001
 def test_topk_keep_rate(seed, N, rate, k):
     scores = torch.randn(2, 3, N)
     keep = topk_keep(scores, rate)
