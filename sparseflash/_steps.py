@@ -219,7 +219,13 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
         if not dense and any(kernel_options.get(k) for k in ("bwd_BLOCK", "bwd_STEP")):
             raise ValueError("bwd_BLOCK / bwd_STEP apply to the dense kernel only: the sparse backward visits "
                              "the forward's tiles (set BLOCK_M, BLOCK_N)")
+        bad = {k: v for k, v in kernel_options.items() if isinstance(v, bool) or not isinstance(v, int)}
+        if bad:
+            raise ValueError(f"kernel_options values must be ints, got {bad}")
         cfg.update(kernel_options)
+    for name in ("num_warps", "num_stages", "bwd_num_warps", "bwd_num_stages"):
+        if cfg[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {cfg[name]}")
     for name in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK", "bwd_STEP"):
         b = cfg[name]
         if name.startswith("bwd") and b == 0:

@@ -16,8 +16,18 @@ pass the same ``seed`` (or generator state) to both calls, or hash ``torch.cat``
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
+
+
+def _as_int(n) -> int | None:
+    """``n`` as an int if it is an integer (numpy integers too), else None."""
+    try:
+        return operator.index(n)
+    except TypeError:
+        return None
 
 
 def lsh_rotations(
@@ -35,8 +45,10 @@ def lsh_rotations(
     Reproducible: the same ``seed`` gives the same rotations on any device (drawn on
     the CPU, then moved).
     """
-    if n_buckets < 2 or n_buckets % 2:
-        raise ValueError(f"n_buckets must be an even number >= 2, got {n_buckets}")
+    n = None if isinstance(n_buckets, bool) else _as_int(n_buckets)
+    if n is None or n < 2 or n % 2:
+        raise ValueError(f"n_buckets must be an even int >= 2, got {n_buckets!r}")
+    n_buckets = n
     if generator is None:
         generator = torch.Generator()
         generator.manual_seed(0 if seed is None else seed)
@@ -77,9 +89,14 @@ def lsh_buckets(
     if rotations is None:
         rotations = lsh_rotations(D, n_buckets, heads=H if per_head else None, seed=seed,
                                   generator=generator, device=x.device)
-    elif rotations.shape[-2:] != (D, n_buckets // 2):
-        raise ValueError(f"rotations must end in (head_dim, n_buckets // 2) = {(D, n_buckets // 2)}, "
-                         f"got {tuple(rotations.shape)}")
+    elif per_head:
+        raise ValueError("give per_head or rotations, not both (per-head rotations are (heads, head_dim, "
+                         "n_buckets // 2))")
+    elif rotations.shape[-2:] != (D, n_buckets // 2) or rotations.dim() not in (2, 3):
+        raise ValueError(f"rotations must be (head_dim, n_buckets // 2) = {(D, n_buckets // 2)} or "
+                         f"(heads, head_dim, n_buckets // 2), got {tuple(rotations.shape)}")
+    elif rotations.dim() == 3 and rotations.shape[0] != H:
+        raise ValueError(f"per-head rotations must have x's {H} heads, got {tuple(rotations.shape)}")
     rot = rotations.to(device=x.device, dtype=torch.float32)
     if rot.dim() == 3:
         y = torch.einsum("bhnd,hdr->bhnr", x.float(), rot)

@@ -267,10 +267,12 @@ def _t(*shape, dtype=f32, device="cpu"):
         (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16, device="meta"), _t(1, 1, 8, 16)), r"one device"),
         (lambda: tuple(_t(1, 1, 8, 16, device="meta") for _ in range(3)), r"expected CUDA tensors"),
         (lambda: ([[0.0] * 16], _t(1, 1, 8, 16), _t(1, 1, 8, 16)), r"q must be a torch.Tensor"),
+        (lambda: tuple(_t(1, 0, 8, 16) for _ in range(3)), r"at least one head"),
     ],
     ids=[
         "q-rank3", "k-rank5", "batch", "heads", "head_dim-k", "head_dim-v", "kv-length", "empty-seq",
         "float64", "int32", "mixed-dtype", "head_dim-8", "head_dim-256", "devices", "meta", "not-a-tensor",
+        "no-heads",
     ],
 )
 def test_bad_input_raises(make, match):
@@ -288,6 +290,8 @@ def test_bad_input_raises(make, match):
         (dict(BLOCK_M=0), r"BLOCK_M must be a power of two"),
         (dict(bwd_BLOCK=32), r"set both bwd_BLOCK and bwd_STEP"),
         (dict(bwd_BLOCK=32, bwd_STEP=12), r"bwd_STEP must be a power of two >= 16 \(or 0\), got 12"),
+        (dict(BLOCK_M=32.0), r"kernel_options values must be ints, got \{'BLOCK_M': 32.0\}"),
+        (dict(num_warps=0), r"num_warps must be at least 1, got 0"),
     ],
 )
 def test_bad_kernel_options(ko, match):

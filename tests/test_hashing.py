@@ -146,7 +146,7 @@ def test_locality_per_head(seed):
     assert ((a == b).float().mean(-1) > 0.8).all()
 
 
-@pytest.mark.parametrize("n_buckets", [0, 1, 3, 7, -2])
+@pytest.mark.parametrize("n_buckets", [0, 1, 3, 7, -2, 4.0, "4", True])
 def test_bad_n_buckets(n_buckets):
     x = torch.randn(1, 1, 10, 16)
     with pytest.raises(ValueError):
@@ -160,3 +160,13 @@ def test_bad_n_buckets(n_buckets):
 def test_bad_x(x):
     with pytest.raises(ValueError):
         lsh_buckets(x, 4)
+
+
+def test_bad_rotations():
+    x = torch.randn(1, 2, 10, 16)
+    with pytest.raises(ValueError, match="x's 2 heads"):
+        lsh_buckets(x, 4, rotations=lsh_rotations(16, 4, heads=3))
+    with pytest.raises(ValueError, match="per_head or rotations"):
+        lsh_buckets(x, 4, rotations=lsh_rotations(16, 4, heads=2), per_head=True)
+    with pytest.raises(ValueError, match="rotations must be"):
+        lsh_buckets(x, 4, rotations=torch.randn(1, 2, 16, 2))
