@@ -85,8 +85,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> Non
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, N, D = q.shape
     h_kv = k.shape[1]
-    if H < 1 or h_kv < 1:
-        raise ValueError(f"q, k, v need at least one head, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if H < 1:  # (zero kv heads for some query heads is the GQA check's below)
+        raise ValueError(f"q needs at least one head, got q {tuple(q.shape)}")
     if k.shape[0] != B or v.shape[:2] != (B, h_kv):
         raise ValueError(
             f"batch and heads must match (k and v with the same heads): q {tuple(q.shape)}, k {tuple(k.shape)}, "

@@ -267,7 +267,7 @@ def _t(*shape, dtype=f32, device="cpu"):
         (lambda: (_t(1, 1, 8, 16), _t(1, 1, 8, 16, device="meta"), _t(1, 1, 8, 16)), r"one device"),
         (lambda: tuple(_t(1, 1, 8, 16, device="meta") for _ in range(3)), r"expected CUDA tensors"),
         (lambda: ([[0.0] * 16], _t(1, 1, 8, 16), _t(1, 1, 8, 16)), r"q must be a torch.Tensor"),
-        (lambda: tuple(_t(1, 0, 8, 16) for _ in range(3)), r"at least one head"),
+        (lambda: tuple(_t(1, 0, 8, 16) for _ in range(3)), r"q needs at least one head"),
     ],
     ids=[
         "q-rank3", "k-rank5", "batch", "heads", "head_dim-k", "head_dim-v", "kv-length", "empty-seq",
