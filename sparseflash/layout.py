@@ -282,7 +282,7 @@ def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_K
     ok = (t < n) & (b >= 0) & (b < n_buckets)
     if HAS_KEEP:
         ok = ok & (tl.load(KEEP + t, mask=t < n, other=0) != 0)
-    return tl.where(ok, b, -1).to(tl.int32)
+    return tl.where(ok, b.to(tl.int32), -1)  # narrowed after the range check, so no id wraps
 
 
 @triton.jit

@@ -295,6 +295,16 @@ def test_ids_beyond_int32_take_no_part(seed):
     assert (got[0][0, 0, 10] == 0).all() and (got[2][0, 0, 3] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_id_dtypes_with_out_of_range_ids(seed, dtype):
+    """Ids of any integer dtype; those outside ``[0, n_buckets)`` are dropped."""
+    q, k, v, _ = _qkv(1, 1, 20, 16)
+    qb, kb = torch.randint(0, 6, (1, 1, 20)), torch.randint(0, 6, (1, 1, 20))
+    out = hash_sparse_attention(q, k, v, qb.to(dtype), kb.to(dtype), n_buckets=4, kernel_options=SMALL)
+    mask = ref.hash_mask(qb, kb) & (qb < 4)[..., :, None] & (kb < 4)[..., None, :]
+    assert _err(out, ref.attention(q, k, v, mask)) <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize("n_buckets", [2.5, 4.0, True, 0, "4"])
 def test_n_buckets_must_be_a_positive_int(n_buckets):
     q, k, v, _ = _qkv(1, 1, 8, 16)
