@@ -139,15 +139,22 @@ def check_per_token(name: str, t: Tensor, x: Tensor, kind: str) -> None:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
 
 
+def as_int(n) -> int | None:
+    """``n`` as an ``int`` if it is an integer (numpy integers too; not a bool), else None."""
+    if isinstance(n, bool):
+        return None
+    try:
+        return operator.index(n)
+    except TypeError:
+        return None
+
+
 def check_n_buckets(n_buckets) -> int | None:
     """``None``, or a positive integer (numpy integers too) returned as ``int``; else ``ValueError``."""
     if n_buckets is None:
         return None
-    try:
-        value = operator.index(n_buckets)
-    except TypeError:
-        value = None
-    if isinstance(n_buckets, bool) or value is None or value < 1:
+    value = as_int(n_buckets)
+    if value is None or value < 1:
         raise ValueError(f"n_buckets must be a positive int, got {n_buckets!r}")
     return value
 

@@ -16,18 +16,10 @@ pass the same ``seed`` (or generator state) to both calls, or hash ``torch.cat``
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
-
-def _as_int(n) -> int | None:
-    """``n`` as an int if it is an integer (numpy integers too), else None."""
-    try:
-        return operator.index(n)
-    except TypeError:
-        return None
+from . import _runtime
 
 
 def lsh_rotations(
@@ -45,7 +37,7 @@ def lsh_rotations(
     Reproducible: the same ``seed`` gives the same rotations on any device (drawn on
     the CPU, then moved).
     """
-    n = None if isinstance(n_buckets, bool) else _as_int(n_buckets)
+    n = _runtime.as_int(n_buckets)
     if n is None or n < 2 or n % 2:
         raise ValueError(f"n_buckets must be an even int >= 2, got {n_buckets!r}")
     n_buckets = n
