@@ -149,6 +149,14 @@ def as_int(n) -> int | None:
         return None
 
 
+def check_window(window) -> int:
+    """A sliding-window width: an ``int >= 0`` (numpy integers too; 0 means no window), else ``ValueError``."""
+    value = as_int(window)
+    if value is None or value < 0:
+        raise ValueError(f"window must be an int >= 0 (0: no window), got {window!r}")
+    return value
+
+
 def check_n_buckets(n_buckets) -> int | None:
     """``None``, or a positive integer (numpy integers too) returned as ``int``; else ``ValueError``."""
     if n_buckets is None:

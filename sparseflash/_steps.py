@@ -42,6 +42,16 @@ def store_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
+def add_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             ACCUMULATE: tl.constexpr):
+    """:func:`store_tile`, or with ``ACCUMULATE`` add ``x`` to the tile already there (in
+    float32, then rounded once to the buffer's dtype)."""
+    if ACCUMULATE:
+        x = x.to(tl.float32) + load_tile(ptr, rows, cols, stride_row, n_rows, HEAD_DIM, BLOCK_D).to(tl.float32)
+    store_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
 def mma(a, b, DOT_PRECISION: tl.constexpr):
     """``a @ b`` accumulated in float32.
 

@@ -38,6 +38,7 @@ from . import _runtime
 from .ops import attention_op, cfg_args, cfg_dict
 from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as flash.<name>)
     LOG2E,
+    add_tile,
     attention_grads_step,
     finish_softmax,
     load_tile,
@@ -64,57 +65,88 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @triton.jit
-def _dense_key_range(q_tile, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles a query tile visits: ``[0, n_full)`` need no mask, ``[n_full, n_visit)`` do.
+def _dense_key_range(q_tile, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles a query tile visits: ``[first, free_lo)`` masked, ``[free_lo, free_hi)``
+    mask-free, ``[free_hi, n_visit)`` masked.
 
     Causal: the query tile's last row is ``i_max``; key tiles starting after it are
     skipped.  A key tile is mask-free when every key is at or before the tile's first
-    query and lies inside the sequence.
+    query and lies inside the sequence.  With a sliding window (``WINDOWED``: key ``j``
+    allowed for query ``i`` iff ``i - window < j <= i``) tiles wholly before the first
+    query's window are skipped too, and a tile is mask-free only if its first key is
+    inside the last query's window: the visited tiles are a diagonal band, masked at
+    both edges.  Without a window ``first = free_lo = 0``.
     """
     q_lo = q_tile * BLOCK_M
+    i_max = tl.minimum(q_lo + BLOCK_M, n_q) - 1
     if CAUSAL:
-        i_max = tl.minimum(q_lo + BLOCK_M, n_q) - 1
         n_visit = tl.minimum(i_max, n_k - 1) // BLOCK_N + 1
-        n_full = tl.minimum(q_lo + 1, n_k) // BLOCK_N
+        free_hi = tl.minimum(q_lo + 1, n_k) // BLOCK_N
     else:
         n_visit = tl.cdiv(n_k, BLOCK_N)
-        n_full = n_k // BLOCK_N
-    return n_full, n_visit
+        free_hi = n_k // BLOCK_N
+    first = 0
+    free_lo = 0
+    if WINDOWED:
+        first = tl.minimum(tl.maximum(q_lo - window + 1, 0) // BLOCK_N, n_visit)
+        free_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(i_max - window + 1, 0), BLOCK_N), first), n_visit)
+        free_hi = tl.maximum(free_hi, free_lo)
+    return first, free_lo, free_hi, n_visit
 
 
 @triton.jit
-def _dense_query_range(k_tile, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dense_query_range(k_tile, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query tiles a key tile meets in the backward: ``[first, first_full)`` masked,
-    ``[first_full, n_q_tiles)`` mask-free (every query at or after every key).
+    ``[first_full, free_end)`` mask-free (every query at or after every key, and inside
+    every key's window), ``[free_end, end)`` masked (the window's far edge; empty
+    without a window, where ``free_end = end = n_q_tiles``).
 
     Keys of a ragged last tile (past ``n_k``) only produce dK/dV rows that are never
-    stored, so here only the causal diagonal needs a mask (the masked dK/dV step
-    tests ``key <= query`` alone).
+    stored, so here only the causal diagonal and the window need a mask (the masked
+    dK/dV step tests ``key <= query`` and the window alone).
     """
     n_q_tiles = tl.cdiv(n_q, BLOCK_M)
+    k_lo = k_tile * BLOCK_N
+    k_last = tl.minimum(k_lo + BLOCK_N, n_k) - 1
     if CAUSAL:
-        k_lo = k_tile * BLOCK_N
-        k_last = tl.minimum(k_lo + BLOCK_N, n_k) - 1
         # The first query tile holding a query at or after this tile's first key.
         first = tl.where(k_lo < n_q, k_lo // BLOCK_M, n_q_tiles)
         first_full = tl.maximum(first, tl.minimum(tl.cdiv(k_last, BLOCK_M), n_q_tiles))
     else:
         first = 0
         first_full = 0
-    return first, first_full, n_q_tiles
+    end = n_q_tiles
+    free_end = n_q_tiles
+    if WINDOWED:
+        # Query i sees key j iff j <= i < j + window: the last query of the band is
+        # k_last + window - 1, and a tile is mask-free up to the first key's k_lo + window - 1.
+        end = tl.maximum(tl.minimum(tl.cdiv(k_last + window, BLOCK_M), n_q_tiles), first_full)
+        free_end = tl.minimum(tl.maximum((k_lo + window) // BLOCK_M, first_full), end)
+    return first, first_full, free_end, end
 
 
 @triton.jit
-def _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dense_allowed(keys, rows, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """``(rows, keys)`` pairs a masked tile allows: inside the sequence, causal, in the window."""
+    allowed = keys[None, :] < n_k
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= rows[:, None])
+    if WINDOWED:
+        allowed = allowed & (keys[None, :] > rows[:, None] - window)
+    return allowed
+
+
+@triton.jit
+def _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
     v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-    allowed = keys[None, :] < n_k
-    if CAUSAL:
-        allowed = allowed & (keys[None, :] <= rows[:, None])
+    allowed = _dense_allowed(keys, rows, n_k, window, CAUSAL, WINDOWED)
     return online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED, DOT_PRECISION)
 
 
@@ -122,17 +154,23 @@ def _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_sc
 def _flash_fwd_kernel(
     Q, K, V, O, LSE, REC,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-    H, n_q, n_k, qk_scale,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
-    GROUP: tl.constexpr,
+    H, n_q, n_k, qk_scale, window,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, INIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RECORD: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Program ``(b·H + h, t)``: output rows of query tile ``q_tile = n_q_tiles - 1 - t`` of
     query head ``h``, which reads kv head ``h // GROUP`` (``GROUP`` query heads per kv head).
 
     Under a causal mask the last query tiles visit the most key tiles; programs start in
     order of ``t`` (every head's tile ``t`` before any tile ``t + 1``), so the longest rows
-    start first and the short ones fill the end of the launch instead of trailing it."""
+    start first and the short ones fill the end of the launch instead of trailing it.
+
+    ``INIT``: the rows' softmax does not start empty but from a finished partial result
+    already in ``O`` and ``LSE`` (another kernel's pass over other keys of the same rows):
+    ``(m, l, acc) = (lse, 1, o)``, which the online softmax continues exactly (a row with
+    ``lse = +inf`` saw no key: ``(-inf, 0, 0)``).  Output and log-sum-exp are overwritten
+    in place with the union's."""
     bh = tl.program_id(0)
     q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -146,37 +184,49 @@ def _flash_fwd_kernel(
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    LSE += bh.to(tl.int64) * n_q
+    if INIT:
+        lse_in = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
+        seen = lse_in < float("inf")
+        m_i = tl.where(seen, lse_in, float("-inf"))
+        l_i = tl.where(seen, 1.0, 0.0)
+        acc = load_tile(O, rows, cols, so_n, n_q, HEAD_DIM, BLOCK_D).to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     n_k_tiles = tl.cdiv(n_k, BLOCK_N)
     REC += bh.to(tl.int64) * tl.cdiv(n_q, BLOCK_M) * n_k_tiles
-    n_full, n_visit = _dense_key_range(q_tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
-    # Tiles wholly below the diagonal need no mask; those on it or at the ragged end do.
-    for k_tile in range(0, n_full):
-        acc, m_i, l_i = _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                                        False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    first, free_lo, free_hi, n_visit = _dense_key_range(q_tile, n_q, n_k, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    # Tiles wholly below the diagonal (and inside the window) need no mask; those on it, on
+    # the window's edge or at the ragged end do.
+    for k_tile in range(first, free_lo):
+        acc, m_i, l_i = _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                        True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
-    for k_tile in range(n_full, n_visit):
-        acc, m_i, l_i = _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                                        True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    for k_tile in range(free_lo, free_hi):
+        acc, m_i, l_i = _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                        False, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    for k_tile in range(free_hi, n_visit):
+        acc, m_i, l_i = _dense_fwd_step(acc, m_i, l_i, q, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                        True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
 
     out, lse2 = finish_softmax(acc, m_i, l_i)
     store_tile(O, out, rows, cols, so_n, n_q, HEAD_DIM, BLOCK_D)
-    tl.store(LSE + bh.to(tl.int64) * n_q + rows, lse2, mask=rows < n_q)
+    tl.store(LSE + rows, lse2, mask=rows < n_q)
 
 
 @triton.jit
 def _flash_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, REC_KV, REC_Q,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
-    H, n_q, n_k, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_KV: tl.constexpr, STEP_Q: tl.constexpr, BLOCK_Q: tl.constexpr, STEP_K: tl.constexpr,
-     DOT_PRECISION: tl.constexpr,
-    RECORD: tl.constexpr, GROUP: tl.constexpr,
+    H, n_q, n_k, qk_scale, sm_scale, window,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, STEP_Q: tl.constexpr, BLOCK_Q: tl.constexpr,
+    STEP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr,
 ):
     """One launch for the whole backward: program ``(t, b·H + h)`` computes dK, dV of key
     tile ``t`` (``BLOCK_KV`` keys, walking the query tiles that see it ``STEP_Q`` queries at a
@@ -190,6 +240,9 @@ def _flash_bwd_kernel(
     With ``GROUP > 1`` query heads per kv head, dK and dV of kv head ``h // GROUP`` sum over
     its group's query heads; program ``h`` does key tile ``t`` only if it owns it
     (:func:`owns_kv_tile`), and then walks all the group's heads, accumulating in float32.
+
+    ``ACCUMULATE``: add the gradients to those already in ``DQ``, ``DK``, ``DV`` (another
+    kernel's, over other pairs of the same softmax) instead of overwriting them.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -221,18 +274,18 @@ def _flash_bwd_kernel(
         dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
         if GROUP == 1:
             dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q, DO, LSE, DELTA, REC_KV, sq_n, sdo_n, n_q, n_k,
-                                      n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, STEP_Q, BLOCK_KV,
-                                      DOT_PRECISION, RECORD)
+                                      n_k_tiles, qk_scale, window, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_Q,
+                                      BLOCK_KV, DOT_PRECISION, RECORD)
         else:
             # The group's query heads are h - h % GROUP + g; the pointers are at head h.
             for g in range(GROUP):
                 d = g - h % GROUP
                 dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q,
                                           DELTA + d * n_q, REC_KV + d * n_q_tiles * n_k_tiles, sq_n, sdo_n, n_q,
-                                          n_k, n_k_tiles, qk_scale, CAUSAL, HEAD_DIM, BLOCK_D, STEP_Q, BLOCK_KV,
-                                          DOT_PRECISION, RECORD)
-        store_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
-        store_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
+                                          n_k, n_k_tiles, qk_scale, window, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D,
+                                          STEP_Q, BLOCK_KV, DOT_PRECISION, RECORD)
+        add_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D, ACCUMULATE)
+        add_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D, ACCUMULATE)
 
     # ---- dQ for query tile `tile` ----
     if tile < tl.cdiv(n_q, BLOCK_Q):
@@ -242,39 +295,51 @@ def _flash_bwd_kernel(
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
         dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-        n_full, n_visit = _dense_key_range(tile, n_q, n_k, CAUSAL, BLOCK_Q, STEP_K)
-        for k_tile in range(0, n_full):
-            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                                False, CAUSAL, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
+        first, free_lo, free_hi, n_visit = _dense_key_range(tile, n_q, n_k, window, CAUSAL, WINDOWED, BLOCK_Q,
+                                                            STEP_K)
+        for k_tile in range(first, free_lo):
+            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
             record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
-        for k_tile in range(n_full, n_visit):
-            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                                True, CAUSAL, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
+        for k_tile in range(free_lo, free_hi):
+            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                False, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
             record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
-        store_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D)
+        for k_tile in range(free_hi, n_visit):
+            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
+            record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+        add_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D, ACCUMULATE)
 
 
 @triton.jit
 def _dense_dkdv_head(dk, dv, k, v, keys, k_tile, Q, DO, LSE, DELTA, REC, sq_n, sdo_n, n_q, n_k, n_k_tiles, qk_scale,
-                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr):
+                     window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr):
     """Add one query head's terms to dK, dV of key tile ``k_tile`` (``Q``, ``DO``, ``LSE``,
-    ``DELTA``, ``REC`` at that head): the query tiles that see it, diagonal ones masked."""
-    first, first_full, n_q_tiles = _dense_query_range(k_tile, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
+    ``DELTA``, ``REC`` at that head): the query tiles that see it, those on the diagonal
+    (and on the window's far edge) masked."""
+    first, first_full, free_end, end = _dense_query_range(k_tile, n_q, n_k, window, CAUSAL, WINDOWED, BLOCK_M,
+                                                          BLOCK_N)
     for q_tile in range(first, first_full):
         dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
-                                  qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                  qk_scale, window, True, WINDOWED, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
-    for q_tile in range(first_full, n_q_tiles):
+    for q_tile in range(first_full, free_end):
         dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
-                                  qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                  qk_scale, window, False, WINDOWED, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
+    for q_tile in range(free_end, end):
+        dk, dv = _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q,
+                                  qk_scale, window, True, WINDOWED, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
     return dk, dv
 
 
 @triton.jit
-def _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q, qk_scale,
-                     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n, n_q, qk_scale, window,
+                     MASKED: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
@@ -284,6 +349,8 @@ def _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n,
     lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
     delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
     allowed = keys[None, :] <= rows[:, None]
+    if WINDOWED:
+        allowed = allowed & (keys[None, :] > rows[:, None] - window)
     p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
     dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
     dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
@@ -291,16 +358,14 @@ def _dense_dkdv_step(dk, dv, k, v, keys, q_tile, Q, DO, LSE, DELTA, sq_n, sdo_n,
 
 
 @triton.jit
-def _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
     v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-    allowed = keys[None, :] < n_k
-    if CAUSAL:
-        allowed = allowed & (keys[None, :] <= rows[:, None])
+    allowed = _dense_allowed(keys, rows, n_k, window, CAUSAL, WINDOWED)
     p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
     return dq + mma(ds.to(k.dtype), k, DOT_PRECISION)
 
@@ -310,65 +375,86 @@ def _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, 
 # --------------------------------------------------------------------------------------
 
 
-def flash_forward(q, k, v, causal, sm_scale, cfg, record=None):
+def flash_forward(q, k, v, causal, sm_scale, cfg, record=None, *, window: int = 0, init=None,
+                  record_prefix: str = ""):
     """Run the dense forward kernel on q ``(B, H, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` (``Hkv``
-    dividing ``H``); returns ``(o, lse2)`` with ``lse2`` (B, H, Nq) float32 base-2."""
+    dividing ``H``); returns ``(o, lse2)`` with ``lse2`` (B, H, Nq) float32 base-2.
+
+    ``window > 0``: a causal sliding window (key ``j`` for query ``i`` iff ``0 <= i - j < window``).
+    ``init=(o, lse2)``: continue the softmax of a partial result over other keys (contiguous
+    ``o``, ``lse2`` as returned here), updated in place and returned (see the kernel's ``INIT``).
+    ``record_prefix`` names the tile record's maps (``prefix + "fwd"``).
+    """
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
-    lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
+    if init is None:
+        o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
+        lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
+    else:
+        o, lse2 = init
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (B * H, triton.cdiv(n_q, BM))
-    (rec,) = record_buffers(record, ["fwd"], (B, H, grid[1], triton.cdiv(n_k, BN)), q.device, lse2)
+    (rec,) = record_buffers(record, [record_prefix + "fwd"], (B, H, grid[1], triton.cdiv(n_k, BN)), q.device, lse2)
     _flash_fwd_kernel[grid](
         q, k, v, o, lse2, rec,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, n_q, n_k, sm_scale * LOG2E,
-        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
-        GROUP=H // k.shape[1], **launch_params(cfg),
+        H, n_q, n_k, sm_scale * LOG2E, window,
+        CAUSAL=causal, WINDOWED=window > 0, INIT=init is not None, HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype),
+        RECORD=record is not None, GROUP=H // k.shape[1], **launch_params(cfg),
     )
     return o, lse2
 
 
-def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None):
+def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None, *, window: int = 0, delta=None,
+                   accumulate=None, record_prefix: str = ""):
     """Run the dense backward kernel; returns contiguous ``(dq, dk, dv)``, dk and dv with k's
-    ``Hkv`` heads (summed over each kv head's group of query heads)."""
+    ``Hkv`` heads (summed over each kv head's group of query heads).
+
+    ``window`` as in :func:`flash_forward`; ``delta`` the softmax row term if already computed
+    (:func:`softmax_delta` of ``o`` and ``do``); ``accumulate=(dq, dk, dv)``: contiguous
+    gradients to add to, in place (returned).
+    """
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
-    delta = softmax_delta(o, do)
-    dq = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
-    dk = _runtime.new_output((B, h_kv, n_k, D), k.dtype, k.device)
-    dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
+    if delta is None:
+        delta = softmax_delta(o, do)
+    if accumulate is None:
+        dq = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
+        dk = _runtime.new_output((B, h_kv, n_k, D), k.dtype, k.device)
+        dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
+    else:
+        dq, dk, dv = accumulate
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if cfg.get("bwd_BLOCK") and record is None:
         block, step = cfg["bwd_BLOCK"], cfg["bwd_STEP"]
         tiles = dict(BLOCK_KV=block, STEP_Q=step, BLOCK_Q=block, STEP_K=step)
     else:  # the forward's tiles (always with a record: its maps are in the forward's tiles)
         tiles = dict(BLOCK_KV=BN, STEP_Q=BM, BLOCK_Q=BM, STEP_K=BN)
-    rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)),
-                                   q.device, delta)
+    rec_kv, rec_q = record_buffers(record, [record_prefix + "bwd_kv", record_prefix + "bwd_q"],
+                                   (B, H, triton.cdiv(n_q, BM), triton.cdiv(n_k, BN)), q.device, delta)
     _flash_bwd_kernel[(max(triton.cdiv(n_q, tiles["BLOCK_Q"]), triton.cdiv(n_k, tiles["BLOCK_KV"])), B * H)](
         q, k, v, do, lse2, delta, dq, dk, dv, rec_kv, rec_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, n_q, n_k, sm_scale * LOG2E, sm_scale,
-        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        **tiles, DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None,
-        GROUP=H // h_kv, **launch_params(cfg, backward=True),
+        H, n_q, n_k, sm_scale * LOG2E, sm_scale, window,
+        CAUSAL=causal, WINDOWED=window > 0, ACCUMULATE=accumulate is not None, HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), **tiles, DOT_PRECISION=dot_precision(q.dtype),
+        RECORD=record is not None, GROUP=H // h_kv, **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
 
 
 # The registered op pair (see ops.py): what flash_attention calls, and what torch.compile traces.
 _flash_op = attention_op(
-    "flash", "bool causal, float sm_scale, int[] cfg",
-    lambda q, k, v, causal, sm_scale, cfg: flash_forward(q, k, v, causal, sm_scale, cfg_dict(cfg)),
-    lambda q, k, v, o, lse2, do, causal, sm_scale, cfg: flash_backward(q, k, v, o, lse2, do, causal, sm_scale,
-                                                                       cfg_dict(cfg)),
+    "flash", "bool causal, float sm_scale, int[] cfg, int window",
+    lambda q, k, v, causal, sm_scale, cfg, window: flash_forward(q, k, v, causal, sm_scale, cfg_dict(cfg),
+                                                                 window=window),
+    lambda q, k, v, o, lse2, do, causal, sm_scale, cfg, window: flash_backward(q, k, v, o, lse2, do, causal, sm_scale,
+                                                                               cfg_dict(cfg), window=window),
     lse_shape=lambda q, k, v, *_: q.shape[:3],
 )
 
@@ -380,6 +466,7 @@ def flash_attention(
     causal: bool = True,
     sm_scale: float | None = None,
     *,
+    window: int = 0,
     kernel_options: dict | None = None,
     tile_record: "TileRecord | None" = None,
 ) -> Tensor:
@@ -395,6 +482,10 @@ def flash_attention(
         causal: query ``i`` sees keys ``j <= i`` (positions counted from 0 in both,
             as ``scaled_dot_product_attention(is_causal=True)``).
         sm_scale: score scale, default ``1/sqrt(D)``.
+        window: sliding-window attention: query ``i`` sees keys ``j`` with
+            ``0 <= i - j < window`` (its own and the ``window - 1`` before it; causal only).
+            ``0`` (default): no window.  Only the diagonal band of tiles is visited, so the
+            work grows as ``N · window`` instead of ``N²``.
         kernel_options: override tile sizes / warps / stages (see :func:`kernel_config`).
         tile_record: a :class:`sparseflash.tiles.TileRecord` to count which
             (query tile, key tile) pairs each pass computed.
@@ -403,12 +494,15 @@ def flash_attention(
         ``(B, H, N, D)`` in the dtype of ``q``; differentiable in q, k and v.
     """
     _runtime.check_qkv(q, k, v)
+    window = _runtime.check_window(window)
+    if window and not causal:
+        raise ValueError(f"window={window} is a causal sliding window: use it with causal=True")
     sm_scale = _runtime.softmax_scale(sm_scale, q.shape[-1])
     cfg = kernel_config(q.shape[-1], q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype)
     if tile_record is not None:
         tile_record.start("flash", cfg)
     if tile_record is None:
-        return _flash_op(q, k, v, bool(causal), sm_scale, cfg_args(cfg))
+        return _flash_op(q, k, v, bool(causal), sm_scale, cfg_args(cfg), window)
     # Recording is instrumentation for pictures and tests: eager only, not an op.
-    settings = dict(causal=bool(causal), sm_scale=sm_scale, cfg=cfg, record=tile_record)
+    settings = dict(causal=bool(causal), sm_scale=sm_scale, cfg=cfg, record=tile_record, window=window)
     return KernelAttention.apply(q, k, v, partial(flash_forward, **settings), partial(flash_backward, **settings))

@@ -234,13 +234,15 @@ def _check_layout_args(n_buckets, block):
 
 def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | None = None,
                      pos: Tensor | None = None, n_buckets: int = 1, block: int, pad: int,
-                     device=None) -> Layout:
+                     shift: int = 0, device=None) -> Layout:
     """:class:`Layout` in plain PyTorch: a stable sort by bucket, then the aligned placement.
 
     ``shape`` is ``(B, H, N)``; ``buckets`` integer ids (absent: one bucket), ``keep``
-    bool (absent: all kept), ``pos`` each token's position (absent: ``arange(N)``).
-    A token is dropped if not kept or its id is outside ``[0, n_buckets)``.
-    No host synchronisation.  :func:`bucket_layouts` builds the same with two launches.
+    bool (absent: all kept), ``pos`` each token's position (absent: ``arange(N) - shift``,
+    the tokens before ``shift`` dropped: the far part of a sliding window's union, whose
+    queries see only keys at least ``shift`` before them).  A token is dropped if not kept
+    or its id is outside ``[0, n_buckets)``.  No host synchronisation.
+    :func:`bucket_layouts` builds the same with two launches.
     """
     B, H, N = shape
     _check_layout_args(n_buckets, block)
@@ -250,6 +252,8 @@ def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | Non
     valid = (key >= 0) & (key < n_buckets)
     if keep is not None:
         valid &= keep.bool()
+    if pos is None and shift:
+        valid &= tok >= shift
     key = torch.where(valid, key, n_buckets)                 # dropped tokens last
     order = torch.sort(key, dim=-1, stable=True).indices
     key_sorted = key.gather(-1, order)
@@ -263,7 +267,7 @@ def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | Non
     slot = run_start.gather(-1, key_sorted) + rank
     L = layout_length(N, n_buckets, block)
     index = torch.full((B, H, L), N, dtype=torch.long, device=device).scatter_(-1, slot, order)
-    p = tok if pos is None else pos.long()
+    p = tok - shift if pos is None else pos.long()
     p_sorted = torch.where(key_sorted < n_buckets, p.gather(-1, order), pad)
     b_sorted = torch.where(key_sorted < n_buckets, key_sorted, -1)
     spos = torch.full((B, H, L), pad, dtype=torch.long, device=device).scatter_(-1, slot, p_sorted)
@@ -286,13 +290,14 @@ def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_K
 
 
 @triton.jit
-def _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets,
+def _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift,
                    HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, CHUNK: tl.constexpr):
-    """Tokens of chunk ``c`` of one side of one head, and their buckets (-1: dropped)."""
+    """Tokens of chunk ``c`` of one side of one head, and their buckets (-1: dropped;
+    queries before ``q_shift`` are dropped too)."""
     t = c * CHUNK + tl.arange(0, CHUNK)
     b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
                       t, n, n_buckets, HAS_BUCKET, HAS_KEEP)
-    return t, b
+    return t, tl.where((side == 0) & (t < q_shift), -1, b)
 
 
 @triton.jit
@@ -313,7 +318,7 @@ def _idle_key_program(bh, side, GROUP: tl.constexpr):
 
 @triton.jit
 def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, COUNTS, DROPS,
-                  n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, fill,
+                  n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, fill, q_shift,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
                   GROUP: tl.constexpr):
     """Grid ``(chunks, B·Hq, 2)``, axis 2 the side: pad this chunk's share of the slots,
@@ -337,7 +342,8 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, 
         tl.store(INDEX + s, tl.zeros_like(s) + n, mask=live)
         tl.store(SPOS + s, tl.zeros_like(s) + pad, mask=live)
         tl.store(SB + s, tl.zeros_like(s) - 1, mask=live)
-    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, HAS_BUCKET, HAS_KEEP, CHUNK)
+    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift, HAS_BUCKET, HAS_KEEP,
+                          CHUNK)
     ids = tl.arange(0, NB)
     row = (bh * 2 + side) * n_chunks + c
     tl.store(COUNTS + row * NB + ids, tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0))
@@ -347,7 +353,7 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, 
 @triton.jit
 def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB,
                   QSTART, QCOUNT, KSTART, KCOUNT, COUNTS, DROPS,
-                  n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks,
+                  n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, q_shift,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
                   N_CHUNKS: tl.constexpr, GROUP: tl.constexpr):
@@ -377,7 +383,8 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     if c == 0:
         tl.store(_side_args(QSTART, KSTART, side, bh * n_buckets, bh * n_buckets) + ids, starts, mask=ids < n_buckets)
         tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_buckets, bh * n_buckets) + ids, total, mask=ids < n_buckets)
-    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, HAS_BUCKET, HAS_KEEP, CHUNK)
+    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift, HAS_BUCKET, HAS_KEEP,
+                          CHUNK)
     onehot = (b[:, None] == ids[None, :]).to(tl.int32)
     before = tl.cumsum(onehot, 0) - onehot  # same-bucket tokens earlier in this chunk
     slot = tl.sum(onehot * ((starts + seen)[None, :] + before), 1)
@@ -386,7 +393,7 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     if HAS_POS:
         p = tl.load(_side_args(QPOS_IN, KPOS_IN, side, bh * n_q, bh * n_k) + t, mask=t < n, other=0)
     else:
-        p = t
+        p = tl.where(side == 0, t - q_shift, t)
     slot_off = tl.where(side == 0, bh * n_q_slots, bh * n_k_slots)
     tl.store(_side_args(QINDEX, KINDEX, side, slot_off, slot_off) + slot, t, mask=t < n)
     tl.store(_side_args(QSPOS, KSPOS, side, slot_off, slot_off) + slot, tl.where(b >= 0, p, pad), mask=t < n)
@@ -409,7 +416,7 @@ def _chunking(n: int, n_buckets: int) -> tuple[int, int, int] | None:
 
 def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None,
                    k_pos=None, n_buckets: int = 1, block_m: int, block_n: int, n_k: int | None = None,
-                   k_heads: int | None = None, device=None) -> tuple[Layout, Layout]:
+                   k_heads: int | None = None, q_shift: int = 0, device=None) -> tuple[Layout, Layout]:
     """The query and key :class:`Layout` of one attention call: a counting sort in two
     launches (count per chunk of tokens, then place), both sides at once.
 
@@ -418,11 +425,16 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     queries' ``(B, H, N)``; ``n_k`` the keys' length (default ``N``); ``k_heads`` the
     keys' heads ``Hkv`` (grouped-query attention: ``Hkv`` divides ``H``; default: the
     heads of the key-side tensors, else ``H``), so the key-side tensors are
-    ``(B, Hkv, n_k)`` and the key layout is per kv head.  No host synchronisation.  With
+    ``(B, Hkv, n_k)`` and the key layout is per kv head.  ``q_shift`` (without positions
+    given): query ``i`` takes position ``i - q_shift`` and queries before ``q_shift`` are
+    dropped, so a query meets only keys at least ``q_shift`` before it (the far part of
+    a sliding window's union).  No host synchronisation.  With
     many buckets on long sequences it falls back to :func:`reference_layout` (a sort).
     """
     B, H, N = shape
     n_k = N if n_k is None else n_k
+    if q_shift and q_pos is not None:
+        raise ValueError("q_shift applies to default positions only: give q_pos already shifted")
     if k_heads is None:
         k_heads = next((t.shape[1] for t in (k_buckets, k_keep, k_pos) if t is not None), H)
     group = _group(H, k_heads)
@@ -432,7 +444,7 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     chunking = _chunking(max(N, n_k), n_buckets)
     if chunking is None:
         return (reference_layout(shape, buckets=q_buckets, keep=q_keep, pos=q_pos, n_buckets=n_buckets,
-                                 block=block_m, pad=Q_PAD, device=device),
+                                 block=block_m, pad=Q_PAD, shift=q_shift, device=device),
                 reference_layout((B, k_heads, n_k), buckets=k_buckets, keep=k_keep, pos=k_pos, n_buckets=n_buckets,
                                  block=block_n, pad=K_PAD, device=device))
     nb, chunk, n_chunks = chunking
@@ -454,10 +466,11 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, NB=nb, CHUNK=chunk, GROUP=group)
     grid = (n_chunks, B * H, 2)
     _count_kernel[grid](arg(q_buckets), arg(q_keep), arg(k_buckets), arg(k_keep), *q_side, *k_side, per_chunk, drops,
-                        N, n_k, Lq, Lk, n_buckets, n_chunks, -(-max(Lq, Lk) // n_chunks), **flags, num_warps=4)
+                        N, n_k, Lq, Lk, n_buckets, n_chunks, -(-max(Lq, Lk) // n_chunks), q_shift, **flags,
+                        num_warps=4)
     _place_kernel[grid](arg(q_buckets), arg(q_keep), arg(q_pos), arg(k_buckets), arg(k_keep), arg(k_pos),
                         *q_side, *k_side, *q_runs, *k_runs, per_chunk, drops, N, n_k, Lq, Lk, n_buckets, n_chunks,
-                        HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                        q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         N_CHUNKS=triton.next_power_of_2(n_chunks), **flags, num_warps=4)
     return (Layout(*q_side, q_runs[0], q_runs[1], n_buckets, block_m),
             Layout(*k_side, k_runs[0], k_runs[1], n_buckets, block_n))

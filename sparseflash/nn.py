@@ -11,7 +11,12 @@ One module, three attentions (``mode``):
   Queries are hashed from their own (normalised) vectors and keys from theirs, with
   the same rotation, so that a query and the keys it would score highly tend to
   share a bucket.  Hashing reads q and k before the rotary embedding: buckets follow
-  content, not position.  No gradient flows through the bucket choice.
+  content, not position.  No gradient flows through the bucket choice.  By default each
+  query also sees the ``window = 256`` keys ending at its own, whatever their buckets
+  (``hash_sparse_attention(..., window=256)``): pure hashing drops the local context a
+  language model relies on and trains to a much worse loss; the union with a short exact
+  window trains like dense attention at a fraction of its pairs.  ``window=0`` is the
+  paper's pure hashing.
 * ``"qk"``: query/key dropping (:func:`~sparseflash.qk_sparse_attention`).  With
   ``qk_gate="topk"`` a learned per-head gate (a linear map of the token) scores each
   token; each head keeps the ``keep_rate`` best-scoring queries and keys
@@ -34,13 +39,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._runtime import MAX_HEAD_DIM, MIN_HEAD_DIM
+from ._runtime import MAX_HEAD_DIM, MIN_HEAD_DIM, check_window
 from .flash import flash_attention
 from .hash_sparse import hash_sparse_attention
 from .hashing import lsh_buckets, lsh_rotations
 from .qk_sparse import qk_sparse_attention, random_keep, topk_keep
 
 MODES = ("dense", "hash", "qk")
+#: The sliding window each mode uses when ``window`` is not given: hash attention keeps an
+#: exact local path by default (see the module docstring), the others have none.
+DEFAULT_WINDOW = {"dense": 0, "hash": 256, "qk": 0}
 QK_GATES = ("topk", "random")
 
 
@@ -67,6 +75,10 @@ class SparseCausalSelfAttention(nn.Module):
         n_buckets: hash buckets (even, ``mode="hash"``).
         keep_rate: fraction of queries and keys kept (``mode="qk"``).
         qk_gate: ``"topk"`` (learned gate) or ``"random"`` (``mode="qk"``).
+        window: every query also sees the ``window`` most recent keys (its own included),
+            whatever the sparse pattern says; ``mode="dense"`` with a window is sliding-window
+            attention.  Default (None): :data:`DEFAULT_WINDOW` of the mode (256 for
+            ``"hash"``, else 0); ``0``: none.
         positional: ``"rotary"`` or ``None`` (the caller adds positions elsewhere).
         bias: biases in the projections.
         seed: seed of the LSH rotations.  Give each layer its own (e.g. the layer's
@@ -77,12 +89,13 @@ class SparseCausalSelfAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, n_heads: int, *, mode: str = "dense", n_kv_heads: int | None = None,
-                 n_buckets: int = 8, keep_rate: float = 0.5, qk_gate: str = "topk",
+                 n_buckets: int = 8, keep_rate: float = 0.5, qk_gate: str = "topk", window: int | None = None,
                  positional: str | None = "rotary", bias: bool = False, seed: int = 0):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        window = DEFAULT_WINDOW[mode] if window is None else check_window(window)
         if embed_dim < 1 or n_heads < 1:
             raise ValueError(f"embed_dim and n_heads must be positive, got {embed_dim} and {n_heads}")
         if embed_dim % n_heads:
@@ -101,6 +114,7 @@ class SparseCausalSelfAttention(nn.Module):
         self.embed_dim, self.n_heads, self.n_kv_heads = embed_dim, n_heads, n_kv_heads
         self.head_dim = embed_dim // n_heads
         self.mode, self.n_buckets, self.keep_rate, self.qk_gate = mode, n_buckets, keep_rate, qk_gate
+        self.window = window
         self.positional = positional
         self.qkv = nn.Linear(embed_dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(n_heads * self.head_dim, embed_dim, bias=bias)
@@ -113,7 +127,7 @@ class SparseCausalSelfAttention(nn.Module):
         extra = {"hash": f", n_buckets={self.n_buckets}", "qk": f", keep_rate={self.keep_rate}, "
                  f"qk_gate={self.qk_gate!r}"}.get(self.mode, "")
         return (f"{self.embed_dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, mode={self.mode!r}"
-                f"{extra}, positional={self.positional!r}")
+                f"{extra}, window={self.window}, positional={self.positional!r}")
 
     def _buckets(self, x: Tensor) -> Tensor:
         """LSH ids ``(B, heads, N)`` of ``x`` with the rotation of each head's kv head."""
@@ -132,18 +146,19 @@ class SparseCausalSelfAttention(nn.Module):
                 q_buckets, k_buckets = self._buckets(q), self._buckets(k)
         if self.positional == "rotary":
             q, k = rotary(q), rotary(k)
+        w = self.window
         if self.mode == "dense":
-            y = flash_attention(q, k, v)
+            y = flash_attention(q, k, v, window=w)
         elif self.mode == "hash":
-            y = hash_sparse_attention(q, k, v, q_buckets, k_buckets, n_buckets=self.n_buckets)
+            y = hash_sparse_attention(q, k, v, q_buckets, k_buckets, n_buckets=self.n_buckets, window=w)
         elif self.qk_gate == "random":
             q_keep = random_keep((B, H, N), self.keep_rate, device=x.device)
             k_keep = random_keep((B, Hkv, N), self.keep_rate, device=x.device)
-            y = qk_sparse_attention(q, k, v, q_keep, k_keep)
+            y = qk_sparse_attention(q, k, v, q_keep, k_keep, window=w)
         else:
             q_score, k_score = self.gate(x).float().transpose(1, 2).split([H, Hkv], dim=1)
             q_keep, k_keep = topk_keep(q_score, self.keep_rate), topk_keep(k_score, self.keep_rate)
             v = v * torch.sigmoid(k_score)[..., None].to(v.dtype)
-            y = qk_sparse_attention(q, k, v, q_keep, k_keep) * torch.sigmoid(q_score)[..., None].to(v.dtype)
+            y = qk_sparse_attention(q, k, v, q_keep, k_keep, window=w) * torch.sigmoid(q_score)[..., None].to(v.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, N, H * D))
 

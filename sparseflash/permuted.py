@@ -39,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .flash import flash_backward, flash_forward
 from .ops import LIB, attention_op, cfg_args, cfg_dict, define_op
 from ._steps import (
     LOG2E,
@@ -120,7 +121,7 @@ def _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, 
     q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
     do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
     # Padding query slots read q = do = 0 and lse = +inf: they add nothing, mask or not.
-    lse2 = tl.load(LSE + slots)
+    lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
     delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
     if MASKED:
         allowed = kpos[None, :] <= tl.load(QPOS + slots)[:, None]
@@ -217,9 +218,9 @@ def _layout_fwd_kernel(
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
 
     out, lse2 = finish_softmax(acc, m_i, l_i)
+    # Padding slots (row n_q) are not stored: every token's row is written once, by its slot.
     store_tile(O, out, rows, cols, so_n, n_q, HEAD_DIM, BLOCK_D)
-    # Padding rows of a mask-free tile saw keys; their lse must still say "nothing".
-    tl.store(LSE + bh64 * n_q_slots + slots, tl.where(qpos >= 0, lse2, float("inf")))
+    tl.store(LSE + bh64 * n_q + rows, lse2, mask=rows < n_q)
 
 
 @triton.jit
@@ -232,8 +233,8 @@ def _layout_bwd_kernel(
 ):
     """Program ``(t, b·H + h)``: dK, dV of key tile ``t`` of kv head ``h // GROUP`` over
     the query tiles that see it, then dQ of query tile ``t`` of query head ``h`` over the key
-    tiles it sees; the same pairs as the forward.  ``LSE`` is in slot order; ``DELTA`` and
-    the gradients are in token order.
+    tiles it sees; the same pairs as the forward.  ``LSE``, ``DELTA`` and the gradients are
+    in token order.
 
     With ``GROUP > 1``, dK and dV sum over the group's query heads, as in the dense
     backward: the owning program (:func:`owns_kv_tile`) walks each head's run of query
@@ -249,7 +250,7 @@ def _layout_bwd_kernel(
     K += b * sk_b + hk * sk_h
     V += b * sv_b + hk * sv_h
     DO += b * sdo_b + h * sdo_h
-    LSE += bh64 * n_q_slots
+    LSE += bh64 * n_q
     DELTA += bh64 * n_q
     QIDX += bh64 * n_q_slots
     QPOS += bh64 * n_q_slots
@@ -282,7 +283,7 @@ def _layout_bwd_kernel(
             for g in range(GROUP):
                 d = g - h % GROUP
                 dk, dv = _dkdv_head(dk, dv, k, v, kpos, tile, KRUNS + ((bh64 + d) * n_k_tiles + tile) * 3,
-                                    Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q_slots, DELTA + d * n_q,
+                                    Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q, DELTA + d * n_q,
                                     QIDX + d * n_q_slots, QPOS + d * n_q_slots, REC_KV + d * n_q_tiles * n_k_tiles,
                                     sq_n, sdo_n, n_q, n_k_tiles, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
                                     DOT_PRECISION, RECORD)
@@ -296,7 +297,7 @@ def _layout_bwd_kernel(
         qpos = tl.load(QPOS + slots)
         q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
         do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(LSE + slots)
+        lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         run = QRUNS + (bh64 * n_q_tiles + tile) * 3
@@ -335,12 +336,12 @@ def _dims(q, k, plan: LayoutPlan):
 
 def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     """Forward kernel on q ``(B, H, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` (``Hkv`` dividing ``H``;
-    ``plan.q`` per query head, ``plan.k`` per kv head); ``o`` in token order, ``lse2``
-    ``(B, H, Lq)`` float32 in slot order."""
+    ``plan.q`` per query head, ``plan.k`` per kv head); ``o`` and ``lse2`` ``(B, H, Nq)``
+    float32 in token order."""
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
-    lse2 = _runtime.new_output((B, H, Lq), torch.float32, q.device)
+    lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
     (rec,) = record_buffers(record, ["fwd"], (B, H, n_qt, n_kt), q.device, lse2)
     _layout_fwd_kernel[(n_qt, B * H)](
@@ -355,13 +356,15 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     return o, lse2
 
 
-def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, record=None):
+def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, record=None, *, delta=None):
     """Backward kernel; returns contiguous ``(dq, dk, dv)`` in token order, dk and dv with k's
-    ``Hkv`` heads (summed over each kv head's group of query heads)."""
+    ``Hkv`` heads (summed over each kv head's group of query heads).  ``delta``: the softmax
+    row term if already computed (:func:`~sparseflash._steps.softmax_delta`)."""
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
     h_kv = k.shape[1]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
-    delta = softmax_delta(o, do)
+    if delta is None:
+        delta = softmax_delta(o, do)
     dq = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
     dk = _runtime.new_output((B, h_kv, n_k, D), k.dtype, k.device)
     dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
@@ -406,12 +409,12 @@ def _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
 
 
 def _bucket_plan(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets,
-                    block_m, block_n):
+                 block_m, block_n, q_shift):
     """Both layouts and the tile plan, flat: ``(q_slots, k_slots, runs)`` (see :func:`_unpack_plan`)."""
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     ql, kl = bucket_layouts((B, Hq, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
                             q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=block_m, block_n=block_n,
-                            n_k=n_k, k_heads=Hkv, device=given[0].device)
+                            n_k=n_k, k_heads=Hkv, q_shift=q_shift, device=given[0].device)
     tiles = tile_plan(ql, kl)
     return (_packed([ql.index, ql.pos, ql.bucket]), _packed([kl.index, kl.pos, kl.bucket]),
             _packed([tiles.q_runs, tiles.k_runs]))
@@ -419,12 +422,14 @@ def _bucket_plan(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q,
 
 _bucket_plan_op = define_op("bucket_plan", (
     "(Tensor? q_buckets, Tensor? k_buckets, Tensor? q_keep, Tensor? k_keep, Tensor? q_pos, Tensor? k_pos, "
-    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n) -> (Tensor, Tensor, Tensor)"),
+    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n, int q_shift) "
+    "-> (Tensor, Tensor, Tensor)"),
     _bucket_plan)
 
 
 @torch.library.register_fake("sparseflash::bucket_plan", lib=LIB)
-def _(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
+def _(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n,
+      q_shift):
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     sizes = _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n)
     return tuple(given[0].new_empty((n,), dtype=torch.int32) for n in sizes)
@@ -445,49 +450,96 @@ def _unpack_plan(q: Tensor, k: Tensor, q_slots: Tensor, k_slots: Tensor, runs: T
                       TilePlan(q_runs, k_runs, block_m, block_n))
 
 
-def _layout_forward_op(q, k, v, q_slots, k_slots, runs, n_buckets, sm_scale, cfg):
+def _layout_forward_op(q, k, v, q_slots, k_slots, runs, n_buckets, sm_scale, cfg, window, window_cfg):
     cfg = cfg_dict(cfg)
     plan = _unpack_plan(q, k, q_slots, k_slots, runs, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    return layout_forward(q, k, v, plan, sm_scale, cfg)
+    return union_forward(q, k, v, plan, sm_scale, cfg, window=window, window_cfg=cfg_dict(window_cfg))
 
 
-def _layout_backward_op(q, k, v, o, lse2, do, q_slots, k_slots, runs, n_buckets, sm_scale, cfg):
+def _layout_backward_op(q, k, v, o, lse2, do, q_slots, k_slots, runs, n_buckets, sm_scale, cfg, window, window_cfg):
     cfg = cfg_dict(cfg)
     plan = _unpack_plan(q, k, q_slots, k_slots, runs, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    return layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg)
+    return union_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, window=window, window_cfg=cfg_dict(window_cfg))
 
 
 _layout_op = attention_op(
-    "layout", "Tensor q_slots, Tensor k_slots, Tensor runs, int n_buckets, float sm_scale, int[] cfg",
+    "layout", ("Tensor q_slots, Tensor k_slots, Tensor runs, int n_buckets, float sm_scale, int[] cfg, int window, "
+               "int[] window_cfg"),
     _layout_forward_op, _layout_backward_op,
-    lse_shape=lambda q, k, v, q_slots, *_: (q.shape[0], q.shape[1], q_slots.numel() // (3 * q.shape[0] * q.shape[1])),
+    lse_shape=lambda q, k, v, *_: q.shape[:3],
 )
 
 
+# --------------------------------------------------------------------------------------
+# A sliding window beside the layout: two kernels, one softmax
+# --------------------------------------------------------------------------------------
+# With a window W the allowed pairs are the layout's pattern (same bucket, or both kept)
+# united with the band 0 <= i - j < W.  They split exactly, each pair counted once:
+#
+#     far part:  the layout's pattern with i - j >= W: the layout of query positions
+#                i - W (queries before W dropped), so the same kernels and tile plan
+#                skip every pair inside the band;
+#     band:      0 <= i - j < W, in natural order: the dense kernel's diagonal band.
+#
+# The far part runs first; the dense kernel then continues the same online softmax from
+# its finished rows (INIT) and leaves the union's output and log-sum-exp.  The backward
+# shares delta = do·o of the union and its log-sum-exp: the layout backward writes the far
+# part's gradients, the dense backward adds the band's (ACCUMULATE).
+
+
+def union_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None, *, window: int = 0, window_cfg=None):
+    """:func:`layout_forward` over ``plan`` (built with ``q_shift = window``), then the window
+    band by the dense kernel into the same rows; ``(o, lse2)`` of the union, token order."""
+    o, lse2 = layout_forward(q, k, v, plan, sm_scale, cfg, record)
+    if window:
+        flash_forward(q, k, v, True, sm_scale, window_cfg, record, window=window, init=(o, lse2),
+                      record_prefix="window_")
+    return o, lse2
+
+
+def union_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, record=None, *, window: int = 0,
+                   window_cfg=None):
+    """The union's ``(dq, dk, dv)``: :func:`layout_backward`, then the band's terms added."""
+    if not window:
+        return layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record)
+    delta = softmax_delta(o, do)
+    grads = layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record, delta=delta)
+    return flash_backward(q, k, v, o, lse2, do, True, sm_scale, window_cfg, record, window=window, delta=delta,
+                          accumulate=grads, record_prefix="window_")
+
+
 def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None, k_pos=None,
-               n_buckets=1, sm_scale=None, kernel_options=None, tile_record=None, kind="permuted"):
+               n_buckets=1, window=0, sm_scale=None, kernel_options=None, tile_record=None, kind="permuted"):
     """Shared tail of every sparse entry point (inputs already checked): layouts and tile
-    plan in two launches, then the kernels, all without a host synchronisation."""
+    plan in two launches, then the kernels, all without a host synchronisation.  ``window``
+    (default positions only): the union with a causal sliding window (see
+    :func:`union_forward`)."""
     sm_scale = _runtime.softmax_scale(sm_scale, q.shape[-1])
-    cfg = kernel_config(q.shape[-1], q.device, kernel_options)
+    D = q.shape[-1]
+    cfg = kernel_config(D, q.device, kernel_options)
+    # The band runs on the dense kernel, with its own launch defaults for this shape.
+    window_cfg = kernel_config(D, q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype) \
+        if window else cfg
     B, H, n_q, _ = q.shape
     if torch.compiler.is_compiling():
         if tile_record is not None:
             raise ValueError("tile_record is eager-only instrumentation: call without torch.compile to record")
         plan = _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, H, n_q, k.shape[1], k.shape[2],
-                               int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"])
-        return _layout_op(q, k, v, *plan, int(n_buckets), sm_scale, cfg_args(cfg))
+                               int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"], int(window))
+        return _layout_op(q, k, v, *plan, int(n_buckets), sm_scale, cfg_args(cfg), int(window), cfg_args(window_cfg))
     # Eager: the same layouts, plan and kernels without the ops' packing and dispatch
     # (each costs host time: NOTES.md, issue 11).
     ql, kl = bucket_layouts((B, H, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
                             q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=cfg["BLOCK_M"],
-                            block_n=cfg["BLOCK_N"], n_k=k.shape[2], k_heads=k.shape[1], device=q.device)
+                            block_n=cfg["BLOCK_N"], n_k=k.shape[2], k_heads=k.shape[1], q_shift=window,
+                            device=q.device)
     plan = LayoutPlan(ql, kl, tile_plan(ql, kl))
     if tile_record is not None:
         tile_record.start(kind, cfg)
         tile_record.layouts, tile_record.plan = (ql, kl), plan.tiles
-    settings = dict(plan=plan, sm_scale=sm_scale, cfg=cfg, record=tile_record)
-    return KernelAttention.apply(q, k, v, partial(layout_forward, **settings), partial(layout_backward, **settings))
+        tile_record.window, tile_record.window_config = window, dict(window_cfg)
+    settings = dict(plan=plan, sm_scale=sm_scale, cfg=cfg, record=tile_record, window=window, window_cfg=window_cfg)
+    return KernelAttention.apply(q, k, v, partial(union_forward, **settings), partial(union_backward, **settings))
 
 
 def _check_ascending(name: str, pos: Tensor, buckets: Tensor | None) -> None:

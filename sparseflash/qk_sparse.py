@@ -8,6 +8,11 @@ Computation, for one (batch, head) with keep masks ``q_keep``, ``k_keep``::
 (and 0 for a kept query with no kept key at or before it).  This equals
 ``reference.attention`` with ``reference.qk_dropping_mask(q_keep, k_keep)``.
 
+With a sliding window ``W > 0`` every query, kept or not, also sees the ``W`` keys ending
+at its own (``reference.qk_dropping_mask(q_keep, k_keep, window=W)``), computed as for
+hash attention: the kept pairs with ``i - j >= W`` in the compacted layout, the band in
+natural order, one softmax (:func:`sparseflash.permuted.union_forward`).
+
 How: kept queries and kept keys are compacted to the front of their own layouts,
 in original order, carrying their original positions (the one-bucket case of
 :func:`sparseflash.layout.bucket_layouts`, one launch for both sides); the
@@ -39,6 +44,7 @@ def qk_sparse_attention(
     k_keep: Tensor,
     sm_scale: float | None = None,
     *,
+    window: int = 0,
     kernel_options: dict | None = None,
     tile_record: "TileRecord | None" = None,
 ) -> Tensor:
@@ -51,18 +57,22 @@ def qk_sparse_attention(
         q_keep, k_keep: bool ``(B, H, N)`` / ``(B, Hkv, N)``; heads may keep different
             counts.
         sm_scale: default ``1/sqrt(D)``.
+        window: also attend to the ``window`` most recent keys (the query's own included),
+            kept or not, for every query: pair ``(i, j)`` allowed iff ``j <= i`` and (both
+            kept or ``i - j < window``).  ``0`` (default): dropping alone.
         kernel_options, tile_record: as in :func:`~sparseflash.flash_attention`;
             recorded tiles are in the compacted layout.
 
     Returns:
-        ``(B, H, N, D)``; dropped queries (and kept queries with no kept key at or
-        before them) get 0 and pass no gradient.
+        ``(B, H, N, D)``; without a window, dropped queries (and kept queries with no
+        kept key at or before them) get 0 and pass no gradient.
     """
     _runtime.check_qkv(q, k, v, same_length=True)
+    window = _runtime.check_window(window)
     _runtime.check_per_token("q_keep", q_keep, q, "bool")
     _runtime.check_per_token("k_keep", k_keep, k, "bool")
-    return run_layout(q, k, v, q_keep=q_keep, k_keep=k_keep, sm_scale=sm_scale, kernel_options=kernel_options,
-                      tile_record=tile_record, kind="qk")
+    return run_layout(q, k, v, q_keep=q_keep, k_keep=k_keep, window=window, sm_scale=sm_scale,
+                      kernel_options=kernel_options, tile_record=tile_record, kind="qk")
 
 
 def random_keep(

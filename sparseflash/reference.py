@@ -95,26 +95,38 @@ def attention(
     return probs @ v
 
 
-def qk_dropping_mask(q_keep: Tensor, k_keep: Tensor) -> Tensor:
-    """``(B, H, N, N)`` mask of query/key dropping.
+def window_mask(n_q: int, n_k: int | None = None, window: int = 0, device=None) -> Tensor:
+    """``(n_q, n_k)`` bool, True where ``0 <= i - j < window`` (a causal sliding window of
+    ``window`` keys, the query's own included); ``window = 0`` means no window: all False."""
+    n_k = n_q if n_k is None else n_k
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+def qk_dropping_mask(q_keep: Tensor, k_keep: Tensor, window: int = 0) -> Tensor:
+    """``(B, H, N, N)`` mask of query/key dropping, with an optional sliding window.
 
     Query i may attend key j iff ``j <= i`` and both ``q_keep[..., i]`` and
-    ``k_keep[..., j]`` are True.  ``q_keep``: bool ``(B, H, N)``; ``k_keep``: bool
-    ``(B, Hkv, N)``, ``Hkv`` dividing ``H`` (the kv heads of grouped-query attention).
+    ``k_keep[..., j]`` are True, or ``i - j < window``.  ``q_keep``: bool ``(B, H, N)``;
+    ``k_keep``: bool ``(B, Hkv, N)``, ``Hkv`` dividing ``H`` (the kv heads of grouped-query
+    attention).
     """
     n = q_keep.shape[-1]
     k_keep = _key_side(k_keep, q_keep)
-    return causal_mask(n, device=q_keep.device) & q_keep[..., :, None] & k_keep[..., None, :]
+    kept = causal_mask(n, device=q_keep.device) & q_keep[..., :, None] & k_keep[..., None, :]
+    return kept | window_mask(n, window=window, device=q_keep.device)
 
 
-def hash_mask(q_buckets: Tensor, k_buckets: Tensor) -> Tensor:
-    """``(B, H, N, N)`` mask of hash-bucket attention.
+def hash_mask(q_buckets: Tensor, k_buckets: Tensor, window: int = 0) -> Tensor:
+    """``(B, H, N, N)`` mask of hash-bucket attention, with an optional sliding window.
 
-    Query i may attend key j iff ``j <= i`` and ``q_buckets[..., i] ==
-    k_buckets[..., j]``.  Buckets: integer ``(B, H, N)`` for the queries, ``(B, Hkv, N)``
-    for the keys (``Hkv`` dividing ``H``: the kv heads of grouped-query attention).
+    Query i may attend key j iff ``j <= i`` and (``q_buckets[..., i] == k_buckets[..., j]``
+    or ``i - j < window``).  Buckets: integer ``(B, H, N)`` for the queries,
+    ``(B, Hkv, N)`` for the keys (``Hkv`` dividing ``H``: the kv heads of grouped-query
+    attention).
     """
     n = q_buckets.shape[-1]
     k_buckets = _key_side(k_buckets, q_buckets)
     same = q_buckets[..., :, None] == k_buckets[..., None, :]
-    return causal_mask(n, device=q_buckets.device) & same
+    return (causal_mask(n, device=q_buckets.device) & same) | window_mask(n, window=window, device=q_buckets.device)

@@ -43,6 +43,7 @@ class TileRecord:
 
     def start(self, kind: str, config: dict) -> None:
         self.kind, self.config, self.maps = kind, dict(config), {}
+        self.window, self.window_config = 0, {}
 
     def buffer(self, name: str, shape, device) -> Tensor:
         self.maps[name] = torch.zeros(shape, dtype=torch.int32, device=device)

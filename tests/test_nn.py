@@ -25,24 +25,28 @@ def _reference_forward(m: SparseCausalSelfAttention, x: torch.Tensor, keep=None)
     g = H // Hkv
     k_rep, v_rep = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     if m.mode == "dense":
-        y = ref.attention(q, k_rep, v_rep, causal=True)
+        mask = ref.window_mask(N, window=m.window) if m.window else None
+        y = ref.attention(q, k_rep, v_rep, mask, causal=True)
     elif m.mode == "hash":
-        y = ref.attention(q, k_rep, v_rep, ref.hash_mask(qb, kb.repeat_interleave(g, 1)))
+        y = ref.attention(q, k_rep, v_rep, ref.hash_mask(qb, kb.repeat_interleave(g, 1), window=m.window))
     else:
         q_score, k_score = (x.double() @ m.gate.weight.double().T + m.gate.bias.double()).transpose(1, 2).split(
             [H, Hkv], dim=1)
         q_keep, k_keep = keep
         v_rep = (v * torch.sigmoid(k_score)[..., None]).repeat_interleave(g, 1)
-        y = ref.attention(q, k_rep, v_rep, ref.qk_dropping_mask(q_keep, k_keep.repeat_interleave(g, 1)))
+        y = ref.attention(q, k_rep, v_rep, ref.qk_dropping_mask(q_keep, k_keep.repeat_interleave(g, 1),
+                                                                window=m.window))
         y = y * torch.sigmoid(q_score)[..., None]
     return y.transpose(1, 2).reshape(B, N, H * D) @ m.proj.weight.double().T
 
 
-@pytest.mark.parametrize("mode", ["dense", "hash", "qk"])
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_module_matches_reference(seed, mode, n_kv_heads):
+@pytest.mark.parametrize("mode, window, n_kv_heads", [
+    *((mode, 0, n_kv) for mode in ("dense", "hash", "qk") for n_kv in (4, 2, 1)),
+    ("dense", 6, 2), ("hash", 9, 2), ("hash", 9, 1), ("qk", 9, 4), ("hash", None, 4),  # None: hash's default
+])
+def test_module_matches_reference(seed, mode, window, n_kv_heads):
     torch.manual_seed(seed)
-    m = SparseCausalSelfAttention(64, 4, mode=mode, n_kv_heads=n_kv_heads, n_buckets=4, keep_rate=0.5)
+    m = SparseCausalSelfAttention(64, 4, mode=mode, n_kv_heads=n_kv_heads, n_buckets=4, keep_rate=0.5, window=window)
     x = torch.randn(2, 37, 64, requires_grad=True)
     y = m(x)
     keep = None
@@ -55,6 +59,17 @@ def test_module_matches_reference(seed, mode, n_kv_heads):
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     assert not torch.isnan(x.grad).any()
+
+
+def test_default_window():
+    """Hash attention keeps an exact local window by default; the other modes have none."""
+    from sparseflash.nn import DEFAULT_WINDOW
+
+    assert DEFAULT_WINDOW == {"dense": 0, "hash": 256, "qk": 0}
+    for mode, want in DEFAULT_WINDOW.items():
+        m = SparseCausalSelfAttention(64, 4, mode=mode)
+        assert m.window == want and f"window={want}" in repr(m)
+    assert SparseCausalSelfAttention(64, 4, mode="hash", window=0).window == 0
 
 
 def test_random_dropping_and_no_rotary():
@@ -76,6 +91,9 @@ def test_random_dropping_and_no_rotary():
     (dict(embed_dim=0, n_heads=4), "positive"),
     (dict(embed_dim=32, n_heads=4), r"between 16 and 128, got 32 // 4 = 8"),
     (dict(embed_dim=64, n_heads=-2), "positive"),
+    (dict(embed_dim=64, n_heads=4, mode="hash", window=-1), "window"),
+    (dict(embed_dim=64, n_heads=4, mode="hash", window=2.5), "window"),
+    (dict(embed_dim=64, n_heads=4, mode="hash", window=True), "window"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

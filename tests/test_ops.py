@@ -35,6 +35,9 @@ def _calls(N, B=1, H=2, device="cpu"):
         "qk": lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk),
         "hash": lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4),
         "permuted": lambda q, k, v: sf.permuted_attention(q, k, v, pos, pos, qb, kb, n_buckets=4),
+        "dense_window": lambda q, k, v: sf.flash_attention(q, k, v, window=9),
+        "qk_window": lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk, window=9),
+        "hash_window": lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4, window=9),
     }
 
 
@@ -51,35 +54,37 @@ def test_cfg_round_trip():
     assert cfg_dict(cfg_args(cfg)) == cfg
 
 
-def test_opcheck_flash(seed):
+@pytest.mark.parametrize("window", [0, 12])
+def test_opcheck_flash(seed, window):
     q, k, v = (t.requires_grad_() for t in _inputs(N=40))
-    torch.library.opcheck(_flash_op.forward_op, (q, k, v, True, 0.2, CPU_CFG))
-    torch.library.opcheck(_flash_op.forward_op, (q.detach(), k.detach(), v.detach(), False, 0.2, CPU_CFG))
-    o, lse2 = _flash_op.forward_op(q.detach(), k.detach(), v.detach(), True, 0.2, CPU_CFG)
+    torch.library.opcheck(_flash_op.forward_op, (q, k, v, True, 0.2, CPU_CFG, window))
+    if not window:
+        torch.library.opcheck(_flash_op.forward_op, (q.detach(), k.detach(), v.detach(), False, 0.2, CPU_CFG, 0))
+    o, lse2 = _flash_op.forward_op(q.detach(), k.detach(), v.detach(), True, 0.2, CPU_CFG, window)
     torch.library.opcheck(_flash_op.backward_op, (q.detach(), k.detach(), v.detach(), o, lse2, torch.randn_like(o),
-                                                  True, 0.2, CPU_CFG))
+                                                  True, 0.2, CPU_CFG, window))
 
 
-@pytest.mark.parametrize("kind", ["hash", "qk"])
-def test_opcheck_plan_and_layout(seed, kind):
+@pytest.mark.parametrize("kind,window", [("hash", 0), ("qk", 0), ("hash", 12), ("qk", 12)])
+def test_opcheck_plan_and_layout(seed, kind, window):
     B, H, N = 1, 2, 50
     q, k, v = (t.requires_grad_() for t in _inputs(B, H, N))
     if kind == "hash":
         ids = (torch.randint(0, 3, (B, H, N)), torch.randint(0, 3, (B, H, N)))
-        plan_args = (*ids, None, None, None, None, B, H, N, H, N, 3, 32, 32)
+        plan_args = (*ids, None, None, None, None, B, H, N, H, N, 3, 32, 32, window)
     else:
         keep = (torch.rand(B, H, N) < 0.5, torch.rand(B, H, N) < 0.5)
-        plan_args = (None, None, *keep, None, None, B, H, N, H, N, 1, 32, 32)
+        plan_args = (None, None, *keep, None, None, B, H, N, H, N, 1, 32, 32, window)
     torch.library.opcheck(_bucket_plan_op, plan_args)
     plan = _bucket_plan_op(*plan_args)
-    extra = (*plan, plan_args[11], 0.2, CPU_CFG)
+    extra = (*plan, plan_args[11], 0.2, CPU_CFG, window, CPU_CFG)
     torch.library.opcheck(_layout_op.forward_op, (q, k, v, *extra))
     o, lse2 = _layout_op.forward_op(q.detach(), k.detach(), v.detach(), *extra)
     torch.library.opcheck(_layout_op.backward_op, (q.detach(), k.detach(), v.detach(), o, lse2, torch.randn_like(o),
                                                    *extra))
 
 
-@pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted"])
+@pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted", "dense_window", "qk_window", "hash_window"])
 def test_compile_fullgraph_matches_eager(seed, kind):
     """Dynamo traces each public call forward and backward in one graph (fullgraph: a graph
     break would raise), and the compiled call gives the eager outputs and gradients."""
@@ -118,7 +123,7 @@ def test_compile_refuses_host_reads():
                       fullgraph=True)(q)
 
 
-@pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted"])
+@pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted", "hash_window"])
 def test_double_backward_raises(seed, kind):
     """Second derivatives are not implemented: a backward through a gradient raises
     instead of silently dropping that gradient's own derivative."""

@@ -4,6 +4,7 @@ Examples::
 
     python -m sparseflash.train.data prepare                       # once: data/sotu-gutenberg/
     python -m sparseflash.train --attention hash --n-buckets 16    # one GPU (defaults: T=8192, 6x512)
+    python -m sparseflash.train --attention hash --window 0        # the paper's pure hashing
     torchrun --nproc-per-node 8 -m sparseflash.train --attention qk --keep-rate 0.3
     python -m sparseflash.train --device cpu --seq-len 64 --n-layer 2 --n-embd 64 --n-head 2 \\
         --batch-size 2 --max-steps 20 --eval-every 10 --data README.md     # tiny, on the CPU
@@ -32,6 +33,8 @@ HELP = {
     "n_buckets": "hash buckets (--attention hash)",
     "keep_rate": "fraction of queries and keys kept (--attention qk)",
     "qk_gate": "topk (learned gate) or random (--attention qk)",
+    "window": "every query also sees the W most recent keys (dense, hash, qk); default: 256 for hash, "
+              "else 0; 0 for the paper's pure hashing",
     "max_steps": "optimiser steps (the schedule's length)",
     "lr": "peak learning rate",
     "min_lr_ratio": "final learning rate / peak",
@@ -62,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
         elif isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=HELP.get(f.name))
         else:
-            kind = {"n_kv_heads": int, "time_budget": float}.get(f.name, type(default))
+            kind = {"n_kv_heads": int, "window": int, "time_budget": float}.get(f.name, type(default))
             p.add_argument(flag, type=kind, default=None if f.name == "out_dir" else default,
                            choices=CHOICES.get(f.name), help=HELP.get(f.name, " "))
     return p

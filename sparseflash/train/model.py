@@ -26,9 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..nn import SparseCausalSelfAttention, rotary
+from .._runtime import check_window
+from ..nn import DEFAULT_WINDOW, SparseCausalSelfAttention, rotary
 
 ATTENTIONS = ("dense", "sdpa", "sdpa_cudnn", "hash", "qk", "none")
+WINDOWED = ("dense", "hash", "qk")  #: attentions that take a sliding window (our kernels)
 VOCAB = 256
 
 
@@ -37,7 +39,9 @@ class GPTConfig:
     """Shape of the model and its attention.
 
     ``n_buckets`` is read with ``attention="hash"``; ``keep_rate`` and ``qk_gate`` with
-    ``attention="qk"`` (see :class:`~sparseflash.nn.SparseCausalSelfAttention`).
+    ``attention="qk"``; ``window`` (a causal sliding window united with the pattern) with
+    ``dense``, ``hash`` and ``qk``, None meaning the mode's default (256 for ``hash``, else
+    0; see :class:`~sparseflash.nn.SparseCausalSelfAttention`).
     """
 
     n_layer: int = 6
@@ -48,11 +52,23 @@ class GPTConfig:
     n_buckets: int = 16
     keep_rate: float = 0.5
     qk_gate: str = "topk"
+    window: int | None = None
     vocab_size: int = VOCAB
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.window is not None:
+            self.window = check_window(self.window)
+            if self.window and self.attention not in WINDOWED:
+                raise ValueError(f"window applies to attention {WINDOWED}, not {self.attention!r}")
+
+    @property
+    def effective_window(self) -> int:
+        """The window the attention uses (the mode's default where ``window`` is None)."""
+        if self.attention not in WINDOWED:
+            return 0
+        return DEFAULT_WINDOW[self.attention] if self.window is None else self.window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +128,7 @@ def make_attention(cfg: GPTConfig, layer: int) -> nn.Module:
     if cfg.attention in ("dense", "hash", "qk"):
         return SparseCausalSelfAttention(cfg.n_embd, cfg.n_head, mode=cfg.attention, n_kv_heads=cfg.n_kv_heads,
                                          n_buckets=cfg.n_buckets, keep_rate=cfg.keep_rate, qk_gate=cfg.qk_gate,
-                                         seed=layer)
+                                         window=cfg.window, seed=layer)
     backend = {"sdpa": "flash", "sdpa_cudnn": "cudnn", "none": "none"}[cfg.attention]
     return SDPACausalSelfAttention(cfg.n_embd, cfg.n_head, backend=backend, n_kv_heads=cfg.n_kv_heads)
 
