@@ -103,6 +103,10 @@ class TileSchedule:
         q_buckets, k_buckets: bucket id of each slot (``"hash"`` only, else None).
         block_m, block_n: tile sizes (query, key), as the kernel's ``BLOCK_M``, ``BLOCK_N``.
         causal: False only for non-causal dense attention.
+        window: the sliding window.  For ``"flash"`` the tiles of ``flash_attention(window=W)``
+            (the diagonal band); for ``"qk"`` and ``"hash"`` the union's *far part* only
+            (the pattern's pairs with ``i - j >= W``, in the layout of query positions
+            ``i - W``): the union's band is ``flash_schedule(N, window=W)``.
     """
 
     kind: str
@@ -120,6 +124,7 @@ class TileSchedule:
     _mask: Tensor | None = field(default=None, repr=False)
     n_q_tokens: int | None = None
     n_k_tokens: int | None = None
+    window: int = 0
 
     @property
     def mask(self) -> Tensor:
@@ -323,19 +328,29 @@ def _blocks(block_m, block_n):
 
 
 def flash_schedule(n_q: int, n_k: int | None = None, causal: bool = True, block_m: int | None = None,
-                   block_n: int | None = None, *, batch: int = 1, heads: int = 1, device=None) -> TileSchedule:
+                   block_n: int | None = None, *, window: int = 0, batch: int = 1, heads: int = 1,
+                   device=None) -> TileSchedule:
     """Tiles of dense FlashAttention (:func:`~sparseflash.flash_attention`).
 
     Causal: query tile ``t`` computes key tile ``kt`` iff
     ``kt · block_n <= min((t + 1) · block_m, n_q) - 1`` (the key tile starts at or
-    before the tile's last query); non-causal: every tile.  ``n_k`` defaults to
-    ``n_q``; ``block_m`` defaults to 32 (the CPU interpreter's tile) and ``block_n``
-    to ``block_m``.  ``state`` is ``(batch, heads, ·, ·)``, the same for every head.
+    before the tile's last query); non-causal: every tile.  With a ``window`` the kernel
+    visits exactly the tiles that hold a pair ``0 <= i - j < window`` (a diagonal band).
+    ``n_k`` defaults to ``n_q``; ``block_m`` defaults to 32 (the CPU interpreter's tile)
+    and ``block_n`` to ``block_m``.  ``state`` is ``(batch, heads, ·, ·)``, the same for
+    every head.
     """
     n_k = n_q if n_k is None else n_k
     block_m, block_n = _blocks(block_m, block_n)
-    computed = _dense_computed(n_q, n_k, causal, block_m, block_n, device)
-    counts = _dense_counts(n_q, n_k, causal, block_m, block_n, device)
+    mask = None
+    if window:
+        mask = reference.window_mask(n_q, n_k, window, device=device)
+        counts = _tile_counts(mask, block_m, block_n)
+        computed = counts > 0
+        mask = mask.expand(batch, heads, n_q, n_k)
+    else:
+        computed = _dense_computed(n_q, n_k, causal, block_m, block_n, device)
+        counts = _dense_counts(n_q, n_k, causal, block_m, block_n, device)
     state = _states(computed, counts, block_m, block_n)
     shape = (batch, heads)
     q_index = torch.arange(n_q, device=device).expand(*shape, n_q)
@@ -344,14 +359,16 @@ def flash_schedule(n_q: int, n_k: int | None = None, causal: bool = True, block_
         kind="flash", state=state.expand(*shape, *state.shape), allowed_count=counts.expand(*shape, *counts.shape),
         q_index=q_index, k_index=k_index,
         q_pos=q_index.to(torch.int32), k_pos=k_index.to(torch.int32),
-        block_m=block_m, block_n=block_n, causal=bool(causal),
+        block_m=block_m, block_n=block_n, causal=bool(causal), _mask=mask, window=int(window),
     )
 
 
-def _permuted_schedule(kind, mask, shape, q_args, k_args, n_buckets, block_m, block_n):
+def _permuted_schedule(kind, mask, shape, q_args, k_args, n_buckets, block_m, block_n, window=0):
     # The kernels' layout and tile plan, built in plain PyTorch (the tests check that
-    # the kernels build the same)...
-    ql = reference_layout(shape, n_buckets=n_buckets, block=block_m, pad=Q_PAD, **q_args)
+    # the kernels build the same)...  With a window, the far part: queries at i - window.
+    if window:
+        mask = mask & ~reference.window_mask(shape[-1], window=window, device=mask.device)
+    ql = reference_layout(shape, n_buckets=n_buckets, block=block_m, pad=Q_PAD, shift=window, **q_args)
     kl = reference_layout(shape, n_buckets=n_buckets, block=block_n, pad=K_PAD, **k_args)
     computed = reference_tile_plan(ql, kl).visited()
     # ...and the FULL / PARTIAL / EMPTY split from the token-level mask in layout order.
@@ -362,36 +379,39 @@ def _permuted_schedule(kind, mask, shape, q_args, k_args, n_buckets, block_m, bl
     return TileSchedule(
         kind=kind, state=_states(computed, counts, block_m, block_n), allowed_count=counts, _mask=mask,
         q_index=ql.index.long(), k_index=kl.index.long(), q_pos=q_pos, k_pos=k_pos, block_m=block_m,
-        block_n=block_n, n_q_tokens=shape[-1], n_k_tokens=shape[-1], **buckets,
+        block_n=block_n, n_q_tokens=shape[-1], n_k_tokens=shape[-1], window=int(window), **buckets,
     )
 
 
 def qk_schedule(q_keep: Tensor, k_keep: Tensor, block_m: int | None = None,
-                block_n: int | None = None) -> TileSchedule:
+                block_n: int | None = None, *, window: int = 0) -> TileSchedule:
     """Tiles of query/key dropping (:func:`~sparseflash.qk_sparse_attention`).
 
     ``q_keep``, ``k_keep``: bool ``(B, H, N)`` (or ``(N,)``, ``(H, N)``).  The layout is
     the kernels' (:func:`~sparseflash.layout.reference_layout` with one bucket: kept
     tokens first, padded to a whole tile, then the dropped ones); tiles are computed
-    by the :class:`~sparseflash.layout.TilePlan` (``kmin(S) <= qmax(T)``).
+    by the :class:`~sparseflash.layout.TilePlan` (``kmin(S) <= qmax(T)``).  With a
+    ``window``: the union's far part (see :class:`TileSchedule`).
     """
     q_keep, k_keep = _as_bhn(q_keep, "q_keep").bool(), _as_bhn(k_keep, "k_keep").bool()
     q_keep, k_keep = torch.broadcast_tensors(q_keep, k_keep)
     block_m, block_n = _blocks(block_m, block_n)
     mask = reference.qk_dropping_mask(q_keep, k_keep)
     return _permuted_schedule("qk", mask, tuple(q_keep.shape), dict(keep=q_keep), dict(keep=k_keep), 1,
-                              block_m, block_n)
+                              block_m, block_n, window)
 
 
 def hash_schedule(q_buckets: Tensor, k_buckets: Tensor, block_m: int | None = None,
-                  block_n: int | None = None) -> TileSchedule:
+                  block_n: int | None = None, *, window: int = 0) -> TileSchedule:
     """Tiles of hash-bucket attention (:func:`~sparseflash.hash_sparse_attention`).
 
     ``q_buckets``, ``k_buckets``: integer ``(B, H, N)`` (or ``(N,)``, ``(H, N)``) ids
     ``>= 0``.  The layout is the kernels' (:func:`~sparseflash.layout.reference_layout`:
     tokens by bucket, each bucket's run starting on a tile boundary); tiles are
     computed by the :class:`~sparseflash.layout.TilePlan` (same bucket and
-    ``kmin(S) <= qmax(T)``), so no computed tile is EMPTY.
+    ``kmin(S) <= qmax(T)``), so no computed tile is EMPTY.  With a ``window``: the
+    union's far part, the same-bucket pairs with ``i - j >= window`` (the band is
+    ``flash_schedule(N, window=window)``).
     """
     q_buckets, k_buckets = _as_bhn(q_buckets, "q_buckets"), _as_bhn(k_buckets, "k_buckets")
     q_buckets, k_buckets = torch.broadcast_tensors(q_buckets, k_buckets)
@@ -399,7 +419,7 @@ def hash_schedule(q_buckets: Tensor, k_buckets: Tensor, block_m: int | None = No
     mask = reference.hash_mask(q_buckets, k_buckets)
     q_ids, k_ids, n_buckets = dense_bucket_ids(q_buckets, k_buckets)  # as hash_sparse_attention without n_buckets
     return _permuted_schedule("hash", mask, tuple(q_buckets.shape), dict(buckets=q_ids),
-                              dict(buckets=k_ids), n_buckets, block_m, block_n)
+                              dict(buckets=k_ids), n_buckets, block_m, block_n, window)
 
 
 # --------------------------------------------------------------------------------------

@@ -168,6 +168,29 @@ def plot_tile_map(schedule: TileSchedule, b: int = 0, h: int = 0, *, coords: str
     return ax
 
 
+def plot_window_union(q_buckets: torch.Tensor, k_buckets: torch.Tensor, window: int, block: int = 16, *,
+                      b: int = 0, h: int = 0, axes=None):
+    """Draw hash buckets ∪ a sliding window as its two kernels compute it: the band
+    ``0 <= i - j < window`` in natural order (dense kernel), and the same-bucket pairs with
+    ``i - j >= window`` in the bucket layout of query positions ``i - window``.
+
+    ``q_buckets``, ``k_buckets``: ids ``(N,)``, ``(H, N)`` or ``(B, H, N)``.  Returns the two
+    axes (a new figure of two panels if ``axes`` is None).
+    """
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    n = q_buckets.shape[-1]
+    band = tiles.flash_schedule(n, block_m=block, window=window)
+    far = tiles.hash_schedule(q_buckets, k_buckets, block, block, window=window)
+    plot_tile_map(band, title=f"the band, i - j < {window}\n{describe(band)}", ax=axes[0])
+    plot_tile_map(far, b, h, title=f"same bucket, i - j >= {window}\n{describe(far, b, h)}", ax=axes[1])
+    for ax in axes:
+        ax.title.set_fontsize("small")
+    return axes
+
+
 def describe(schedule: TileSchedule, b: int = 0, h: int = 0) -> str:
     """Short text: computed tiles of head (b, h) against dense causal, and the ideal speed-up."""
     n = int(schedule.computed[b, h].sum())

@@ -256,3 +256,14 @@ def test_schedules_are_torch_only():
     # the figures never run a kernel: schedule building is plain PyTorch and quick
     sched = tiles.schedule_for("hash", 4096, 64, n_buckets=8)
     assert isinstance(sched.state, torch.Tensor) and sched.state.dtype == torch.int8
+
+
+def test_plot_window_union():
+    import matplotlib.pyplot as plt
+
+    from sparseflash.viz import plot_window_union
+
+    buckets = torch.randint(0, 4, (96,))
+    axes = plot_window_union(buckets, buckets, 20, block=16)
+    assert len(axes) == 2 and "i - j < 20" in axes[0].get_title() and "i - j >= 20" in axes[1].get_title()
+    plt.close("all")

@@ -173,6 +173,32 @@ def test_union_far_part_tiles(seed):
         assert torch.equal(getattr(rec, name)[0, 0], want), name
 
 
+@pytest.mark.parametrize("kind", ["hash", "qk"])
+def test_schedules_predict_both_parts(seed, kind):
+    """``hash_schedule`` / ``qk_schedule`` with a window predict the far part's tiles and
+    ``flash_schedule(window=)`` the band's, as the kernels record them; no tile is wrongly skipped."""
+    from sparseflash.tiles import flash_schedule, hash_schedule, qk_schedule
+
+    B, H, N, D, W = 1, 2, 200, 16, 37
+    q, k, v, _ = _qkv(B, H, N, D, torch.float32)
+    rec = TileRecord()
+    if kind == "hash":
+        qb, kb = torch.randint(0, 5, (B, H, N)), torch.randint(0, 5, (B, H, N))
+        sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=5, window=W, kernel_options=SMALL, tile_record=rec)
+        far = hash_schedule(qb, kb, 16, 16, window=W)
+    else:
+        qk, kk = torch.rand(B, H, N) < 0.5, torch.rand(B, H, N) < 0.5
+        sf.qk_sparse_attention(q, k, v, qk, kk, window=W, kernel_options=SMALL, tile_record=rec)
+        far = qk_schedule(qk, kk, 16, 16, window=W)
+    band = flash_schedule(N, block_m=16, window=W, heads=H)
+    assert torch.equal(far.computed, rec.fwd > 0) and torch.equal(band.computed, rec.window_fwd > 0)
+    assert not far.wrongly_skipped.any() and not band.wrongly_skipped.any()
+    # together the two parts hold every pair of the union exactly once
+    union = far.allowed_count.sum() + band.allowed_count.sum()
+    mask = ref.hash_mask(qb, kb, window=W) if kind == "hash" else ref.qk_dropping_mask(qk, kk, window=W)
+    assert int(union) == int(mask.sum())
+
+
 # ---------------------------------------------------------------------------
 # The layout of the far part
 # ---------------------------------------------------------------------------
