@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RATIO_KEYS = ("speedup_vs_sdpa_flash", "speedup_vs_sdpa_cudnn", "speedup_vs_ours_dense",
               "speedup_vs_flex_kernel", "tile_efficiency")
-ROW_KEYS = ("variant", "kind", "impl", "family", "param", "seq_len", "B", "H", "D", "dtype", "mode",
-            "status", "error", "ms", "timer", "tflops", "check_rel_err", "computed_tile_fraction",
+ROW_KEYS = ("variant", "kind", "impl", "family", "param", "window", "pattern", "seq_len", "B", "H", "D", "dtype",
+            "mode", "status", "error", "ms", "timer", "tflops", "check_rel_err", "computed_tile_fraction",
             "config") + RATIO_KEYS
 
 
@@ -35,10 +35,12 @@ def _run(args, tmp_path):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    """The --quick run without sliding windows (``--windows`` with no value: none; the window
+    variants have their own, smaller run in :func:`test_quick_windows`)."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "r.json"
     proc = _run(["--quick", "--device", "cpu", "--out", str(out), "--modes", "fwd", "fwd+bwd",
-                 "--no-progress"], tmp)
+                 "--no-progress", "--windows"], tmp)
     return out, proc
 
 
@@ -46,7 +48,7 @@ def test_help():
     proc = subprocess.run([sys.executable, "-m", "sparseflash.bench", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--seq-lens", "--modes", "--keep-rates", "--buckets", "--variants", "--out", "--warmup",
+    for flag in ("--seq-lens", "--modes", "--keep-rates", "--buckets", "--windows", "--variants", "--out", "--warmup",
                  "--rep", "--no-check", "--quick", "--device", "--resume"):
         assert flag in proc.stdout
 
@@ -70,6 +72,8 @@ def test_quick_files_and_keys(quick):
         for key in ROW_KEYS:
             assert key in r, (key, r)
         assert r["family"] in ("dense", "qk", "hash")
+        assert r["window"] == 0  # --windows with no value: no window variants
+        assert r["pattern"] == "dense" if r["family"] == "dense" else r["variant"].endswith("_" + r["pattern"])
 
     by = {(r["variant"], r["seq_len"], r["mode"]): r for r in rows}
     for n in (64, 128):
@@ -130,9 +134,179 @@ def test_variant_selection_and_resume(tmp_path):
     assert again["meta"]["complete"] is True
 
 
+# --------------------------------------------------------------------------------------
+# Sliding windows: the window alone and hash buckets ∪ window
+# --------------------------------------------------------------------------------------
+
+WINDOW_NAMES = {"ours_dense", "flex_dense", "ours_window_16", "flex_kernel_window_16", "flex_e2e_window_16",
+                "ours_hash_4_w16", "flex_kernel_hash_4_w16", "flex_e2e_hash_4_w16"}
+
+
+def test_quick_windows(tmp_path):
+    """--quick's window (16) at N=64: ours and eager FlexAttention (fwd, CPU) pass the float64 check
+    of the union / window masks, and the rows carry window, pattern and the flex ratio of their pattern."""
+    out = tmp_path / "w.json"
+    _run(["--quick", "--device", "cpu", "--out", str(out), "--modes", "fwd", "fwd+bwd", "--no-progress",
+          "--seq-lens", "64", "--buckets", "4", "--no-flex-compile",
+          "--variants", "ours_dense", "flex_dense", "*window*", "*_w*"], tmp_path)
+    rows = _rows(out)
+    assert {r["variant"] for r in rows} == WINDOW_NAMES
+    by = {(r["variant"], r["mode"]): r for r in rows}
+    for name, kind, family, param in (("ours_window_16", "ours_window", "window", 16),
+                                      ("ours_hash_4_w16", "ours_hash", "hash", 4)):
+        for mode in ("fwd", "fwd+bwd"):
+            r = by[(name, mode)]
+            assert r["status"] == "ok", r
+            assert (r["kind"], r["family"], r["param"], r["window"]) == (kind, family, param, 16)
+            assert r["pattern"] == name.removeprefix("ours_")
+            assert r["timer"] == "interpreter-wallclock" and r["ms"] > 0
+            assert 0 <= r["check_rel_err"] < 2e-2
+            if mode == "fwd+bwd":
+                assert 0 <= r["check_rel_err_dq"] < 2e-2
+            assert 0 < r["pair_density"] < 1 and r["computed_tile_fraction"] > 0
+            if family == "window":  # the same tiles in every head: the first head's schedule is all of them
+                assert r["computed_tile_fraction"] == pytest.approx(r["schedule_tile_fraction"])
+            assert r["tile_efficiency"] == pytest.approx(
+                by[("ours_dense", mode)]["ms"] * r["computed_tile_fraction"] / r["ms"])
+    for pat in ("window_16", "hash_4_w16"):
+        for impl in ("flex_kernel", "flex_e2e"):
+            r = by[(f"{impl}_{pat}", "fwd")]
+            assert r["status"] == "ok" and 0 <= r["check_rel_err"] < 2e-2, r  # natural order, same mask
+            assert r["pattern"] == pat and r["window"] == 16
+            assert by[(f"{impl}_{pat}", "fwd+bwd")]["status"] == "skipped"
+        r = by[(f"ours_{pat}", "fwd")]
+        assert r["speedup_vs_flex_kernel"] == pytest.approx(by[(f"flex_kernel_{pat}", "fwd")]["ms"] / r["ms"])
+    assert by[("ours_dense", "fwd")]["window"] == 0 and by[("ours_dense", "fwd")]["pattern"] == "dense"
+
+
+def test_windows_flag_and_names():
+    from sparseflash.bench import all_variants, pattern_stubs
+    from sparseflash.bench.__main__ import parse_args
+
+    def names(argv):
+        return [v.name for v in all_variants(None, pattern_stubs(parse_args(argv)))]
+
+    args = parse_args(["--buckets", "16"])
+    assert args.windows == [256]
+    got = names(["--buckets", "16", "--keep-rates", "0.3"])
+    assert got[-9:] == ["ours_hash_16", "flex_kernel_hash_16", "flex_e2e_hash_16",
+                        "ours_hash_16_w256", "flex_kernel_hash_16_w256", "flex_e2e_hash_16_w256",
+                        "ours_window_256", "flex_kernel_window_256", "flex_e2e_window_256"]
+    assert parse_args(["--quick"]).windows == [16] and parse_args(["--quick", "--windows", "64"]).windows == [64]
+    for off in (["--windows"], ["--windows", "0"]):
+        assert not any("window" in n or "_w" in n for n in names(["--buckets", "16"] + off))
+    both = names(["--buckets", "8", "16", "--windows", "32", "0", "128"])
+    assert {"ours_hash_8_w32", "ours_hash_16_w128", "ours_window_32", "flex_e2e_window_128"} <= set(both)
+    with pytest.raises(SystemExit):
+        parse_args(["--windows", "-1"])
+
+
+def test_window_pattern_density_allowed_and_flex_masks():
+    """pair_density, allowed() and the flex mask_mods of the union and the window: the float64
+    masks of sparseflash.reference, on index grids (no compile)."""
+    import torch
+
+    from sparseflash import bench
+    from sparseflash import reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    B, H, N, n, W = 2, 3, 77, 3, 9
+    qb, kb = (torch.randint(0, n, (B, H, N), generator=g) for _ in range(2))
+    union = bench.Pattern("hash", n, q_buckets=qb, k_buckets=kb, window=W, seq_len=N)
+    window = bench.Pattern("window", W, window=W, seq_len=N)
+    assert (union.name, window.name) == ("hash_3_w9", "window_9")
+    um, wm = ref.hash_mask(qb, kb, window=W), ref.window_mask(N, window=W)
+    dense_pairs = N * (N + 1) / 2
+    assert union.pair_density() == pytest.approx(um.double().sum().item() / (B * H * dense_pairs), rel=1e-12)
+    assert window.pair_density() == pytest.approx(wm.double().sum().item() / dense_pairs, rel=1e-12)
+    bs, hs = torch.arange(B).repeat_interleave(H), torch.arange(H).repeat(B)
+    assert torch.equal(union.allowed(bs, hs, 0, N, N), um.reshape(B * H, N, N))
+    assert torch.equal(union.allowed(bs, hs, 20, 50, 50), um.reshape(B * H, N, N)[:, 20:50, :50])
+    assert torch.equal(window.allowed(bs, hs, 0, N, N).expand(B * H, N, N), wm.expand(B * H, N, N))
+
+    b, h = torch.arange(B)[:, None, None, None], torch.arange(H)[None, :, None, None]
+    i, j = torch.arange(N)[None, None, :, None], torch.arange(N)[None, None, None, :]
+    try:
+        bench._set_flex_state(None, None, qb, kb, window=W)
+        assert torch.equal(bench._flex_hash_window(b, h, i, j), um)
+        assert torch.equal(bench._flex_window(b, h, i, j).expand(B, H, N, N), wm.expand(B, H, N, N))
+    finally:
+        bench.baselines._clear_flex_state()
+
+
+def test_union_tile_fraction():
+    """The union's measured tile fraction (far part + band, as areas) is in (0, 1] on a long enough
+    case and equals the schedules' hash_schedule(window) + flash_schedule(window)."""
+    import torch
+
+    from sparseflash import bench
+    from sparseflash.bench import variants as V
+
+    g = torch.Generator().manual_seed(5)
+    N, n, W = 256, 4, 32
+    q, k, v = (torch.randn(1, 1, N, 16, generator=g) for _ in range(3))
+    qb, kb = (torch.randint(0, n, (1, 1, N), generator=g) for _ in range(2))
+    union = bench.Pattern("hash", n, q_buckets=qb, k_buckets=kb, window=W, seq_len=N)
+    window = bench.Pattern("window", W, window=W, seq_len=N)
+    cache: dict = {}
+    frac = V.measured_tile_fraction(union, q, k, v, cache)
+    assert 0 < frac <= 1
+    assert frac == pytest.approx(V.schedule_tile_fraction(union, N, 16, "cpu"))
+    wfrac = V.measured_tile_fraction(window, q, k, v, cache)
+    assert 0 < wfrac < frac and wfrac == pytest.approx(V.schedule_tile_fraction(window, N, 16, "cpu"))
+
+
+def test_union_variants_pass_the_window(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from sparseflash.bench import Pattern, all_variants, build_fn
+    from sparseflash.bench import variants as V
+    from sparseflash.bench.__main__ import parse_args
+
+    seen = {}
+
+    def fake(name):
+        def f(q, k, v, *a, **kw):
+            seen[name] = kw
+            return q
+        return f
+    monkeypatch.setattr(V, "hash_sparse_attention", fake("hash"))
+    monkeypatch.setattr(V, "flash_attention", fake("flash"))
+    ids = torch.zeros(1, 1, 8, dtype=torch.int64)
+    pats = [Pattern("hash", 16, q_buckets=ids, k_buckets=ids, window=256), Pattern("window", 256, window=256)]
+    args = parse_args(["--device", "cpu"])
+    by = {x.name: x for x in all_variants(None, pats)}
+    for name in ("ours_hash_16_w256", "ours_window_256"):
+        fn, _ = build_fn(by[name], args, 8, 1, 1, "cpu")
+        fn(torch.zeros(1, 1, 8, 16), None, None)
+    assert seen == {"hash": {"n_buckets": 16, "window": 256}, "flash": {"causal": True, "window": 256}}
+    assert (by["ours_window_256"].kind, by["flex_e2e_hash_16_w256"].kind) == ("ours_window", "flex_e2e_hash")
+
+
+def test_flex_ratio_finds_the_union_baseline():
+    from sparseflash.bench import add_ratios
+
+    base = dict(config="c", mode="fwd", status="ok", family="hash", param=16, impl="flex")
+    rows = [dict(base, variant="flex_kernel_hash_16", pattern="hash_16", window=0, ms=4.0),
+            dict(base, variant="flex_kernel_hash_16_w256", pattern="hash_16_w256", window=256, ms=6.0),
+            dict(base, variant="ours_hash_16_w256", pattern="hash_16_w256", window=256, impl="ours", ms=2.0),
+            dict(base, variant="ours_hash_16", pattern="hash_16", impl="ours", ms=1.0),
+            dict(base, variant="flex_kernel_window_256", pattern="window_256", family="window", param=256, ms=3.0),
+            dict(base, variant="ours_window_256", pattern="window_256", family="window", param=256, impl="ours",
+                 ms=1.5)]
+    add_ratios(rows)
+    got = {r["variant"]: r["speedup_vs_flex_kernel"] for r in rows}
+    assert got["ours_hash_16_w256"] == pytest.approx(3.0) and got["ours_hash_16"] == pytest.approx(4.0)
+    assert got["ours_window_256"] == pytest.approx(2.0)
+    old = [dict(r) for r in rows[:1] + rows[3:4]]  # rows written before the pattern field
+    for r in old:
+        del r["pattern"]
+    add_ratios(old)
+    assert old[1]["speedup_vs_flex_kernel"] == pytest.approx(4.0)
+
+
 def _flex_pattern(family, B, H, N, seed, n_buckets):
     """Set the flex mask_mod's layout state for one family; returns ``(mask_mod, B, H)``
-    (dense: one shared mask, ``B = H = 1``)."""
+    (dense and window: one shared mask, ``B = H = 1``; hash_window: the union in natural order)."""
     import torch
 
     from sparseflash import bench
@@ -149,6 +323,13 @@ def _flex_pattern(family, B, H, N, seed, n_buckets):
         _, kp, ks = bucket_sort_layout(torch.randint(0, n_buckets, (B, H, N), generator=g))
         bench._set_flex_state(qp, kp, qs, ks)
         return bench._flex_hash, B, H
+    if family == "hash_window":
+        qb, kb = (torch.randint(0, n_buckets, (B, H, N), generator=g) for _ in range(2))
+        bench._set_flex_state(None, None, qb, kb, window=37)
+        return bench._flex_hash_window, B, H
+    if family == "window":
+        bench._set_flex_state(None, None, None, None, window=150)
+        return bench._flex_window, 1, 1
     return bench._flex_causal, 1, 1
 
 
@@ -164,7 +345,7 @@ def _assert_same_block_mask(mine, ref):
             assert torch.equal(a, r), name
 
 
-@pytest.mark.parametrize("family", ["qk", "hash", "dense"])
+@pytest.mark.parametrize("family", ["qk", "hash", "dense", "hash_window", "window"])
 def test_prebuilt_block_mask_matches_create_block_mask(family):
     """flex_kernel's per-head eager block mask is create_block_mask's, table for table."""
     pytest.importorskip("torch")
@@ -174,14 +355,15 @@ def test_prebuilt_block_mask_matches_create_block_mask(family):
     B, H, N = 2, 3, 300
     mod, b, h = _flex_pattern(family, B, H, N, seed=0, n_buckets=4)
     mine = bench.prebuilt_block_mask(mod, b, h, N, "cpu")
-    ref = flex.create_block_mask(mod, b if family != "dense" else None, h if family != "dense" else None,
-                                 N, N, device="cpu")
+    shared = family in ("dense", "window")
+    ref = flex.create_block_mask(mod, None if shared else b, None if shared else h, N, N, device="cpu")
     _assert_same_block_mask(mine, ref)
-    if family != "dense":
-        assert bench._FLEX.qpos.shape == (B, H, N)  # the full layout is back in place
+    if not shared:  # the full layout is back in place
+        assert (bench._FLEX.qpos if family != "hash_window" else bench._FLEX.qb).shape == (B, H, N)
+        assert bench._FLEX.window == (37 if family == "hash_window" else 0)
 
 
-@pytest.mark.parametrize("family", ["qk", "hash", "dense"])
+@pytest.mark.parametrize("family", ["qk", "hash", "dense", "hash_window", "window"])
 def test_prebuilt_block_mask_in_bands(family):
     """At long N the block mask is built a band of query blocks at a time: same tables."""
     pytest.importorskip("torch")

@@ -16,8 +16,10 @@ importing only the ones above it in this list:
 
 The names below are those the tests and notebooks use.
 """
-from .baselines import _FLEX, _flex_causal, _flex_hash, _flex_qk, _set_flex_state, prebuilt_block_mask
-from .patterns import DTYPES, Pattern, dense_causal_flops, make_patterns, parse_shape, reference_slices, rel_err
+from .baselines import (_FLEX, _flex_causal, _flex_hash, _flex_hash_window, _flex_qk, _flex_window, _set_flex_state,
+                        prebuilt_block_mask)
+from .patterns import (DTYPES, Pattern, dense_causal_flops, make_patterns, parse_shape, pattern_stubs,
+                       reference_slices, rel_err)
 from .report import summary_table
 from .results import (ROW_FIELDS, SCHEMA, Refused, add_ratios, config_key, default_out, device_slug, differences,
                       make_meta, merge_rows, open_results, write_results)
@@ -28,7 +30,7 @@ from .variants import KINDS, Variant, all_variants, build_fn, selected, skip_rea
 __all__ = [
     "DTYPES", "KINDS", "ROW_FIELDS", "SCHEMA", "Pattern", "Refused", "Variant", "add_ratios", "all_variants",
     "build_fn", "busy_us", "config_key", "default_out", "dense_causal_flops", "device_slug", "differences",
-    "kernel_ms", "make_meta", "make_patterns", "measure", "merge_rows", "open_results", "parse_shape",
+    "kernel_ms", "make_meta", "make_patterns", "measure", "merge_rows", "open_results", "parse_shape", "pattern_stubs",
     "prebuilt_block_mask", "reference_slices", "rel_err", "run_config", "selected", "skip_reason",
     "summary_table", "time_mode", "write_results",
 ]

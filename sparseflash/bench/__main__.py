@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .patterns import DTYPES, Pattern, parse_shape
+from .patterns import DTYPES, parse_shape, pattern_stubs
 from .report import summary_table
 from .results import MODES, Refused, _err, config_key, default_out, make_meta, merge_rows, open_results, write_results
 from .run import run_config
@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(same device, torch and triton) or left alone (else; --force backs it up), never overwritten.",
         epilog="Example (H100): python -m sparseflash.bench --head-dim 64 128 --shapes 1x4x65536 1x4x131072 "
                "--resume --time-budget 420   (writes results/h100.json; repeat the same command until it prints "
-               "COMPLETE). Variants: " + ", ".join(KINDS) + " (with _<rate> / _<buckets> suffixes for the sparse ones).",
+               "COMPLETE). Variants: " + ", ".join(KINDS) + " (with _<rate> / _<buckets> / _<buckets>_w<W> / _<W> "
+               "suffixes for the sparse ones).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--seq-lens", type=int, nargs="*", default=DEFAULT_SEQ_LENS,
@@ -55,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="query/key keep rates of the qk-dropping variants")
     p.add_argument("--buckets", type=int, nargs="+", default=[8, 16],
                    help="bucket counts of the hash variants (passed as n_buckets=)")
+    p.add_argument("--windows", type=int, nargs="*", default=[256], metavar="W",
+                   help="sliding windows W: for each, the window alone (ours_window_<W>, flex_*_window_<W>) "
+                        "and its union with each --buckets count (ours_hash_<n>_w<W>, flex_*_hash_<n>_w<W>: "
+                        "same bucket or i - j < W); --windows with no value, or 0: none")
     p.add_argument("--bucket-source", choices=["random", "lsh"], default="random",
                    help="random: uniform random bucket ids (balanced, the paper's setting); "
                         "lsh: sparseflash.lsh_buckets of the random q and k")
@@ -87,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile FlexAttention and create_block_mask (without it flex runs eager: "
                         "slow, for testing the harness only; on CPU that is the only way flex runs, fwd only)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: N=64 128, B=1, H=2, D=16, buckets 2 4, warmup 1 ms, rep 5 ms "
+                   help="smoke test: N=64 128, B=1, H=2, D=16, buckets 2 4, windows 16, warmup 1 ms, rep 5 ms "
                         "(for those of these flags not given)")
     p.add_argument("--device", default=None,
                    help="cuda, cuda:N or cpu; default cuda if available, else cpu (cpu: our kernels in "
@@ -104,10 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:  # tiny sizes, for every one of these flags left at its default
-        quick = dict(seq_lens=[64, 128], batch=1, heads=2, head_dim=[16], buckets=[2, 4], warmup=1.0, rep=5.0)
+        quick = dict(seq_lens=[64, 128], batch=1, heads=2, head_dim=[16], buckets=[2, 4], windows=[16],
+                     warmup=1.0, rep=5.0)
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
+    if any(w < 0 for w in args.windows):
+        p.error(f"--windows must be >= 0 (0: no window), got {args.windows}")
     if args.force and args.resume:
         p.error("--force starts a new file, --resume continues one: pass one of them")
     return args
@@ -139,9 +147,7 @@ def main(argv=None) -> int:
     if not configs:
         print("error: nothing to run: --seq-lens is empty and no --shapes given", file=sys.stderr)
         return 2
-    n_var = len([x for x in all_variants(args, [Pattern("qk", float(r)) for r in args.keep_rates]
-                                         + [Pattern("hash", int(n)) for n in args.buckets])
-                 if selected(x, args.variants)])
+    n_var = len([x for x in all_variants(args, pattern_stubs(args)) if selected(x, args.variants)])
     if n_var == 0:
         print(f"error: --variants {args.variants} selects nothing; kinds: {', '.join(KINDS)}", file=sys.stderr)
         return 2

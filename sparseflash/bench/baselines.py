@@ -12,10 +12,20 @@
   ``flex_kernel`` builds the layout and the block mask once, outside the timed
   region, and times gather + flex kernel + scatter.  ``flex_e2e`` times everything
   per step: layout (sort), ``create_block_mask`` (compiled), gather, kernel, scatter.
+* ``flex_kernel_hash_<n>_w<W>`` / ``flex_e2e_hash_<n>_w<W>`` (hash buckets ∪ a sliding
+  window of ``W`` keys): FlexAttention in NATURAL token order, no gather or scatter, with
+  the mask_mod ``kv <= q & (qbucket[q] == kbucket[kv] | q - kv < W)``.  Sorting by bucket
+  would scatter every query's window over the key blocks, so that every block holds window
+  pairs; in natural order the band stays on the diagonal and only the same-bucket pairs
+  spread.  ``flex_kernel`` builds the block mask once (per head, outside the timing),
+  ``flex_e2e`` calls (compiled) ``create_block_mask`` in every step.
+* ``flex_kernel_window_<W>`` / ``flex_e2e_window_<W>``: the sliding window alone,
+  ``kv <= q & q - kv < W``, one block mask for every (batch, head) as causal.
 
-The mask_mods read one module-level state (:data:`_FLEX`), so each mask_mod is a
-single function object for the whole run: torch.compile guards on it once, and new
-tensors of the same shape put into the state do not recompile.
+The mask_mods read one module-level state (:data:`_FLEX`: slot positions, bucket ids,
+the window), so each mask_mod is a single function object for the whole run:
+torch.compile guards on it once, and new tensors of the same shape put into the state do
+not recompile (a new window size ``W`` does, once: it is a Python int in the graph).
 """
 from __future__ import annotations
 
@@ -51,7 +61,7 @@ def sdpa_fn(kind: str) -> Callable:
 # FlexAttention
 # --------------------------------------------------------------------------------------
 
-_FLEX = types.SimpleNamespace(qpos=None, kpos=None, qb=None, kb=None)
+_FLEX = types.SimpleNamespace(qpos=None, kpos=None, qb=None, kb=None, window=0)
 _FLEX_FNS: dict = {}
 
 
@@ -70,6 +80,21 @@ def _flex_hash(b, h, q_idx, kv_idx):
     kp = _FLEX.kpos[b, h, kv_idx]
     same = _FLEX.qb[b, h, q_idx] == _FLEX.kb[b, h, kv_idx]
     return (kp <= qp) & (kp >= 0) & (qp >= 0) & same
+
+
+def _flex_hash_window(b, h, q_idx, kv_idx):
+    """Hash buckets ∪ sliding window, in natural token order (``_FLEX.qb``/``kb``: unsorted ids)."""
+    same = _FLEX.qb[b, h, q_idx] == _FLEX.kb[b, h, kv_idx]
+    return (kv_idx <= q_idx) & (same | (q_idx - kv_idx < _FLEX.window))
+
+
+def _flex_window(b, h, q_idx, kv_idx):
+    """Causal sliding window of ``_FLEX.window`` keys (the same for every batch and head)."""
+    return (kv_idx <= q_idx) & (q_idx - kv_idx < _FLEX.window)
+
+
+#: mask_mods that do not depend on the (batch, head): one ``(1, 1)`` block mask serves all.
+_HEAD_INDEPENDENT = (_flex_causal, _flex_window)
 
 
 def _flex_fns(compile_: bool):
@@ -97,14 +122,16 @@ def _flex_fns(compile_: bool):
     return _FLEX_FNS[key]
 
 
-def _set_flex_state(qp, kp, qb, kb) -> None:
-    _FLEX.qpos, _FLEX.kpos = qp.contiguous(), kp.contiguous()
-    _FLEX.qb = None if qb is None else qb.contiguous()
-    _FLEX.kb = None if kb is None else kb.contiguous()
+def _set_flex_state(qp, kp, qb, kb, window: int = 0) -> None:
+    """Put a layout (slot positions ``qp``/``kp``, bucket ids ``qb``/``kb``, any of them None) and
+    the sliding ``window`` into :data:`_FLEX`, where the mask_mods read them."""
+    _FLEX.qpos, _FLEX.kpos, _FLEX.qb, _FLEX.kb = (None if t is None else t.contiguous() for t in (qp, kp, qb, kb))
+    _FLEX.window = int(window)
 
 
 def _clear_flex_state() -> None:
     _FLEX.qpos = _FLEX.kpos = _FLEX.qb = _FLEX.kb = None
+    _FLEX.window = 0
 
 
 def _block_density(bm) -> float:
@@ -147,26 +174,27 @@ def prebuilt_block_mask(mask_mod, B: int, H: int, N: int, device, *, max_elems: 
     at most ``max_elems`` mask elements at a time (bands of query blocks, see
     :func:`_rows_block_mask`; one band up to N = 16384), the block tables stacked into
     one ``BlockMask``.  It is the same block mask ``create_block_mask(mask_mod, B, H, N, N)``
-    gives (checked in tests/test_bench.py).  The causal mask is the same for every
-    (batch, head): one ``(1, 1)`` mask, as ``create_block_mask(mask_mod, None, None, N, N)``.
+    gives (checked in tests/test_bench.py).  The causal and sliding-window masks are the same
+    for every (batch, head): one ``(1, 1)`` mask, as ``create_block_mask(mask_mod, None, None, N, N)``.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     parts = []  # per (b, h): its bands
-    if mask_mod is _flex_causal:
-        parts.append(_rows_block_mask(_flex_causal, N, device, max_elems))
+    if mask_mod in _HEAD_INDEPENDENT:
+        parts.append(_rows_block_mask(mask_mod, N, device, max_elems))
         if len(parts[0]) == 1:
             return parts[0][0]
         B = H = 1
     else:
         full = (_FLEX.qpos, _FLEX.kpos, _FLEX.qb, _FLEX.kb)
+        window = _FLEX.window
         try:
             for b in range(B):
                 for h in range(H):
-                    _set_flex_state(*(None if t is None else t[b:b + 1, h:h + 1] for t in full))
+                    _set_flex_state(*(None if t is None else t[b:b + 1, h:h + 1] for t in full), window=window)
                     parts.append(_rows_block_mask(mask_mod, N, device, max_elems))
         finally:
-            _set_flex_state(*full)
+            _set_flex_state(*full, window=window)
 
     def stack(name):
         first = getattr(parts[0][0], name, None)
@@ -188,6 +216,8 @@ def flex_fn(kind: str, family: str, pattern: Pattern, args, B: int, H: int, N: i
         bm = prebuilt_block_mask(_flex_causal, 1, 1, N, device)
         extra["_flex_density"] = _block_density(bm)
         return (lambda q, k, v: flex(q, k, v, block_mask=bm)), extra
+    if family == "window" or pattern.window:
+        return _natural_order_fn(kind, family, pattern, B, H, N, device, flex, cbm, extra)
     mask_mod = _flex_qk if family == "qk" else _flex_hash
     if kind.startswith("flex_kernel"):
         qi, qp, ki, kp, qb, kb = pattern.layout()
@@ -206,4 +236,25 @@ def flex_fn(kind: str, family: str, pattern: Pattern, args, B: int, H: int, N: i
         bm = cbm(mask_mod, B, H, N, N, device=device)
         o = flex(gather_tokens(q, qi), gather_tokens(k, ki), gather_tokens(v, ki), block_mask=bm)
         return scatter_tokens(o, qi)
+    return flex_e2e, extra
+
+
+def _natural_order_fn(kind, family, pattern: Pattern, B, H, N, device, flex, cbm, extra):
+    """The window patterns: the sliding window alone (one ``(1, 1)`` block mask) or hash buckets ∪
+    the window (per-head block mask over the unsorted bucket ids), no layout, no gather/scatter."""
+    window = int(pattern.window)
+    if family == "window":
+        mask_mod, state, bh = _flex_window, (None, None, None, None), (None, None)
+    else:
+        mask_mod, state, bh = _flex_hash_window, (None, None, pattern.q_buckets, pattern.k_buckets), (B, H)
+    if kind.startswith("flex_kernel"):
+        _set_flex_state(*state, window=window)
+        bm = prebuilt_block_mask(mask_mod, bh[0] or 1, bh[1] or 1, N, device)
+        extra["_flex_density"] = _block_density(bm)
+        return (lambda q, k, v: flex(q, k, v, block_mask=bm)), extra
+
+    def flex_e2e(q, k, v):
+        _set_flex_state(*state, window=window)
+        bm = cbm(mask_mod, *bh, N, N, device=device)
+        return flex(q, k, v, block_mask=bm)
     return flex_e2e, extra

@@ -1,11 +1,14 @@
 """The inputs of one benchmark configuration: shapes, attention patterns, and their float64 ground truth.
 
 A *pattern* is what a sparse variant is asked to compute: dense causal, query/key
-dropping (``random_keep`` masks) or hash buckets (random or LSH bucket ids).  The
-same :class:`Pattern` object gives our kernels their masks / bucket ids,
-FlexAttention its layout (:meth:`Pattern.layout`, the one the ops build) and the
-float64 reference its boolean mask (:meth:`Pattern.allowed`), so every variant of
-a configuration is checked against the same answer.
+dropping (``random_keep`` masks), hash buckets (random or LSH bucket ids), a causal
+sliding window of ``W`` keys (family ``window``), or the union of hash buckets with
+such a window (family ``hash`` with ``window=W``, named ``hash_<n>_w<W>``: pair
+``(i, j)`` allowed iff ``j <= i`` and same bucket or ``i - j < W``).  The same
+:class:`Pattern` object gives our kernels their masks / bucket ids, FlexAttention its
+layout (:meth:`Pattern.layout`, the one the ops build; the window patterns run in
+natural order) and the float64 reference its boolean mask (:meth:`Pattern.allowed`),
+so every variant of a configuration is checked against the same answer.
 """
 from __future__ import annotations
 
@@ -53,34 +56,49 @@ def dense_causal_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
 
 @dataclass
 class Pattern:
-    """One attention pattern of one configuration: dense causal, qk dropping or hash buckets."""
+    """One attention pattern of one configuration: dense causal, qk dropping, hash buckets, a sliding
+    window (``family="window"``, ``param=W``) or hash buckets ∪ a sliding window (``family="hash"``,
+    ``window=W``)."""
 
-    family: str  # dense | qk | hash
+    family: str  # dense | qk | hash | window
     param: float | int | None
     q_keep: torch.Tensor | None = None
     k_keep: torch.Tensor | None = None
     q_buckets: torch.Tensor | None = None
     k_buckets: torch.Tensor | None = None
+    window: int = 0  # W of the window family, and of a hash ∪ window union (0: none)
+    seq_len: int | None = None  # N (needed by the window family, which has no tensors)
     cache: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return "dense" if self.family == "dense" else f"{self.family}_{fmt_param(self.param)}"
+        """``dense``, ``qk_0.3``, ``hash_16``, ``hash_16_w256`` (union), ``window_256``."""
+        if self.family == "dense":
+            return "dense"
+        base = f"{self.family}_{fmt_param(self.param)}"
+        return f"{base}_w{self.window}" if self.window and self.family != "window" else base
 
     def allowed(self, bs, hs, i0: int, i1: int, n_k: int) -> torch.Tensor:
-        """``(S, i1-i0, n_k)`` bool mask of the (batch, head) slices ``bs, hs``, query rows i0:i1."""
+        """``(S, i1-i0, n_k)`` bool mask of the (batch, head) slices ``bs, hs``, query rows i0:i1
+        (``(1, i1-i0, n_k)`` for the head-independent dense and window patterns: it broadcasts)."""
         dev = bs.device
         i = torch.arange(i0, i1, device=dev)[:, None]
         j = torch.arange(n_k, device=dev)[None, :]
         m = (j <= i)[None]
+        band = (i - j < self.window)[None]
         if self.family == "qk":
             m = m & self.q_keep[bs, hs, i0:i1, None] & self.k_keep[bs, hs, None, :n_k]
         elif self.family == "hash":
-            m = m & (self.q_buckets[bs, hs, i0:i1, None] == self.k_buckets[bs, hs, None, :n_k])
+            same = self.q_buckets[bs, hs, i0:i1, None] == self.k_buckets[bs, hs, None, :n_k]
+            m = m & (same | band) if self.window else m & same
+        elif self.family == "window":
+            m = m & band
         return m
 
     def layout(self):
-        """``(q_index, q_pos, k_index, k_pos, q_sorted_buckets, k_sorted_buckets)``, as the ops build it."""
+        """``(q_index, q_pos, k_index, k_pos, q_sorted_buckets, k_sorted_buckets)``, as the ops build it.
+
+        (qk and pure hash patterns only: FlexAttention runs the window patterns in natural order.)"""
         if self.family == "qk":
             qi, qp = compact_layout(self.q_keep)
             ki, kp = compact_layout(self.k_keep)
@@ -90,28 +108,64 @@ class Pattern:
         return qi, qp, ki, kp, qb, kb
 
     def pair_density(self) -> float:
-        """Allowed (query, key) pairs / dense causal pairs ``N(N+1)/2``, over all (b, h)."""
+        """Allowed (query, key) pairs / dense causal pairs ``N(N+1)/2``, over all (b, h).
+
+        Exact: per query ``i``, the window gives ``min(W, i + 1)`` keys, and the union adds
+        the keys ``j <= i - W`` of ``i``'s bucket (a one-hot cumulative count gathered at row
+        ``i - W``)."""
         if self.family == "dense":
             return 1.0
+        if self.family == "window":
+            N = self.seq_len  # the window family has no tensors to read N off
+            i = torch.arange(N, dtype=torch.float64)
+            return torch.clamp(i + 1, max=self.window).sum().item() / (N * (N + 1) / 2)
         if self.family == "qk":
             per_q = torch.cumsum(self.k_keep.to(torch.int64), -1) * self.q_keep
         else:
             nb = int(max(self.q_buckets.max().item(), self.k_buckets.max().item())) + 1
             onehot = F.one_hot(self.k_buckets.long(), nb).to(torch.int32).cumsum(-2)  # (B,H,N,nb)
-            per_q = onehot.gather(-1, self.q_buckets.long()[..., None])[..., 0].to(torch.int64)
+            qb = self.q_buckets.long()[..., None]
+            W = self.window
+            if W:
+                N = onehot.shape[-2]
+                i = torch.arange(N, device=onehot.device)
+                rows = onehot.index_select(-2, (i - W).clamp(min=0))  # row i - W: keys j <= i - W
+                far = rows.gather(-1, qb)[..., 0].to(torch.int64) * (i >= W)
+                per_q = far + torch.clamp(i + 1, max=W)
+            else:
+                per_q = onehot.gather(-1, qb)[..., 0].to(torch.int64)
         B, H, N = per_q.shape
         return per_q.sum().item() / (B * H * N * (N + 1) / 2)
 
 
+def window_sizes(args) -> list[int]:
+    """The positive ``--windows`` values, in order, without repeats (``--windows`` / ``--windows 0``: none)."""
+    return list(dict.fromkeys(int(w) for w in (getattr(args, "windows", None) or []) if int(w) > 0))
+
+
+def pattern_stubs(args) -> list[Pattern]:
+    """The patterns :func:`make_patterns` builds, in its order, without their tensors (names and
+    families only: enough to count and select variants)."""
+    pats = [Pattern("qk", float(r)) for r in args.keep_rates]
+    pats += [Pattern("hash", int(n)) for n in args.buckets]
+    for w in window_sizes(args):
+        pats.append(Pattern("window", w, window=w))
+        pats += [Pattern("hash", int(n), window=w) for n in args.buckets]
+    return pats
+
+
 def make_patterns(args, B, H, N, device, q, k, seed) -> list[Pattern]:
-    """The sparse patterns of one configuration: one per ``--keep-rates`` and ``--buckets`` value."""
+    """The sparse patterns of one configuration: one per ``--keep-rates`` and ``--buckets`` value,
+    then for each ``--windows`` value ``W``: the window alone and its union with each bucket count
+    (the same bucket ids as the pure hash pattern of that count, so the two compare)."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     pats = []
     for rate in args.keep_rates:
         qk = random_keep((B, H, N), rate, generator=g, device=device)
         kk = random_keep((B, H, N), rate, generator=g, device=device)
-        pats.append(Pattern("qk", float(rate), q_keep=qk, k_keep=kk))
+        pats.append(Pattern("qk", float(rate), q_keep=qk, k_keep=kk, seq_len=N))
+    hashed = []
     for n in args.buckets:
         if args.bucket_source == "lsh":
             qb = lsh_buckets(q.detach(), n, seed=seed)
@@ -119,7 +173,12 @@ def make_patterns(args, B, H, N, device, q, k, seed) -> list[Pattern]:
         else:
             qb = torch.randint(0, n, (B, H, N), generator=g, device=device)
             kb = torch.randint(0, n, (B, H, N), generator=g, device=device)
-        pats.append(Pattern("hash", int(n), q_buckets=qb, k_buckets=kb))
+        hashed.append(Pattern("hash", int(n), q_buckets=qb, k_buckets=kb, seq_len=N))
+    pats += hashed
+    for w in window_sizes(args):
+        pats.append(Pattern("window", w, window=w, seq_len=N))
+        pats += [Pattern("hash", h.param, q_buckets=h.q_buckets, k_buckets=h.k_buckets, window=w, seq_len=N)
+                 for h in hashed]
     return pats
 
 

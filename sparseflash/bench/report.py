@@ -21,6 +21,7 @@ def summary_table(rows: list[dict]) -> str:
         sub = [r for r in rows if group(r) == (B, H, D, dt, mode)]
         ns = sorted({r["seq_len"] for r in sub})
         names = list(dict.fromkeys(r["variant"] for r in sub))
+        width = max([22] + [len(str(n)) + 1 for n in names])
         ok_names = [n for n in names if any(r["variant"] == n and r.get("status") == "ok" for r in sub)]
         base = next((b for b in ("sdpa_flash", "ours_dense", "flex_dense") if b in ok_names),
                     ok_names[0] if ok_names else "sdpa_flash")
@@ -28,7 +29,7 @@ def summary_table(rows: list[dict]) -> str:
         timers = sorted({r.get("timer") for r in sub if r.get("timer") and r.get("timer") != "triton.do_bench"})
         lines.append(f"\n{dt} B={B} H={H} D={D} {mode}: speedup vs {base} (>1 faster; eff = tile_efficiency)"
                      + (f"  [NOT GPU TIMINGS: {', '.join(timers)}]" if timers else ""))
-        lines.append(f"{'variant':<22}" + "".join(f"{'N=' + str(n):>10}" for n in ns) + "   eff@N=" + str(ns[-1]))
+        lines.append(f"{'variant':<{width}}" + "".join(f"{'N=' + str(n):>10}" for n in ns) + "   eff@N=" + str(ns[-1]))
         for name in names:
             cells, eff = [], ""
             for n in ns:
@@ -44,7 +45,7 @@ def summary_table(rows: list[dict]) -> str:
                     cells.append(("?" if x is None else f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"))
                 if n == ns[-1] and r is not None and r.get("tile_efficiency") is not None:
                     eff = f"{r['tile_efficiency']:.2f}"
-            lines.append(f"{name:<22}" + "".join(f"{c:>10}" for c in cells) + f"   {eff}")
+            lines.append(f"{name:<{width}}" + "".join(f"{c:>10}" for c in cells) + f"   {eff}")
     errs = [r for r in rows if r.get("status") == "error"]
     if errs:
         lines.append(f"\n{len(errs)} row(s) with errors, e.g. {errs[0]['variant']} N={errs[0]['seq_len']} "

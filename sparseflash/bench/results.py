@@ -44,11 +44,15 @@ BASELINES = ("sdpa_flash", "sdpa_cudnn", "ours_dense")  # ratio columns, plus fl
 
 #: Columns of a row (CSV order).  ``None`` in JSON / empty in CSV = not applicable or not measured.
 ROW_FIELDS = {
-    "variant": "full name, e.g. ours_qk_0.3, flex_kernel_hash_16, sdpa_flash",
+    "variant": "full name, e.g. ours_qk_0.3, flex_kernel_hash_16, ours_hash_16_w256, ours_window_256, sdpa_flash",
     "kind": "variant without its parameter: one of " + ", ".join(KINDS),
     "impl": "ours | sdpa | flex | naive",
-    "family": "dense | qk | hash (the attention pattern)",
-    "param": "keep rate (qk), number of buckets (hash), null (dense)",
+    "family": "dense | qk | hash | window (the attention pattern; hash ∪ window unions are hash with window > 0)",
+    "param": "keep rate (qk), number of buckets (hash), window size W (window), null (dense)",
+    "window": "sliding window W: window rows, and hash rows of the union 'hash buckets ∪ window' "
+              "(pair allowed iff j <= i and same bucket or i - j < W); 0 for every other row",
+    "pattern": "name of the attention pattern: dense, qk_0.3, hash_16, hash_16_w256, window_256 "
+               "(the variant is <impl prefix>_<pattern> for sparse rows)",
     "seq_len": "N", "B": "batch", "H": "heads", "D": "head dim", "dtype": "bf16 | fp16 | fp32",
     "device": "GPU (or CPU) name, as meta.device",
     "mode": "fwd | fwd+bwd | bwd",
@@ -68,14 +72,17 @@ ROW_FIELDS = {
     "check_rel_err_dq": "relative error of dq (backward modes only)",
     "pair_density": "allowed (query, key) pairs / dense causal pairs, for this pattern",
     "computed_tile_fraction": "tiles computed / tiles the same implementation computes for dense causal "
-                              "(ours: forward TileRecord of the kernel; flex: block-mask blocks)",
-    "schedule_tile_fraction": "the same predicted by sparseflash.tiles' schedules for the first (batch, head) "
-                              "(N <= 4096 only: they build the N×N mask)",
+                              "(ours: forward TileRecord of the kernel, as tile areas BLOCK_M×BLOCK_N so that "
+                              "other tile sizes compare; a union adds its far part and its band; flex: "
+                              "block-mask blocks)",
+    "schedule_tile_fraction": "the same predicted by sparseflash.tiles' schedules for the first (batch, head), "
+                              "at the sparse kernels' tile sizes (union: hash_schedule(window=W) + "
+                              "flash_schedule(window=W); N <= 4096 only: they build the N×N mask)",
     "speedup_vs_sdpa_flash": "ms(sdpa_flash) / ms, same config (B, H, D, N, dtype) and mode (>1: faster)",
     "speedup_vs_sdpa_cudnn": "ms(sdpa_cudnn) / ms",
     "speedup_vs_ours_dense": "ms(ours_dense) / ms",
-    "speedup_vs_flex_kernel": "ms(flex kernel of the same pattern: flex_kernel_<family>_<param>, or flex_dense "
-                              "for dense rows) / ms",
+    "speedup_vs_flex_kernel": "ms(flex kernel of the same pattern: flex_kernel_<pattern>, e.g. "
+                              "flex_kernel_hash_16_w256, or flex_dense for dense rows) / ms",
     "tile_efficiency": "sparse rows: ms(dense of the same impl) × computed_tile_fraction / ms; 1 = time "
                        "shrinks exactly with the computed tiles, < 1 = overheads (layout, gathers, tables)",
     "config": "B{B}_H{H}_D{D}_N{N}_{dtype}: the unit of --resume",
@@ -276,7 +283,9 @@ def add_ratios(rows: list[dict]) -> None:
                 r[f"speedup_vs_{base}"] = (b / ms) if (b and ms) else None
             if r.get("family") == "dense":
                 flex_name = "flex_dense"
-            else:
+            elif r.get("pattern"):
+                flex_name = f"flex_kernel_{r['pattern']}"
+            else:  # rows written before the pattern field (no windows then)
                 flex_name = f"flex_kernel_{r.get('family')}_{fmt_param(r.get('param'))}"
             b = ms_of(flex_name)
             r["speedup_vs_flex_kernel"] = (b / ms) if (b and ms) else None
@@ -370,6 +379,12 @@ def make_meta(args, device: torch.device, argv=None) -> dict:
         "Keep masks: random_keep per (batch, head), independently for queries and keys. Buckets: "
         + ("uniform random ids per token (the balanced case)" if args.bucket_source == "random"
            else "lsh_buckets of the random q and k (seed fixed)") + "; ours_hash_<n> passes n_buckets=n.",
+        "Sliding windows (--windows W): ours_window_<W> is flash_attention(causal=True, window=W); "
+        "ours_hash_<n>_w<W> is hash_sparse_attention(..., n_buckets=n, window=W), the union 'same bucket "
+        "or i - j < W' (causal), with the same bucket ids as ours_hash_<n>. FlexAttention runs both in "
+        "natural token order (no bucket sort, no gather/scatter: sorting would put window pairs in every "
+        "block), mask_mod kv <= q & (qb[q] == kb[kv] | q - kv < W); the window alone has one block mask "
+        "for all heads.",
         "Ratios compare rows of the same config (B, H, D, N, dtype) and mode; within one invocation they "
         "are measured back to back in one process (measured_at tells the invocation of each row).",
     ]

@@ -48,8 +48,8 @@ def run_config(args, device, B, H, D, N, rows: list[dict], flush: Callable, pbar
 
     for var in variants:
         base = dict(variant=var.name, kind=var.kind, impl=var.impl, family=var.family, param=var.param,
-                    seq_len=N, B=B, H=H, D=D, dtype=args.dtype, device=dev_name, config=key,
-                    measured_at=measured_at)
+                    window=int(var.pattern.window), pattern=var.pattern.name, seq_len=N, B=B, H=H, D=D,
+                    dtype=args.dtype, device=dev_name, config=key, measured_at=measured_at)
         pat = var.pattern
         info: dict = {}
         try:

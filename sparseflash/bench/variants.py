@@ -1,4 +1,5 @@
-"""The variants one configuration runs: ours (dense, query/key dropping, hash buckets) and the baselines.
+"""The variants one configuration runs: ours (dense, query/key dropping, hash buckets, sliding
+windows and hash buckets ∪ window) and the baselines.
 
 * ``ours_dense``: :func:`sparseflash.flash_attention` (causal).
 * ``ours_qk_<rate>``: :func:`sparseflash.qk_sparse_attention` with ``random_keep``
@@ -6,8 +7,13 @@
 * ``ours_hash_<n>``: :func:`sparseflash.hash_sparse_attention` with ``n`` buckets and
   ``n_buckets=n`` (the bucket count is known, so the function need not read the ids'
   range back from the device).
+* ``ours_hash_<n>_w<W>`` (kind ``ours_hash``): the same with ``window=W``, the union of the
+  buckets with a causal sliding window of ``W`` keys (``--windows``).
+* ``ours_window_<W>``: :func:`sparseflash.flash_attention` with ``causal=True, window=W``.
 * the baselines of :mod:`.baselines`: ``naive``, ``sdpa_flash``, ``sdpa_cudnn``,
-  ``flex_dense``, ``flex_kernel_<pattern>``, ``flex_e2e_<pattern>``.
+  ``flex_dense``, ``flex_kernel_<pattern>``, ``flex_e2e_<pattern>`` (``<pattern>``:
+  :attr:`Pattern.name <.patterns.Pattern.name>`, e.g. ``qk_0.3``, ``hash_16``,
+  ``hash_16_w256``, ``window_256``).
 
 Also here: why a variant is skipped (:func:`skip_reason`) and the tile fractions a
 sparse row carries.
@@ -25,12 +31,13 @@ from ..flash import flash_attention, kernel_config
 from ..hash_sparse import hash_sparse_attention
 from ..qk_sparse import qk_sparse_attention
 from .baselines import flex_fn, naive_fn, sdpa_fn
-from .patterns import Pattern, fmt_param
+from .patterns import Pattern
 
 #: Kinds of variants, in the order they run inside one configuration.
 KINDS = ("sdpa_flash", "sdpa_cudnn", "ours_dense", "flex_dense", "naive",
          "ours_qk", "flex_kernel_qk", "flex_e2e_qk",
-         "ours_hash", "flex_kernel_hash", "flex_e2e_hash")
+         "ours_hash", "flex_kernel_hash", "flex_e2e_hash",
+         "ours_window", "flex_kernel_window", "flex_e2e_window")
 
 
 @dataclass
@@ -38,7 +45,7 @@ class Variant:
     name: str
     kind: str
     impl: str  # ours | sdpa | flex | naive
-    family: str  # dense | qk | hash
+    family: str  # dense | qk | hash | window
     param: float | int | None
     pattern: Pattern | None = None
 
@@ -57,11 +64,11 @@ def all_variants(args, patterns: list[Pattern]) -> list[Variant]:
         Variant("flex_dense", "flex_dense", "flex", "dense", None, dense),
         Variant("naive", "naive", "naive", "dense", None, dense),
     ]
-    for fam in ("qk", "hash"):
+    for fam in ("qk", "hash", "window"):
         for p in patterns:
             if p.family != fam:
                 continue
-            suffix = f"{fam}_{fmt_param(p.param)}"
+            suffix = p.name  # qk_0.3, hash_16, hash_16_w256, window_256
             out += [
                 Variant(f"ours_{suffix}", f"ours_{fam}", "ours", fam, p.param, p),
                 Variant(f"flex_kernel_{suffix}", f"flex_kernel_{fam}", "flex", fam, p.param, p),
@@ -107,8 +114,14 @@ def build_fn(v: Variant, args, N: int, B: int, H: int, device) -> tuple[Callable
     if v.kind == "ours_qk":
         return (lambda q, k, vv: qk_sparse_attention(q, k, vv, pat.q_keep, pat.k_keep)), {}
     if v.kind == "ours_hash":
-        n = int(pat.param)
+        n, w = int(pat.param), int(pat.window)
+        if w:
+            return (lambda q, k, vv: hash_sparse_attention(q, k, vv, pat.q_buckets, pat.k_buckets, n_buckets=n,
+                                                           window=w)), {}
         return (lambda q, k, vv: hash_sparse_attention(q, k, vv, pat.q_buckets, pat.k_buckets, n_buckets=n)), {}
+    if v.kind == "ours_window":
+        w = int(pat.window)
+        return (lambda q, k, vv: flash_attention(q, k, vv, causal=True, window=w)), {}
     return flex_fn(v.kind, v.family, pat, args, B, H, N, device)
 
 
@@ -117,22 +130,43 @@ def build_fn(v: Variant, args, N: int, B: int, H: int, device) -> tuple[Callable
 # --------------------------------------------------------------------------------------
 
 
+def _tile_area(rec, prefix: str = "", config: dict | None = None) -> int:
+    """Token pairs covered by the forward tiles ``rec`` recorded (``prefix``: ``"window_"`` for a
+    union's band): computed tiles × ``BLOCK_M × BLOCK_N`` of the config they ran with."""
+    counts = rec.maps.get(f"{prefix}fwd")
+    if counts is None:
+        return 0
+    cfg = rec.config if config is None else config
+    return int((counts > 0).sum().item()) * int(cfg["BLOCK_M"]) * int(cfg["BLOCK_N"])
+
+
 def measured_tile_fraction(pattern: Pattern, q, k, v, dense_tiles_cache: dict) -> float | None:
-    """Forward tiles our sparse kernel computed / tiles our dense causal kernel computed (TileRecord)."""
+    """Forward tile *area* our sparse kernel computed / that of our dense causal kernel (TileRecord).
+
+    Areas (tiles × ``BLOCK_M × BLOCK_N``), so that kernels launched with other tile sizes (the
+    dense kernel's CUDA defaults, a union's band) compare honestly; with equal tile sizes it is
+    the ratio of tile counts.  A hash ∪ window union adds its two parts: the far part over the
+    bucket layout (``rec.fwd``, ``rec.config``) and the band (``rec.window_fwd``,
+    ``rec.window_config``).  A window alone: ``flash_attention(window=W)``'s tiles.
+    """
     from ..tiles import TileRecord
 
     with torch.no_grad():
         if "dense" not in dense_tiles_cache:
             rec = TileRecord()
             flash_attention(q, k, v, causal=True, tile_record=rec)
-            dense_tiles_cache["dense"] = int((rec.fwd > 0).sum().item())
+            dense_tiles_cache["dense"] = _tile_area(rec)
         rec = TileRecord()
         if pattern.family == "qk":
             qk_sparse_attention(q, k, v, pattern.q_keep, pattern.k_keep, tile_record=rec)
+        elif pattern.family == "window":
+            flash_attention(q, k, v, causal=True, window=int(pattern.window), tile_record=rec)
         else:
             hash_sparse_attention(q, k, v, pattern.q_buckets, pattern.k_buckets, n_buckets=int(pattern.param),
-                                  tile_record=rec)
-        sparse = int((rec.fwd > 0).sum().item())
+                                  window=int(pattern.window), tile_record=rec)
+        sparse = _tile_area(rec)
+        if pattern.family == "hash" and pattern.window:
+            sparse += _tile_area(rec, "window_", rec.window_config)
     dense = dense_tiles_cache["dense"]
     return sparse / dense if dense else None
 
@@ -155,7 +189,10 @@ def schedule_tile_fraction(pattern: Pattern, N: int, head_dim: int, device, max_
     so this runs only for ``N <= max_n`` (None above, or when the module or function
     is missing or its signature is not the one expected).  Arguments are passed by
     parameter name; the result is divided by ``flash_schedule``'s fraction when that
-    exists, so that it reads as a fraction of the dense causal tiles.
+    exists, so that it reads as a fraction of the dense causal tiles.  Every schedule
+    uses the sparse kernels' tile sizes.  A hash ∪ window union is its two parts,
+    ``hash_schedule(window=W)`` (the far part) + ``flash_schedule(window=W)`` (the band);
+    a window alone ``flash_schedule(window=W)``.
     """
     if N > max_n:
         return None
@@ -172,28 +209,38 @@ def schedule_tile_fraction(pattern: Pattern, N: int, head_dim: int, device, max_
         "k_buckets": None if pattern.k_buckets is None else pattern.k_buckets[one],
         "n": N, "N": N, "seq_len": N, "n_q": N, "n_k": N,
         "block_m": cfg["BLOCK_M"], "block_n": cfg["BLOCK_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-        "causal": True, "device": device, "batch": 1, "heads": 1,
+        "causal": True, "device": device, "batch": 1, "heads": 1, "window": 0,
     }
 
-    def call(fn):
+    def call(fn, **overrides):
+        if fn is None:
+            return None
+        given = dict(known, **overrides)
         kwargs = {}
-        for name, prm in inspect.signature(fn).parameters.items():
+        params = inspect.signature(fn).parameters
+        if overrides.get("window") and "window" not in params:
+            return None  # a tiles module without windows: no prediction rather than a wrong one
+        for name, prm in params.items():
             if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
                 continue
-            if name in known and known[name] is not None:
-                kwargs[name] = known[name]
+            if name in given and given[name] is not None:
+                kwargs[name] = given[name]
             elif prm.default is prm.empty:
                 return None
         return _schedule_value(fn(**kwargs))
 
-    fn = getattr(tiles, f"{pattern.family}_schedule", None)
-    if fn is None:
-        return None
+    window = int(pattern.window)
+    dense_fn = getattr(tiles, "flash_schedule", None)
     try:
         with torch.no_grad():
-            frac = call(fn)
-            dense_fn = getattr(tiles, "flash_schedule", None)
-            dense = call(dense_fn) if dense_fn is not None else None
+            if pattern.family == "window":
+                frac = call(dense_fn, window=window)
+            else:
+                frac = call(getattr(tiles, f"{pattern.family}_schedule", None), window=window)
+                if frac is not None and window:
+                    band = call(dense_fn, window=window)
+                    frac = None if band is None else frac + band
+            dense = call(dense_fn)
     except Exception:  # noqa: BLE001
         return None
     if frac is None:
