@@ -7,7 +7,8 @@ by :mod:`sparseflash.tiles`, which the tests check against the kernels):
   tiles in original coordinates (top) and in the kernel's layout (bottom);
 - ``computed_fraction.png``: fraction of tiles computed against sequence length,
   keep rate and number of buckets;
-- ``speed.png`` (head dim 64) and ``speed_d<D>.png`` (other head dims), only when
+- ``speed.png`` (head dim 64) and ``speed_d<D>.png`` (other head dims) of ``results/h100.json``,
+  ``speed_<device>.png`` (and ``_d<D>``) of each other ``results/<device>.json``, only when
   ``results/*.json`` hold benchmark rows (written on a GPU by ``python -m sparseflash.bench``:
   ``{"meta": ..., "rows": [...]}``): speed-up over SDPA FlashAttention-2 against sequence
   length, per mode (rows) and pattern (columns: dense baselines, query/key dropping, hash
@@ -15,6 +16,8 @@ by :mod:`sparseflash.tiles`, which the tests check against the kernels):
   ``status == "ok"``, are left out with a printed note, and so are rows not timed on a GPU
   (files with ``meta.interpreter`` true, rows whose ``timer`` is ``interpreter-wallclock`` or
   ``cpu-wallclock``): interpreter timings are never drawn as GPU speed-ups.
+- ``quality_<device>.png``, for each ``results/quality_<device>.json`` of ``tools/quality_ablation.py``
+  (see :func:`quality_figure`): validation loss of sparse patterns against dense.
 - ``train_speed.png`` and ``train_loss.png``, only when ``results/train_*.json`` hold rows of
   ``python -m sparseflash.train.experiment`` (see :func:`train_speed_figure` and
   :func:`train_loss_figure`): training step throughput per attention and sequence length,
@@ -46,13 +49,22 @@ SPEED_COLUMNS = (("dense", "dense baselines"), ("qk", "query/key dropping"), ("h
 SPEED_DENSE = {"ours_dense": ("ours, dense", "C0"), "sdpa_cudnn": ("SDPA cuDNN", "C1"),
                "flex_dense": ("FlexAttention", "C2")}
 #: Sparse variants, ``<impl>_<family>_<param>``, and the line style of each implementation.
-SPARSE_VARIANT = re.compile(r"(ours|flex_kernel|flex_e2e)_(qk|hash)_(.+)")
+SPARSE_VARIANT = re.compile(r"(ours|flex_kernel|flex_e2e)_(qk|hash)_([0-9.]+)")
+#: Sliding-window variants, alone (``ours_window_256``) or in a union (``ours_hash_16_w256``):
+#: ``<impl>_<pattern>``; drawn in a fourth column when there are any.
+WINDOW_VARIANT = re.compile(r"(ours|flex_kernel|flex_e2e)_(window_\d+|hash_\d+_w\d+)")
+WINDOW_COLUMN = ("window", "sliding window, hash ∪ window")
+#: The result file whose speed figures keep the plain names (``speed.png``, ``speed_d<D>.png``);
+#: those of other devices' files are ``speed_<file stem>.png``, ``speed_<file stem>_d<D>.png``.
+PRIMARY_RESULTS = "h100"
 SPEED_STYLES = {"ours": ("-", "ours"), "flex_kernel": ("--", "flex, kernel"), "flex_e2e": (":", "flex, end to end")}
 SPEED_PARAM_COLORS = ("C3", "C4", "C5", "C6", "C8", "C9")
 #: ``timer`` values of rows that are not GPU timings (``python -m sparseflash.bench`` on a CPU).
 NON_GPU_TIMERS = ("interpreter-wallclock", "cpu-wallclock")
 #: Result files of ``python -m sparseflash.train.experiment`` (drawn by the training figures only).
 TRAIN_GLOB = "train_*.json"
+#: Result files of ``tools/quality_ablation.py`` (validation loss of sparse patterns against dense).
+QUALITY_GLOB = "quality_*.json"
 #: Training configurations in drawing order, with their colours.
 TRAIN_COLORS = {"sdpa": "C0", "sdpa_cudnn": "C1", "dense": "C2", "hash16": "C3", "hash32": "C4", "qk0.5": "C5",
                 "qk0.3": "C6", "none": "0.5"}
@@ -124,11 +136,12 @@ def load_results(folder) -> list[dict]:
     ``meta["interpreter"]`` true get ``_interpreter: True``), a dict with a
     ``"records"`` / ``"results"`` list, a list of records, or one record.  Unreadable
     files are skipped with a note, and so are training results (:data:`TRAIN_GLOB`, read
-    by :func:`load_train_results`).
+    by :func:`load_train_results`) and quality results (:data:`QUALITY_GLOB`, drawn by
+    :func:`quality_figure`).
     """
     records: list[dict] = []
     for path in sorted(Path(folder).glob("*.json")):
-        if path.match(TRAIN_GLOB):
+        if path.match(TRAIN_GLOB) or path.match(QUALITY_GLOB):
             continue
         try:
             data = json.loads(path.read_text())
@@ -208,6 +221,19 @@ def _speed_panel(ax, rows, family):
         for name, (label, color) in SPEED_DENSE.items():
             _speed_line(ax, rows, name, notes, color=color, label=label)
         ax.legend(fontsize=9, loc="upper left")
+    elif family == "window":
+        _speed_line(ax, rows, "ours_dense", None, color="0.65", lw=1.2)
+        pats = sorted({m[2] for r in rows if (m := WINDOW_VARIANT.fullmatch(str(r["variant"])))},
+                      key=lambda p: (not p.startswith("window"), p))
+        handles = [Line2D([], [], color="0.65", label="ours, dense")]
+        for pat, color in zip(pats, SPEED_PARAM_COLORS):
+            for impl, (ls, _) in SPEED_STYLES.items():
+                _speed_line(ax, rows, f"{impl}_{pat}", notes, color=color, ls=ls)
+            n, _, w = pat.partition("_w") if pat.startswith("hash") else ("", "", pat.split("_")[1])
+            handles.append(Line2D([], [], color=color, label=f"{n.split('_')[1]} buckets ∪ window {w}"
+                                  if n else f"window {w}"))
+        handles += [Line2D([], [], color="k", ls=ls, label=label) for ls, label in SPEED_STYLES.values()]
+        ax.legend(handles=handles, fontsize=9, loc="upper left", ncols=2, columnspacing=1, handlelength=2.2)
     else:
         _speed_line(ax, rows, "ours_dense", None, color="0.65", lw=1.2)
         params = sorted({m[3] for r in rows if (m := SPARSE_VARIANT.fullmatch(str(r["variant"]))) and m[2] == family},
@@ -254,10 +280,12 @@ def speed_figure(records: list[dict], path=None, *, head_dim=None):
     plt = _pyplot()
     ns = sorted({int(r["seq_len"]) for r in rows})
     modes = sorted({str(r.get("mode", "fwd")) for r in rows}, key=lambda m: (m != "fwd+bwd", m != "fwd", m))
-    fig, axes = plt.subplots(len(modes), 3, figsize=(12, 0.6 + 3.5 * len(modes)), sharex=True, sharey=True,
-                             squeeze=False, constrained_layout=True)
+    columns = SPEED_COLUMNS + ((WINDOW_COLUMN,) if any(WINDOW_VARIANT.fullmatch(str(r["variant"])) for r in rows)
+                               else ())
+    fig, axes = plt.subplots(len(modes), len(columns), figsize=(4 * len(columns), 0.6 + 3.5 * len(modes)),
+                             sharex=True, sharey=True, squeeze=False, constrained_layout=True)
     for i, mode in enumerate(modes):
-        for j, (family, title) in enumerate(SPEED_COLUMNS):
+        for j, (family, title) in enumerate(columns):
             ax = axes[i, j]
             _speed_panel(ax, [r for r in rows if str(r.get("mode", "fwd")) == mode], family)
             ax.axhline(1, color="k", lw=1, ls="--", zorder=0)
@@ -285,18 +313,28 @@ def speed_figure(records: list[dict], path=None, *, head_dim=None):
 
 
 def speed_figures(records: list[dict], out) -> list[Path]:
-    """One speed figure per head dim in ``out``: ``speed.png`` for the smallest (64 in the
-    committed results), ``speed_d<D>.png`` for the others.  Returns the paths written."""
+    """Speed figures in ``out``, one per result file (one device kind each) and head dim:
+    ``speed.png`` (smallest D, 64 in the committed results) and ``speed_d<D>.png`` for
+    :data:`PRIMARY_RESULTS`' file (and records that name no file), ``speed_<stem>.png`` and
+    ``speed_<stem>_d<D>.png`` for each other file ``<stem>.json``.  Returns the paths written."""
     plt = _pyplot()
-    good = [r for r in records if _gpu_timed(r) and _usable(r)]
-    dims = sorted({r.get("D") for r in good}, key=lambda d: (d is None, d or 0)) or [None]
+    records = _drop_non_gpu(records)  # the note about left-out rows, once
+    groups: dict = {}
+    for r in records:
+        stem = Path(str(r["_file"])).stem if r.get("_file") else PRIMARY_RESULTS
+        groups.setdefault(stem, []).append(r)
     written = []
-    for i, d in enumerate(dims):
-        path = Path(out) / ("speed.png" if i == 0 else f"speed_d{d}.png")
-        fig = speed_figure(records if i == 0 else good, path, head_dim=d)  # notes about left-out rows once
-        if fig is not None:
-            plt.close(fig)
-            written.append(path)
+    for stem in sorted(groups, key=lambda s: (s != PRIMARY_RESULTS, s)):
+        recs = groups[stem]
+        good = [r for r in recs if _usable(r)]
+        dims = sorted({r.get("D") for r in good}, key=lambda d: (d is None, d or 0)) or [None]
+        base = "speed" if stem == PRIMARY_RESULTS else f"speed_{stem}"
+        for i, d in enumerate(dims):
+            path = Path(out) / (f"{base}.png" if i == 0 else f"{base}_d{d}.png")
+            fig = speed_figure(recs if i == 0 else good, path, head_dim=d)  # notes about left-out rows once
+            if fig is not None:
+                plt.close(fig)
+                written.append(path)
     return written
 
 
@@ -437,6 +475,121 @@ def train_figures(folder, out) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------
+# Quality of sparse patterns (from tools/quality_ablation.py results)
+# --------------------------------------------------------------------------------------
+
+#: Line colour and style of each quality configuration: dense black, windows alone dashed,
+#: pure hashing dotted, hash ∪ window solid (a colour per bucket count and window).
+QUALITY_STYLES = {"dense": ("k", "-"), "window128": ("C2", "--"), "window256": ("C8", "--"),
+                  "hash16": ("C3", ":"), "hash32": ("C0", ":"), "hash16w128": ("C3", "-"),
+                  "hash16w256": ("C1", "-"), "hash32w128": ("C0", "-"), "hash32w256": ("C9", "-")}
+
+
+def _quality_order(name: str) -> tuple:
+    names = list(QUALITY_STYLES)
+    return (names.index(name) if name in names else len(names), name)
+
+
+def _mean_curve(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """Steps every row has, and the mean validation loss over the rows (seeds) at each."""
+    curves = [dict((int(s), float(v)) for s, v in r["curve"]) for r in rows]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
+
+
+def quality_figure(data: dict, path=None):
+    """Validation loss of each pattern against steps, one panel per sequence length (mean of the
+    seeds; the legend gives the final mean and the seed spread), and a last panel: final loss
+    over dense's (same length) against the end-of-training pair density.  ``data``: a
+    ``results/quality_*.json`` (``{"meta", "summary", "rows"}`` of ``tools/quality_merge.py``).
+    Returns the figure (saved to ``path`` if given), or None with a note when there are no rows."""
+    rows = [r for r in data.get("rows", []) if r.get("curve")]
+    if not rows:
+        print("figures: no quality rows; no quality figure")
+        return None
+    plt = _pyplot()
+    lengths = sorted({int(r["seq_len"]) for r in rows})
+    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(5.0 * (len(lengths) + 1), 4.4), constrained_layout=True)
+    summary = {(s["seq_len"], s["name"]): s for s in data.get("summary", [])}
+    for ax, n in zip(axes, lengths):
+        mine = [r for r in rows if int(r["seq_len"]) == n]
+        names = sorted({r["name"] for r in mine}, key=_quality_order)
+        dense_top = None
+        for name in names:
+            rs = [r for r in mine if r["name"] == name]
+            steps, loss = _mean_curve(rs)
+            color, ls = QUALITY_STYLES.get(name, ("C7", "-"))
+            finals = [r["val_loss"] for r in rs]
+            label = f"{name}: {sum(finals) / len(finals):.3f}" + (f" ±{(max(finals) - min(finals)) / 2:.3f}"
+                                                                   if len(finals) > 1 else "")
+            ax.plot(steps, loss, color=color, ls=ls, lw=1.6, label=label)
+            if name == "dense":
+                dense_top = max(v for s, v in zip(steps, loss) if s >= 0.3 * steps[-1])
+        lo = min(r["val_loss"] for r in mine)
+        if dense_top is not None:
+            ax.set_ylim(lo - 0.05, dense_top + 0.1)
+        ax.set_xlabel("step")
+        ax.set_title(f"N = {n}, batch {mine[0].get('batch')}, {len({r['seed'] for r in mine})} seeds", fontsize=11)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="final val loss (mean ± half spread)", title_fontsize=8)
+    axes[0].set_ylabel("validation loss (nats / byte)")
+    ax = axes[-1]
+    top, bottom = 1.08, 0.90
+    xs = []
+    for k, ((n, name), s) in enumerate(sorted(summary.items())):
+        if name == "dense" or s.get("vs_dense_mean") is None:
+            continue
+        color, _ = QUALITY_STYLES.get(name, ("C7", "-"))
+        marker = "o" if n == lengths[0] else "s"
+        y, x = s["vs_dense_mean"], s["pair_density_end_mean"]
+        xs.append(x)
+        if y > top:  # pure hashing: far above, drawn at the edge with its value
+            ax.annotate(f"{name}\n{y:.2f}x", (x, top), xytext=(0, -22), textcoords="offset points", ha="center",
+                        fontsize=8, color=color, arrowprops=dict(arrowstyle="->", color=color))
+            continue
+        dense_mean = s["val_loss_mean"] / y
+        err = [[(s["val_loss_mean"] - s["val_loss_min"]) / dense_mean], [(s["val_loss_max"] - s["val_loss_mean"])
+                                                                         / dense_mean]]
+        ax.errorbar(x, y, yerr=err, fmt=marker, color=color, ms=6, capsize=2)
+        ax.annotate(name, (x, y), xytext=(5, 4 if k % 2 else -9), textcoords="offset points", fontsize=8,
+                    color=color)
+    ax.axhline(1.0, color="k", lw=1)
+    ax.axhline(1.01, color="k", lw=0.8, ls=":")
+    ax.set_ylim(bottom, top)
+    ax.set_xscale("log")
+    if xs:
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+    ax.set_xlabel("pair density at the end of training (allowed / causal pairs)")
+    ax.set_ylabel("final val loss / dense's (same N)")
+    ax.set_title("quality against density (o: N = %d%s)" % (lengths[0], f", s: N = {lengths[1]}"
+                                                             if len(lengths) > 1 else ""), fontsize=11)
+    ax.grid(alpha=0.3, which="both")
+    meta = data.get("meta", {})
+    fig.suptitle(f"Validation loss of sparse patterns against dense, our kernels on {meta.get('device', '?')}", fontsize=12)
+    if path is not None:
+        fig.savefig(path, dpi=DPI)
+    return fig
+
+
+def quality_figures(folder, out) -> list[Path]:
+    """``quality_<device>.png`` in ``out`` for each ``folder/quality_<device>.json``; the paths written."""
+    plt = _pyplot()
+    written = []
+    for src in sorted(Path(folder).glob(QUALITY_GLOB)):
+        try:
+            data = json.loads(src.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"figures: skipping {src}: {exc}")
+            continue
+        path = Path(out) / f"{src.stem}.png"
+        fig = quality_figure(data, path)
+        if fig is not None:
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
 
@@ -460,6 +613,8 @@ def build_all(out, results=None) -> list[Path]:
         written += speed_figures(records, out)
     if results.is_dir() and any(results.glob(TRAIN_GLOB)):
         written += train_figures(results, out)
+    if results.is_dir():
+        written += quality_figures(results, out)
     return written
 
 

@@ -196,6 +196,23 @@ def test_speed_figure_from_records(tmp_path, capsys):
     assert "no usable" in capsys.readouterr().out
 
 
+def test_speed_figure_window_column(tmp_path):
+    """Window and hash ∪ window rows get a fourth column; without them the figure keeps three."""
+    extra = [dict(variant=v, seq_len=n, D=64, mode=mode, B=2, H=12, dtype="bf16", device="NVIDIA H200", status="ok",
+                  ms=0.5, speedup_vs_sdpa_flash=s)
+             for mode in ("fwd", "fwd+bwd") for n in (1024, 2048, 4096)
+             for v, s in (("ours_window_256", 4.0), ("flex_kernel_window_256", 3.0), ("ours_hash_16_w256", 2.0),
+                          ("flex_kernel_hash_16_w256", 0.5))]
+    fig = figures.speed_figure(_bench_rows() + extra, tmp_path / "speed.png")
+    axes = np.array(fig.axes).reshape(2, 4)
+    assert "window" in axes[0, 3].get_title()
+    assert len(axes[0, 3].lines) == 1 + 2 * 2 + 1  # ours_dense, 2 patterns x 2 impls, the line at 1
+    labels = [t.get_text() for t in axes[0, 3].get_legend().get_texts()]
+    assert "window 256" in labels and "16 buckets ∪ window 256" in labels
+    assert len(axes[0, 2].lines) == 1 + 2 * 3 + 1  # the hash column does not take the union rows
+    plt.close(fig)
+
+
 def test_load_results_accepts_several_shapes(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"variant": "dense", "seq_len": 1, "ms": 1}]))
     (tmp_path / "b.json").write_text(json.dumps({"records": [{"variant": "qk", "seq_len": 1, "ms": 1}]}))
@@ -239,10 +256,13 @@ def test_figures_cli_writes_pngs(tmp_path):
 def test_figures_cli_speed_and_help(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
-    (res / "bench.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100"}, "rows": _bench_rows((64, 128))}))
+    (res / "h100.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100"}, "rows": _bench_rows((64, 128))}))
+    other = [dict(r, device="NVIDIA H200") for r in _bench_rows((64,))]
+    (res / "h200.json").write_text(json.dumps({"meta": {"device": "NVIDIA H200"}, "rows": other}))
     out = tmp_path / "figs"
     figures.build_all(out, res)  # in-process, to keep it quick
     assert _is_png(out / "speed.png") and _is_png(out / "speed_d128.png")  # one figure per head dim
+    assert _is_png(out / "speed_h200.png") and not (out / "speed_h200_d128.png").exists()  # one per device file
     proc = _run_figures("--help")
     assert proc.returncode == 0 and "--out" in proc.stdout and "--results" in proc.stdout
 
@@ -267,3 +287,47 @@ def test_plot_window_union():
     axes = plot_window_union(buckets, buckets, 20, block=16)
     assert len(axes) == 2 and "i - j < 20" in axes[0].get_title() and "i - j >= 20" in axes[1].get_title()
     plt.close("all")
+
+
+def _quality_file(tmp_path: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import quality_merge
+
+    rows = []
+    for n in (64, 128):
+        for name, att, nb, w, final in (("dense", "dense", None, 0, 2.0), ("window8", "dense", None, 8, 1.98),
+                                        ("hash4", "hash", 4, 0, 2.6), ("hash4w8", "hash", 4, 8, 1.95)):
+            for seed in (0, 1):
+                v = final + 0.01 * seed
+                rows.append(dict(name=name, attention=att, n_buckets=nb, window=w, seq_len=n, batch=2, steps=20,
+                                 seed=seed, val_loss=v, ppl=float(np.exp(v)), median_step_ms=1.0,
+                                 pair_density_start=0.3, pair_density_end=1.0 if att == "dense" and not w else 0.3,
+                                 density_tokens=n, curve=[[0, 5.5], [10, 3.0], [20, v]], device="cpu"))
+    src = tmp_path / "q.json"
+    src.write_text(json.dumps(dict(meta=dict(device="cpu", argv=["x"]), rows=rows)))
+    out = tmp_path / "res" / "quality_cpu.json"
+    out.parent.mkdir()
+    assert quality_merge.main([str(src), "--out", str(out), "--note", "test"]) == 0
+    return out
+
+
+def test_quality_merge_summary_and_figure(tmp_path):
+    out = _quality_file(tmp_path)
+    data = json.loads(out.read_text())
+    summ = {(s["seq_len"], s["name"]): s for s in data["summary"]}
+    s = summ[(64, "hash4w8")]
+    assert s["seeds"] == [0, 1] and s["seed_spread"] == pytest.approx(0.01)
+    assert s["vs_dense_mean"] == pytest.approx(1.955 / 2.005)
+    assert summ[(128, "dense")]["vs_dense_mean"] == pytest.approx(1.0)
+    # merging again replaces rows of the same (name, seq_len, seed) instead of duplicating them
+    import quality_merge
+    assert quality_merge.main([str(tmp_path / "q.json"), "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["rows"]) == len(data["rows"])
+    fig = figures.quality_figure(data, tmp_path / "quality.png")
+    assert fig is not None and _is_png(tmp_path / "quality.png")
+    plt.close(fig)
+    assert figures.quality_figure({"rows": []}) is None
+    # quality files are not benchmark records, and build_all draws them
+    assert figures.load_results(out.parent) == []
+    written = figures.quality_figures(out.parent, tmp_path)
+    assert [p.name for p in written] == ["quality_cpu.png"]

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from sparseflash import reference as ref
+from sparseflash.bench.patterns import Pattern
 from sparseflash.nn import SparseCausalSelfAttention
 from sparseflash.train import data as data_mod
 from sparseflash.train.loop import TrainConfig, build, setup, train
@@ -45,7 +45,11 @@ def parse(name: str) -> dict:
 
 @torch.no_grad()
 def pair_density(model, tokens: torch.Tensor) -> float:
-    """Allowed / causal pairs of every attention layer and head on ``tokens`` (1, n)."""
+    """Allowed / causal pairs of every attention layer and head on ``tokens`` (1, n), exact.
+
+    Counted from the bucket ids (the bench's :meth:`~sparseflash.bench.patterns.Pattern.pair_density`:
+    a one-hot running count per bucket), so no ``n x n`` mask is built and any length works.
+    """
     dens = []
     hooks = []
 
@@ -54,12 +58,16 @@ def pair_density(model, tokens: torch.Tensor) -> float:
         B, N, _ = x.shape
         H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
         q, k, _v = m.qkv(x).view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
-        causal = N * (N + 1) / 2
         if m.mode == "hash":
-            mask = ref.hash_mask(m._buckets(q), m._buckets(k), window=m.window)
+            qb, kb = m._buckets(q), m._buckets(k)
+            if kb.shape[1] != H:  # GQA: each query head sees its group's keys
+                kb = kb.repeat_interleave(H // kb.shape[1], dim=1)
+            pat = Pattern("hash", m.n_buckets, q_buckets=qb, k_buckets=kb, window=m.window, seq_len=N)
+        elif m.window:
+            pat = Pattern("window", m.window, window=m.window, seq_len=N)
         else:
-            mask = ref.window_mask(N, window=m.window or N, device=x.device).expand(B, H, N, N)
-        dens.extend((mask.sum((-2, -1)).double() / causal).flatten().tolist())
+            pat = Pattern("dense", None)
+        dens.append(pat.pair_density())
 
     for mod in model.modules():
         if isinstance(mod, SparseCausalSelfAttention):
@@ -80,16 +88,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--density-tokens", type=int, default=4096)
+    ap.add_argument("--density-tokens", type=int, default=0,
+                    help="tokens of the validation window the pair density is counted on (0: --seq-len)")
     ap.add_argument("--work-dir", default="runs/quality")
     ap.add_argument("--model", default="6x512x8", help="layers x width x heads")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--note", default="", help="free text kept in the file's meta (e.g. how the runs shared the GPU)")
     args = ap.parse_args(argv)
     data = data_mod.load(data_mod.DEFAULT_CORPUS)
     rows = []
-    for name in args.configs:
-        c = parse(name)
-        for seed in args.seeds:
+    # seed-major: a run cut short by a time limit still leaves one seed of every configuration
+    for seed in args.seeds:
+        for name in args.configs:
+            c = parse(name)
             extra = dict(n_buckets=c["n_buckets"]) if c["n_buckets"] else {}
             n_layer, n_embd, n_head = (int(x) for x in args.model.split("x"))
             cfg = TrainConfig(attention=c["attention"], window=c["window"], seq_len=args.seq_len, device=args.device,
@@ -97,7 +108,8 @@ def main(argv=None) -> int:
                               batch_size=args.batch, max_steps=args.steps, seed=seed, progress=False,
                               out_dir=f"{args.work_dir}/{name}-T{args.seq_len}-s{seed}", eval_every=100, **extra)
             d = setup(cfg.device)
-            sample = torch.as_tensor(data.val[: args.density_tokens].astype("int64"), device=d.device)[None]
+            n_density = args.density_tokens or args.seq_len
+            sample = torch.as_tensor(data.val[:n_density].astype("int64"), device=d.device)[None]
             model, _, _ = build(cfg, d)
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
                 start = pair_density(model, sample)
@@ -114,13 +126,14 @@ def main(argv=None) -> int:
             rows.append(dict(name=name, attention=c["attention"], n_buckets=c["n_buckets"], window=c["window"],
                              seq_len=args.seq_len, batch=args.batch, steps=log["steps_done"], seed=seed,
                              val_loss=v["loss"], ppl=v["ppl"], median_step_ms=1e3 * log["median_step_s"],
-                             pair_density_start=start, pair_density_end=end, wall_s=time.perf_counter() - t0,
+                             pair_density_start=start, pair_density_end=end, density_tokens=n_density, wall_s=time.perf_counter() - t0,
                              curve=[[e["step"], e["loss"]] for e in log["val"]],
                              device=torch.cuda.get_device_name() if d.device.type == "cuda" else "cpu"))
             print(f"{name} seed {seed}: val loss {v['loss']:.4f} (ppl {v['ppl']:.2f}), "
                   f"{rows[-1]['median_step_ms']:.1f} ms/step, density {start:.3f} -> {end:.3f}", flush=True)
             with open(args.out, "w") as f:
-                json.dump(dict(meta=dict(argv=sys.argv, torch=torch.__version__), rows=rows), f, indent=1)
+                json.dump(dict(meta=dict(argv=sys.argv, torch=torch.__version__, note=args.note,
+                                         device=rows[-1]["device"]), rows=rows), f, indent=1)
     return 0
 
 
