@@ -12,11 +12,13 @@ One module, three attentions (``mode``):
   the same rotation, so that a query and the keys it would score highly tend to
   share a bucket.  Hashing reads q and k before the rotary embedding: buckets follow
   content, not position.  No gradient flows through the bucket choice.  By default each
-  query also sees the ``window = 256`` keys ending at its own, whatever their buckets
-  (``hash_sparse_attention(..., window=256)``): pure hashing drops the local context a
+  query also sees the ``window = 128`` keys ending at its own, whatever their buckets
+  (``hash_sparse_attention(..., window=128)``): pure hashing drops the local context a
   language model relies on and trains to a much worse loss; the union with a short exact
-  window trains like dense attention at a fraction of its pairs.  ``window=0`` is the
-  paper's pure hashing.
+  window trains like dense attention at a fraction of its pairs (a 6-layer byte-level GPT,
+  1000 steps at 8192 tokens: validation loss 1.470 against dense's 1.503 and pure hashing's
+  2.18, with about 22% of the pairs; 128 did as well as 256 there, with fewer pairs).
+  ``window=0`` is the paper's pure hashing.
 * ``"qk"``: query/key dropping (:func:`~sparseflash.qk_sparse_attention`).  With
   ``qk_gate="topk"`` a learned per-head gate (a linear map of the token) scores each
   token; each head keeps the ``keep_rate`` best-scoring queries and keys
@@ -48,7 +50,7 @@ from .qk_sparse import qk_sparse_attention, random_keep, topk_keep
 MODES = ("dense", "hash", "qk")
 #: The sliding window each mode uses when ``window`` is not given: hash attention keeps an
 #: exact local path by default (see the module docstring), the others have none.
-DEFAULT_WINDOW = {"dense": 0, "hash": 256, "qk": 0}
+DEFAULT_WINDOW = {"dense": 0, "hash": 128, "qk": 0}
 QK_GATES = ("topk", "random")
 
 
@@ -77,7 +79,7 @@ class SparseCausalSelfAttention(nn.Module):
         qk_gate: ``"topk"`` (learned gate) or ``"random"`` (``mode="qk"``).
         window: every query also sees the ``window`` most recent keys (its own included),
             whatever the sparse pattern says; ``mode="dense"`` with a window is sliding-window
-            attention.  Default (None): :data:`DEFAULT_WINDOW` of the mode (256 for
+            attention.  Default (None): :data:`DEFAULT_WINDOW` of the mode (128 for
             ``"hash"``, else 0); ``0``: none.
         positional: ``"rotary"`` or ``None`` (the caller adds positions elsewhere).
         bias: biases in the projections.

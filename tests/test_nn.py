@@ -65,7 +65,7 @@ def test_default_window():
     """Hash attention keeps an exact local window by default; the other modes have none."""
     from sparseflash.nn import DEFAULT_WINDOW
 
-    assert DEFAULT_WINDOW == {"dense": 0, "hash": 256, "qk": 0}
+    assert DEFAULT_WINDOW == {"dense": 0, "hash": 128, "qk": 0}
     for mode, want in DEFAULT_WINDOW.items():
         m = SparseCausalSelfAttention(64, 4, mode=mode)
         assert m.window == want and f"window={want}" in repr(m)

@@ -33,7 +33,7 @@ HELP = {
     "n_buckets": "hash buckets (--attention hash)",
     "keep_rate": "fraction of queries and keys kept (--attention qk)",
     "qk_gate": "topk (learned gate) or random (--attention qk)",
-    "window": "every query also sees the W most recent keys (dense, hash, qk); default: 256 for hash, "
+    "window": "every query also sees the W most recent keys (dense, hash, qk); default: 128 for hash, "
               "else 0; 0 for the paper's pure hashing",
     "max_steps": "optimiser steps (the schedule's length)",
     "lr": "peak learning rate",
