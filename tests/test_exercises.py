@@ -515,3 +515,37 @@ def test_08_wrong_answers(capsys):
     not_attempted(capsys, ex.check_top2_key_slots, _stub)
     with pytest.raises(TypeError):
         ex.check_top2_key_slots(None)
+
+
+def test_every_name_comes_from_its_notebook_module():
+    """The package re-exports each notebook module's public names, and only those."""
+    import importlib
+    import pkgutil
+
+    exported = set()
+    for info in pkgutil.iter_modules(ex.__path__):
+        if info.name.startswith("nb"):
+            module = importlib.import_module(f"{ex.__name__}.{info.name}")
+            for name in module.__all__:
+                assert getattr(ex, name) is getattr(module, name), name
+            exported |= set(module.__all__)
+    assert exported | {"device"} == set(ex.__all__)
+
+
+def test_the_library_does_not_import_the_checkers():
+    """Imports go downwards: the checkers use the library, never the other way round."""
+    import ast
+
+    root = Path(sparseflash.__file__).parent
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "exercises" or rel == Path("train", "exercises.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("exercises" in n.split(".") for n in names), f"{rel} imports the checkers"

@@ -99,3 +99,13 @@ def test_ci_runs_the_readme_test_command():
 def test_quick_start_has_the_course_command():
     readme = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[notebooks]" && jupyter lab notebooks/' in readme
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject.toml's package discovery finds every package of sparseflash (e.g. sparseflash.exercises)."""
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(where=str(ROOT), include=find["include"]))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "sparseflash").rglob("__init__.py")}
+    assert on_disk - found == set()

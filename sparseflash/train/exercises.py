@@ -1,15 +1,16 @@
 """Checkers for the exercises of notebook 07 (training a long-context LM).
 
-Same conventions as :mod:`sparseflash.exercises` (whose verdict plumbing they use): each
-``check_*`` prints ``✓``, ``✗`` with a hint, or ``· not attempted yet``, and returns whether
-the answer passed.  Solutions, for teachers: ``notebooks/solutions/ex07.py``.
+Same conventions as :mod:`sparseflash.exercises` (whose verdict plumbing, in
+:mod:`sparseflash.exercises._common`, they use): each ``check_*`` prints ``✓``, ``✗`` with a
+hint, or ``· not attempted yet``, and returns whether the answer passed.  Solutions, for
+teachers: ``notebooks/solutions/ex07.py``.
 """
 from __future__ import annotations
 
 import math
 import random
 
-from ..exercises import _as_number, _call, _Fail, _new_seed, _require_callable, _run
+from ..exercises._common import _as_number, _call, _Fail, _new_seed, _require_callable, _run
 from .experiment import reach
 
 __all__ = ["check_predicted_step_ms", "check_time_to_reach"]
