@@ -1,12 +1,14 @@
 """sparseflash.train on the CPU, tiny: data preparation on the shipped sample, each attention
-trains (the loss goes down), a resumed run computes what an uninterrupted one does, a
-2-process DDP run (torchrun, gloo) matches one process on the same global batch, and the
+trains (the loss goes down), a resumed run computes what an uninterrupted one does (and a
+damaged checkpoint is refused in one clear error), the command line's help and its one-line
+errors, a 2-process DDP run (torchrun, gloo) matches one process on the same global batch, and the
 experiment's bookkeeping (results file, skipping done configs, the time budget)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from sparseflash.train import data as data_mod
-from sparseflash.train.loop import TrainConfig, lr_at, train, train_time
+from sparseflash.train.loop import CheckpointError, TrainConfig, lr_at, train, train_time
 from sparseflash.train.model import ATTENTIONS, GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +149,64 @@ def test_resume_gives_the_same_next_losses(sample, tmp_path):
     assert train_time(resumed) > 0
     with pytest.raises(ValueError, match="n_embd"):
         train(TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **dict(cfg, n_embd=64)), data=sample)
+    ckpt = tmp_path / "cut" / "ckpt.pt"
+    whole_file = ckpt.read_bytes()
+    for cut_to in (len(whole_file) - 10, 100):  # a file cut short (a full disk, an interrupted copy)
+        ckpt.write_bytes(whole_file[:cut_to])
+        with pytest.raises(CheckpointError, match=re.escape(str(ckpt)) + " is damaged.*--out-dir"):
+            train(TrainConfig(out_dir=str(tmp_path / "cut"), resume=True, **cfg), data=sample)
+
+
+def test_help_shows_every_default():
+    from sparseflash.train.__main__ import EPILOG, parser
+
+    p = parser()
+    text = p.format_help()
+    groups = []  # the lines of each option: "  --flag ..." and its help, indented further
+    for line in text[:text.index("\nexamples:")].splitlines():
+        if line.startswith("  -"):
+            groups.append(line)
+        elif groups and line.startswith("   "):
+            groups[-1] += line
+    groups = [g for g in groups if not g.lstrip().startswith("-h")]
+    assert len(groups) == len(p._actions) - 1
+    assert [g.split()[0] for g in groups if "(default: " not in g] == []
+    assert "--progress, --no-progress" in text and "show a progress bar (default: True)" in text
+    assert p.parse_args([]).progress and not p.parse_args(["--no-progress"]).progress
+    assert p.parse_args(["--no-progress", "--progress"]).progress
+    # the epilog's CPU example parses into a configuration
+    example = EPILOG[EPILOG.index("TRITON_INTERPRET=1"):].split("\n\n")[0].replace("\\\n", " ").split()
+    assert example[:2] == ["TRITON_INTERPRET=1", "%(prog)s"]
+    cfg = TrainConfig(**vars(p.parse_args(example[2:])))
+    assert (cfg.device, cfg.seq_len, cfg.n_layer, cfg.max_steps) == ("cpu", 64, 1, 10)
+
+
+def test_cli_mistakes_are_one_line(tmp_path, capsys):
+    """A missing corpus, a bad value, a damaged checkpoint: one line on stderr, exit status 2."""
+    from sparseflash.train.__main__ import main
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "sparseflash.train", "--data", str(tmp_path / "nowhere"),
+                           "--out-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "nowhere" in proc.stderr, proc.stderr
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"".join(p.read_bytes() for p in sorted((SAMPLE / "sotu").rglob("*.txt"))))
+    flags = ["--device", "cpu", "--data", str(text), "--seq-len", "64", "--n-layer", "1", "--n-embd", "32",
+             "--n-head", "2", "--no-progress", "--out-dir", str(tmp_path / "run")]
+    for bad, said in ((["--n-embd", "33"], "n_embd"), (["--eval-every", "0"], "eval_every"),
+                      (["--beta2", "1"], "beta2"), (["--seq-len", "100000000"], "seq_len")):
+        assert main(flags + bad) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and said in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"PK\x03\x04")  # a few bytes
+    assert main(flags + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{run / 'ckpt.pt'} is damaged" in err and "--out-dir" in err, err
+    assert not (run / "log.json").exists()
 
 
 def test_ddp_two_processes_match_one(sample, tmp_path):

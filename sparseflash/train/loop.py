@@ -24,7 +24,8 @@ sparseflash.train`` builds one from its flags).  What it does, in order:
   time budget runs out): model, optimiser, the number of steps done (which is also the data
   position), the RNG states of every process (torch, CUDA, Python, NumPy) and the log so
   far.  ``resume=True`` continues from it: the next step computes exactly what it would
-  have computed without the interruption.
+  have computed without the interruption.  A checkpoint that cannot be resumed from (damaged,
+  or from a run with another model shape, ``seq_len`` or ``seed``) raises :class:`CheckpointError`.
 * **Log** (``out_dir/log.json``, rewritten at each validation and at the end): the config,
   device, versions, per-step loss / time / tokens/s, validation loss and perplexity against
   steps, tokens and time, and ``status`` (``done``, or ``stopped`` by the time budget).
@@ -35,6 +36,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import numbers
 import os
 import platform
 import random
@@ -89,11 +91,47 @@ class TrainConfig(GPTConfig):
     time_budget: float | None = None  # seconds of this process; then checkpoint and stop
     progress: bool = True
 
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("n_layer", "n_head", "n_embd", "n_buckets", "seq_len", "batch_size", "grad_accum",
+                     "eval_every", "eval_windows", "ckpt_every"):
+            _check(name, getattr(self, name), "a positive integer", lambda v: v >= 1, integer=True)
+        _check("max_steps", self.max_steps, "an integer >= 0", lambda v: v >= 0, integer=True)
+        if self.n_kv_heads is not None:
+            _check("n_kv_heads", self.n_kv_heads, f"a positive integer that divides n_head ({self.n_head})",
+                   lambda v: v >= 1 and self.n_head % v == 0, integer=True)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        _check("keep_rate", self.keep_rate, "in (0, 1]", lambda v: 0 < v <= 1)
+        _check("lr", self.lr, ">= 0", lambda v: v >= 0)
+        for name in ("min_lr_ratio", "warmup_frac"):
+            _check(name, getattr(self, name), "in [0, 1]", lambda v: 0 <= v <= 1)
+        for name in ("beta1", "beta2"):
+            _check(name, getattr(self, name), "in [0, 1)", lambda v: 0 <= v < 1)
+        for name in ("weight_decay", "grad_clip"):
+            _check(name, getattr(self, name), ">= 0", lambda v: v >= 0)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}") from None
+
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{k: getattr(self, k) for k in MODEL_FIELDS})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check(name: str, value, what: str, ok, integer: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a number (an integer if ``integer``; not a bool) and ``ok(value)``."""
+    good = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    try:
+        good = good and bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -279,13 +317,40 @@ def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, log: di
         dist.barrier()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged or unreadable, or written by a run
+    with another model shape or seed.  The message names the file and the way out."""
+
+
+#: What every checkpoint holds (see :func:`save_checkpoint`).
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "config", "log")
+_WAY_OUT = "delete it to start afresh, or use another out_dir (--out-dir)"
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def load_checkpoint(path: Path, cfg: TrainConfig, device) -> dict:
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    """The checkpoint at ``path``, checked against ``cfg`` (same model shape, ``seq_len`` and
+    ``seed``); :class:`CheckpointError` if it is damaged, unreadable or from another run."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated or garbled: zip, pickle, EOF and OS errors, whatever torch raises
+        raise CheckpointError(f"{path} is damaged or unreadable ({_first_line(e)}), so the run cannot resume "
+                              f"from it: {_WAY_OUT}") from e
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is damaged or not a training checkpoint (no {', '.join(missing)}), so the "
+                              f"run cannot resume from it: {_WAY_OUT}")
     old = ckpt["config"]
     differ = [k for k in (*MODEL_FIELDS, "seq_len", "seed") if old.get(k) != getattr(cfg, k, None) and k in old]
     if differ:
-        raise ValueError(f"{path} was written by a run with other {', '.join(differ)} "
-                         f"({', '.join(f'{k}={old[k]!r}' for k in differ)}): use another out_dir")
+        raise CheckpointError(f"{path} was written by a run with other {', '.join(differ)} "
+                              f"({', '.join(f'{k}={old[k]!r}' for k in differ)}): use another out_dir (--out-dir), "
+                              "or the flags of that run")
     return ckpt
 
 
@@ -370,8 +435,12 @@ def train(cfg: TrainConfig, data=None) -> dict:
         step = 0
         if cfg.resume and ckpt_path.exists():
             ckpt = load_checkpoint(ckpt_path, cfg, d.device)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            try:
+                model.load_state_dict(ckpt["model"])
+                opt.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{ckpt_path} does not fit this model ({_first_line(e)}): damaged, or "
+                                      f"written by another version; {_WAY_OUT}") from e
             step, log = ckpt["step"], ckpt["log"]
             if len(ckpt["rng"]) == d.world:
                 set_rng_state(ckpt["rng"][d.rank])

@@ -40,7 +40,7 @@ class GPTConfig:
 
     ``n_buckets`` is read with ``attention="hash"``; ``keep_rate`` and ``qk_gate`` with
     ``attention="qk"``; ``window`` (a causal sliding window united with the pattern) with
-    ``dense``, ``hash`` and ``qk``, None meaning the mode's default (256 for ``hash``, else
+    ``dense``, ``hash`` and ``qk``, None meaning the mode's default (128 for ``hash``, else
     0; see :class:`~sparseflash.nn.SparseCausalSelfAttention`).
     """
 
