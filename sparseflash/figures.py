@@ -248,6 +248,11 @@ def _speed_panel(ax, rows, family):
     _annotate(ax, notes)
 
 
+def _n_label(n: int) -> str:
+    """``4096`` -> ``"4k"``, ``131072`` -> ``"128k"`` (long numbers overlap on a log axis)."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def _values(rows, key) -> str:
     return "/".join(sorted({str(r[key]) for r in rows if r.get(key) is not None}))
 
@@ -292,7 +297,7 @@ def speed_figure(records: list[dict], path=None, *, head_dim=None):
             ax.grid(alpha=0.3)
             ax.set_title(f"{title}, {mode}", fontsize=11)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xticks(ns, [_n_label(n) for n in ns])
     ax.set_xlim(ns[0] / 1.25, ns[-1] * 1.6)
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
@@ -301,7 +306,7 @@ def speed_figure(records: list[dict], path=None, *, head_dim=None):
     for a in axes[:, 0]:
         a.set_ylabel("speed-up over SDPA FA2")
     for a in axes[-1]:
-        a.set_xlabel("sequence length N")
+        a.set_xlabel("sequence length N (k = 1024 tokens)")
     d = rows[0].get("D")
     fig.suptitle(f"Speed-up over SDPA FlashAttention-2 on {_values(rows, 'device') or 'an unknown device'}"
                  + (f": head dim {d}" if d is not None else "")

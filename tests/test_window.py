@@ -262,7 +262,7 @@ def test_window_needs_causal():
 def test_model_config_window():
     from sparseflash.train.model import GPTConfig
 
-    assert GPTConfig(attention="hash").effective_window == 256
+    assert GPTConfig(attention="hash").effective_window == 128
     assert GPTConfig(attention="hash", window=0).effective_window == 0
     assert GPTConfig(attention="dense", window=128).effective_window == 128
     assert GPTConfig(attention="sdpa").effective_window == 0

@@ -10,8 +10,9 @@ pair_density_end}`` with its validation curve.  Names: ``dense``; ``window<W>`` 
 sliding window); ``hash<n>`` (pure hashing, window 0); ``hash<n>w<W>`` (the union).
 
 ``pair_density``: allowed pairs over causal pairs in the first ``--density-tokens`` tokens of
-a validation window, averaged over layers and heads, with the model's own buckets, at step 0
-and at the end of training (buckets drift as the model trains, and this decides the speed).
+a validation window (default: a whole ``--seq-len`` window; the row's ``density_tokens``),
+averaged over layers and heads, with the model's own buckets, at step 0 and at the end of
+training (buckets drift as the model trains, and this decides the speed).
 Rows are written after each run (``--out``), so a run cut short keeps what finished.
 """
 from __future__ import annotations
