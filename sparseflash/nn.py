@@ -31,6 +31,14 @@ One module, three attentions (``mode``):
   paper's random dropping), drawn anew each call, in ``eval()`` mode too: the
   dropping is the attention pattern, not a regulariser.
 
+Decoding one token at a time (``forward(x, cache=...)``, see :class:`KVCache`): the first
+call with an empty cache runs the ordinary forward over the prompt and records every key and
+value (after rotary) and, in ``"hash"`` mode, every key's bucket; each later call takes one
+new token at the next position and attends over the cache with exactly the pattern the
+forward would give it (``"dense"``: every earlier key, or the window; ``"hash"``: the keys of
+its bucket and the window).  ``"qk"`` cannot be decoded this way (the top-k gate ranks all
+tokens of a sequence, later ones included; random dropping is redrawn per call).
+
 Shapes follow nanoGPT: ``x`` is ``(B, N, C)``; heads ``(B, H, N, D)`` inside.
 Grouped-query attention: ``n_kv_heads`` kv heads shared by ``n_heads // n_kv_heads``
 query heads each (never repeated in memory).  Everything runs on CPU through
@@ -54,16 +62,93 @@ DEFAULT_WINDOW = {"dense": 0, "hash": 128, "qk": 0}
 QK_GATES = ("topk", "random")
 
 
-def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotary position embedding of ``x`` ``(B, H, N, D)`` (pairs of halves, as in GPT-NeoX)."""
+def rotary(x: Tensor, base: float = 10000.0, *, offset: int = 0) -> Tensor:
+    """Rotary position embedding of ``x`` ``(B, H, N, D)`` (pairs of halves, as in GPT-NeoX).
+
+    ``offset``: position of the first of the ``N`` vectors (``offset`` to ``offset + N - 1``);
+    0 by default.  There is no largest position.
+    """
     N, D = x.shape[-2], x.shape[-1]
     half = D // 2
     freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = torch.arange(N, device=x.device, dtype=torch.float32)[:, None] * freq
+    angle = torch.arange(offset, offset + N, device=x.device, dtype=torch.float32)[:, None] * freq
     cos, sin = angle.cos(), angle.sin()
     x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half:].float()], dim=-1)
     return out.to(x.dtype)
+
+
+class KVCache:
+    """What one attention layer keeps of the tokens so far, to decode the next ones.
+
+    ``k``, ``v``: ``(B, Hkv, capacity, D)`` keys (after rotary) and values; ``buckets``:
+    ``(B, Hkv, capacity)`` the keys' hash buckets (``"hash"`` mode, else None).  Rows
+    ``[0, length)`` are filled.  ``capacity``: rows to allocate at the first append (at least
+    the prompt's length; the storage grows, doubling, if more are appended).  Pass a fresh,
+    empty cache per layer to :meth:`SparseCausalSelfAttention.forward`; keep it between calls.
+    """
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity
+        self.length = 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.buckets: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def append(self, k: Tensor, v: Tensor, buckets: Tensor | None = None) -> None:
+        """Add ``N`` tokens: ``k``, ``v`` ``(B, Hkv, N, D)``, ``buckets`` ``(B, Hkv, N)`` or None."""
+        end = self.length + k.shape[2]
+        if self.k is None or end > self.k.shape[2]:
+            size = max(end, self.capacity, 2 * (self.k.shape[2] if self.k is not None else 0))
+            self.k, self.v = self._grow(self.k, k, size), self._grow(self.v, v, size)
+            if buckets is not None:
+                self.buckets = self._grow(self.buckets, buckets, size)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        if buckets is not None:
+            self.buckets[:, :, self.length:end] = buckets
+        self.length = end
+
+    def _grow(self, old: Tensor | None, new: Tensor, size: int) -> Tensor:
+        out = new.new_zeros((*new.shape[:2], size, *new.shape[3:]))
+        if old is not None:
+            out[:, :, :self.length] = old[:, :, :self.length]
+        return out
+
+
+def _decode_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: int, allowed) -> Tensor:
+    """Attention of one new query per head over the first ``cache_len`` cached keys.
+
+    ``q`` ``(B, H, 1, D)``; ``k_cache``, ``v_cache`` ``(B, Hkv, S, D)`` (``S >= cache_len``,
+    ``Hkv`` dividing ``H``; query head ``h`` reads kv head ``h // (H // Hkv)``).  ``allowed``:
+    a bool mask ``(B, H, cache_len)`` of the keys each query may attend, or a pair
+    ``(key_index (B, H, L) int, n_keys (B, H))`` listing them (the first ``n_keys`` entries of
+    each row).  Masked softmax in float32, scale ``1/sqrt(D)``; a query with no allowed key
+    gets 0.  Returns ``(B, H, 1, D)`` in ``q``'s dtype.
+    """
+    B, H, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    g = H // Hkv
+    if isinstance(allowed, (tuple, list)):
+        key_index, n_keys = allowed
+        valid = torch.arange(key_index.shape[-1], device=q.device) < n_keys[..., None]
+        mask = torch.zeros(B, H, cache_len + 1, dtype=torch.bool, device=q.device)
+        mask.scatter_(-1, torch.where(valid, key_index.long(), cache_len), True)
+        allowed = mask[..., :cache_len]
+    k = k_cache[:, :, :cache_len].float()
+    v = v_cache[:, :, :cache_len].float()
+    qg = q.float().view(B, Hkv, g, D)
+    scores = torch.einsum("bkgd,bkld->bkgl", qg, k) * D ** -0.5
+    mask = allowed.view(B, Hkv, g, cache_len)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # empty rows: no NaN
+    p = torch.exp(scores - top) * mask
+    denom = p.sum(-1, keepdim=True)
+    y = torch.einsum("bkgl,bkld->bkgd", p, v) / denom.clamp_min(1e-30)
+    return y.reshape(B, H, 1, D).to(q.dtype)
 
 
 class SparseCausalSelfAttention(nn.Module):
@@ -88,6 +173,9 @@ class SparseCausalSelfAttention(nn.Module):
 
     Shape:
         ``forward(x)``: ``x`` ``(B, N, C)`` -> ``(B, N, C)``.
+        ``forward(x, cache=KVCache())``: the same output, recording the keys for decoding;
+        then ``forward(x1, cache=that_cache)`` with ``x1`` ``(B, 1, C)``, the next token,
+        returns its output (``"dense"`` and ``"hash"`` modes; ``"qk"`` raises ``ValueError``).
     """
 
     def __init__(self, embed_dim: int, n_heads: int, *, mode: str = "dense", n_kv_heads: int | None = None,
@@ -137,9 +225,15 @@ class SparseCausalSelfAttention(nn.Module):
         rot = self.rotations.repeat_interleave(group, dim=0)
         return lsh_buckets(nn.functional.normalize(x.float(), dim=-1), self.n_buckets, rotations=rot)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (batch, seq_len, {self.embed_dim}), got {tuple(x.shape)}")
+        if cache is not None:
+            if self.mode == "qk":
+                raise ValueError("mode 'qk' cannot decode with a cache: its keep sets are chosen over the whole "
+                                 "sequence (top-k gate) or redrawn at every call (random)")
+            if len(cache):
+                return self._decode(x, cache)
         B, N, C = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
@@ -162,5 +256,33 @@ class SparseCausalSelfAttention(nn.Module):
             q_keep, k_keep = topk_keep(q_score, self.keep_rate), topk_keep(k_score, self.keep_rate)
             v = v * torch.sigmoid(k_score)[..., None].to(v.dtype)
             y = qk_sparse_attention(q, k, v, q_keep, k_keep, window=w) * torch.sigmoid(q_score)[..., None].to(v.dtype)
+        if cache is not None:
+            cache.append(k, v, k_buckets if self.mode == "hash" else None)
         return self.proj(y.transpose(1, 2).reshape(B, N, H * D))
+
+    def _decode(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Output of one new token ``x`` ``(B, 1, C)`` at position ``len(cache)``; appends it to ``cache``."""
+        B, N, C = x.shape
+        if N != 1:
+            raise ValueError(f"with a filled cache, x must be one token (batch, 1, {C}), got {tuple(x.shape)}")
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, 1, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
+        pos = len(cache)
+        k_buckets = None
+        if self.mode == "hash":
+            with torch.no_grad():
+                q_buckets, k_buckets = self._buckets(q), self._buckets(k)
+        if self.positional == "rotary":
+            q, k = rotary(q, offset=pos), rotary(k, offset=pos)
+        cache.append(k, v, k_buckets)
+        L = len(cache)
+        j = torch.arange(L, device=x.device)
+        near = (pos - j < self.window).expand(B, H, L)  # all False when window is 0
+        if self.mode == "dense":
+            allowed = near if self.window else torch.ones(B, H, L, dtype=torch.bool, device=x.device)
+        else:
+            kb = cache.buckets[:, :, :L].repeat_interleave(H // Hkv, dim=1)
+            allowed = (kb == q_buckets) | near
+        y = _decode_attend(q, cache.k, cache.v, L, allowed)
+        return self.proj(y.transpose(1, 2).reshape(B, 1, H * D))
 

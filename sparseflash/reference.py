@@ -130,3 +130,46 @@ def hash_mask(q_buckets: Tensor, k_buckets: Tensor, window: int = 0) -> Tensor:
     k_buckets = _key_side(k_buckets, q_buckets)
     same = q_buckets[..., :, None] == k_buckets[..., None, :]
     return (causal_mask(n, device=q_buckets.device) & same) | window_mask(n, window=window, device=q_buckets.device)
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len,
+    key_index: Tensor | None = None,
+    n_keys: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Float64 decode attention: one query per (sequence, head) against a KV cache.
+
+    q ``(B, H, 1, D)``; k_cache, v_cache ``(B, Hkv, S, D)``, ``Hkv`` dividing ``H``;
+    ``cache_len``: an int or ``(B,)`` integer tensor, the valid rows ``[0, cache_len)`` of
+    each sequence's cache.  Without ``key_index`` the query attends to every valid row.
+    With ``key_index`` ``(B, H, L)`` it attends to the rows listed there: entry ``i`` is used
+    iff ``i < n_keys[b, h]`` (``n_keys`` ``(B, H)``, default ``L``) and ``0 <= index <
+    cache_len``; a row listed twice counts twice.  Returns ``(B, H, 1, D)`` float64, 0 where
+    no key is allowed.
+    """
+    B, H, _, D = q.shape
+    S = k_cache.shape[2]
+    q = q.double()
+    k, v = repeat_kv(k_cache.double(), H), repeat_kv(v_cache.double(), H)
+    lens = torch.as_tensor(cache_len, device=q.device).reshape(-1).expand(B)[:, None, None]
+    if key_index is None:
+        keys = torch.arange(S, device=q.device).expand(B, H, S)
+        valid = keys < lens
+    else:
+        keys = key_index.to(q.device).long()
+        L = keys.shape[-1]
+        count = torch.full((B, H), L, device=q.device) if n_keys is None else n_keys.to(q.device)
+        valid = (torch.arange(L, device=q.device) < count[..., None]) & (keys >= 0) & (keys < lens)
+        keys = keys.clamp(0, S - 1)
+    gather = lambda x: x.gather(2, keys[..., None].expand(*keys.shape, D))  # noqa: E731
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (gather(k) * q).sum(-1) * scale
+    # As in attention(): a finite dummy score for a row with no key, zeroed afterwards.
+    has_key = valid.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")).masked_fill(~has_key, 0.0), dim=-1)
+    probs = probs.masked_fill(~valid, 0.0)
+    return (probs[..., None] * gather(v)).sum(2, keepdim=True)

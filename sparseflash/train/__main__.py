@@ -10,6 +10,9 @@ Examples (more in ``--help``)::
         --batch-size 2 --n-layer 1 --n-embd 32 --n-head 2 --max-steps 10 --eval-every 10 \\
         --eval-windows 4 --out-dir runs/cpu-try                  # tiny, on the CPU: under a minute
 
+``python -m sparseflash.train sample --ckpt <out-dir>/ckpt.pt --prompt "..."`` samples text
+from a run's checkpoint (:mod:`sparseflash.train.sample`; ``sample --help`` lists its flags).
+
 Every flag is a field of :class:`~sparseflash.train.loop.TrainConfig`.  The run writes
 ``--out-dir`` (default ``runs/<attention>-T<seq_len>``): ``log.json`` and ``ckpt.pt``;
 ``--resume`` continues from the checkpoint there.  Mistakes (a missing corpus, a bad flag
@@ -84,6 +87,9 @@ examples:
   on 8 GPUs of one machine:
     torchrun --nproc-per-node 8 -m sparseflash.train --attention qk --keep-rate 0.3
 
+  sample text from a run's checkpoint (its flags: %(prog)s sample --help):
+    %(prog)s sample --ckpt runs/cpu-try/ckpt.pt --prompt "The " --tokens 200
+
 Mistakes (a missing corpus, a bad value, a checkpoint that cannot be resumed from) end the
 run with one line on stderr and exit status 2.
 """
@@ -127,6 +133,11 @@ def _error(e: BaseException) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sample"]:
+        from . import sample
+
+        return sample.main(argv[1:])
     args = parser().parse_args(argv)
     if args.out_dir is None:
         args.out_dir = f"runs/{args.attention}-T{args.seq_len}"

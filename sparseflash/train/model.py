@@ -16,6 +16,11 @@ projection and an output ``proj``), so that only the attention itself differs:
   Its step time is the time of everything but attention: no attention, however fast,
   makes a step quicker than this (Amdahl's ceiling).  Its loss is that of a model whose
   tokens never see each other.
+
+Sampling: :meth:`GPT.generate` (nanoGPT's), with a key/value cache (one token's work per
+new token) for every attention but ``qk``, whose top-k gate ranks the tokens of a whole
+sequence and so cannot be decoded one token at a time; ``python -m sparseflash.train
+sample`` samples from a training checkpoint.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._runtime import check_window
-from ..nn import DEFAULT_WINDOW, SparseCausalSelfAttention, rotary
+from ..nn import DEFAULT_WINDOW, KVCache, SparseCausalSelfAttention, _decode_attend, rotary
 
 ATTENTIONS = ("dense", "sdpa", "sdpa_cudnn", "hash", "qk", "none")
 WINDOWED = ("dense", "hash", "qk")  #: attentions that take a sliding window (our kernels)
@@ -103,10 +108,26 @@ class SDPACausalSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.embed_dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, backend={self.backend!r}"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """``x`` ``(B, N, C)`` -> ``(B, N, C)``; with ``cache``, as
+        :meth:`SparseCausalSelfAttention.forward` (record, then decode one token at a time;
+        the decode step is dense causal attention over the cache, the same maths as SDPA's)."""
         B, N, C = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
+        if cache is not None and len(cache):
+            if N != 1:
+                raise ValueError(f"with a filled cache, x must be one token (batch, 1, {C}), got {tuple(x.shape)}")
+            if self.backend == "none":
+                y = v.repeat_interleave(H // Hkv, dim=1) if Hkv != H else v
+                cache.length += 1  # only the position counts: nothing is attended
+            else:
+                pos = len(cache)
+                q, k = rotary(q, offset=pos), rotary(k, offset=pos)
+                cache.append(k, v)
+                L = len(cache)
+                y = _decode_attend(q, cache.k, cache.v, L, torch.ones(B, H, L, dtype=torch.bool, device=x.device))
+            return self.proj(y.transpose(1, 2).reshape(B, N, H * D))
         if self.backend == "none":
             y = v.repeat_interleave(H // Hkv, dim=1) if Hkv != H else v
         else:
@@ -120,6 +141,11 @@ class SDPACausalSelfAttention(nn.Module):
                     y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        if cache is not None:
+            if self.backend == "none":
+                cache.length += N
+            else:
+                cache.append(k, v)
         return self.proj(y.transpose(1, 2).reshape(B, N, H * D))
 
 
@@ -151,8 +177,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = MLP(cfg.n_embd)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + (self.attn(self.ln1(x)) if cache is None else self.attn(self.ln1(x), cache=cache))
         return x + self.mlp(self.ln2(x))
 
 
@@ -192,6 +218,114 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+    @property
+    def can_cache(self) -> bool:
+        """Whether :meth:`generate` can use a key/value cache (every attention but ``qk``)."""
+        return self.cfg.attention != "qk"
+
+    def _forward_cached(self, idx: Tensor, caches: list[KVCache]) -> Tensor:
+        """Logits ``(B, vocab)`` of the last token of ``idx``: the whole prompt into empty
+        ``caches`` (the ordinary forward, recording keys), or one token ``(B, 1)`` after them."""
+        x = self.wte(idx)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache=cache)
+        return self.head(self.ln_f(x[:, -1]))
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 max_context: int | None = None) -> Tensor:
+        """Continue ``idx`` ``(B, T)`` (int64 bytes) by ``max_new_tokens`` sampled tokens; returns
+        ``(B, T + max_new_tokens)``.  As nanoGPT's, one token at a time.
+
+        Args:
+            temperature: the logits are divided by it before sampling; ``0``: greedy (argmax).
+            top_k: sample among the ``top_k`` likeliest tokens only (None: all).
+            use_cache: keep every layer's keys and values (after rotary; in ``hash`` mode with
+                their buckets): the prompt runs once through the ordinary forward, then each new
+                token costs one token's work and attends with exactly the pattern the forward
+                would give it (``hash``: its bucket's keys and the ``window`` most recent).
+                ``False``: re-run the forward over the whole context at each step (same tokens,
+                up to rounding).  The ``qk`` attention refuses the cache (``ValueError``): its
+                top-k gate ranks all tokens of the sequence; generate it with
+                ``use_cache=False``, where each step re-ranks the current context (earlier tokens
+                never change, but the keep set of a short context differs from that of a
+                training sequence; ``qk_gate="random"`` redraws its dropping at each step).
+            generator: the random generator of the sampling (on the model's device); the same
+                seed gives the same tokens.
+            max_context: the model sees at most this many most recent tokens (nanoGPT's
+                ``block_size``; e.g. the training ``seq_len``).  None (default): all of them.
+                Rotary positions have no limit, but a model has seen no position beyond its
+                training ``seq_len``.  With the cache, once the context outgrows
+                ``max_context`` each step re-runs the forward over the last ``max_context``
+                tokens, as without the cache (a cache cannot forget its oldest tokens
+                exactly: every later key depends on them).
+
+        The model's mode (train/eval) is left as it is; no gradients are recorded.
+        :meth:`generate_iter` yields the new tokens one by one instead (to stream them).
+        """
+        new = list(self.generate_iter(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                      use_cache=use_cache, generator=generator, max_context=max_context))
+        return torch.cat([idx, *new], dim=1)
+
+    def generate_iter(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                      use_cache: bool = True, generator: torch.Generator | None = None,
+                      max_context: int | None = None):
+        """:meth:`generate`, yielding each new ``(B, 1)`` token as soon as it is sampled.  The
+        arguments are checked at the call (``ValueError``), before the first token."""
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (batch, T >= 1) int64 tensor, got "
+                             f"{tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__}"
+                             f"{' ' + str(idx.dtype) if isinstance(idx, Tensor) else ''}")
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if top_k is not None and (int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if max_context is not None and (int(max_context) != max_context or max_context < 1):
+            raise ValueError(f"max_context must be a positive integer or None, got {max_context!r}")
+        if use_cache and not self.can_cache:
+            why = ("the top-k gate ranks all tokens of a sequence, later ones included" if self.cfg.qk_gate == "topk"
+                   else "random dropping is redrawn over the whole sequence at every call")
+            raise ValueError(f"attention {self.cfg.attention!r} cannot generate with a cache ({why}): pass "
+                             "use_cache=False to re-run the forward over the context at every step")
+
+        @torch.no_grad()
+        def steps(idx):
+            caches = None
+            for _ in range(int(max_new_tokens)):
+                T = idx.shape[1]
+                if use_cache and (max_context is None or T <= max_context):
+                    if caches is None:
+                        cap = idx.shape[1] + int(max_new_tokens)
+                        caches = [KVCache(cap if max_context is None else min(cap, max_context))
+                                  for _ in self.blocks]
+                        logits = self._forward_cached(idx, caches)
+                    else:
+                        logits = self._forward_cached(idx[:, -1:], caches)
+                else:
+                    caches = None
+                    context = idx if max_context is None else idx[:, -max_context:]
+                    logits = self(context)[0][:, -1]
+                token = _sample(logits.float(), temperature, top_k, generator)
+                idx = torch.cat([idx, token], dim=1)
+                yield token
+
+        return steps(idx)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    """``(B, 1)`` next tokens from ``logits`` ``(B, vocab)``."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, int(top_k), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:

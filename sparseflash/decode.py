@@ -1,0 +1,304 @@
+"""Decode attention: one new query per sequence against a KV cache (split-KV, "flash-decoding").
+
+At each generation step every sequence ``b`` and query head ``h`` has one query ``q``
+and a cache of keys ``k_j`` and values ``v_j``, ``j < n`` (``n = cache_len[b]``, the new
+token's own key already appended).  The output is::
+
+    s_j = (q · k_j) · scale
+    o   = Σ_j 2^(s'_j - m) v_j / Σ_j 2^(s'_j - m),   s'_j = s_j · log2 e,  m = max_j s'_j
+
+over the allowed keys ``j``; a query with no allowed key gets ``o = 0``.
+
+**Split-KV.**  One query per (sequence, head) gives only ``B · H`` rows of work: far too
+few programs to fill a GPU if each walked the whole cache alone.  So the key list is cut
+into ``num_splits`` contiguous ranges of key blocks, and program ``(b·H + h, s)`` runs the
+online softmax over its range only, writing a partial ``(m_s, l_s, acc_s)``: its running
+max, its sum ``Σ 2^(s'_j - m_s)`` and its unnormalised output ``Σ 2^(s'_j - m_s) v_j``, in
+float32.  A second small kernel merges the splits by log-sum-exp::
+
+    m = max_s m_s,   w_s = 2^(m_s - m),   o = Σ_s w_s acc_s / Σ_s w_s l_s
+
+which is exactly the softmax over all keys.  A split with no allowed key has
+``m_s = -inf, l_s = 0, acc_s = 0`` and weight 0; with no key anywhere ``o = 0``, never
+NaN.  With ``num_splits = 1`` the one program normalises and writes ``o`` itself.
+
+**Index lists.**  For sparse decoding (for example the keys that share the query's hash
+bucket, together with a recent window) the caller passes ``key_index`` ``(B, H, L)``: the
+cache rows each query may attend to, of which the first ``n_keys[b, h]`` are used.  The
+kernel walks that list block by block and gathers the listed K and V rows by index; it
+never touches the rest of the cache.  Decoding is memory-bound (every key is read once
+and used for one query), so the time is the bytes read: ``~n_keys · D`` per query instead
+of ``cache_len · D``, falling in proportion to the sparsity.  The splits cut the index
+list, so a short list also needs fewer programs.
+
+Grouped-query attention: the cache has ``Hkv`` heads for ``H`` query heads; query head
+``h`` reads kv head ``h // (H / Hkv)``, as SDPA's ``enable_gqa=True``.  Nothing is copied.
+
+Nothing here reads a value back to the host: ``cache_len`` and ``n_keys`` tensors are read
+by the kernels, so a call can be captured in a CUDA graph and never waits for the GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _runtime
+from ._steps import LOG2E, kv_head
+
+#: Largest ``num_splits``; the default aims at ``KEYS_PER_SPLIT`` keys per split.
+MAX_SPLITS = 64
+KEYS_PER_SPLIT = 256
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, LENS, IDX, NK, O, PM, PL, PACC,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s_len, si_b, si_h, si_l, snk_b, snk_h, so_b, so_h,
+    H, S, L, len_value, qk_scale,
+    SPARSE: tl.constexpr, LEN_TENSOR: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Program ``(b·H + h, s)``: the online softmax of query head ``h`` over split ``s`` of
+    its key list (rows ``[0, cache_len)``, or the first ``n_keys`` entries of its index list),
+    cut into ``SPLITS`` contiguous ranges of ``BLOCK_N``-key blocks."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = kv_head(h, GROUP)
+    K += b * sk_b + hk * sk_h
+    V += b * sv_b + hk * sv_h
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+
+    if LEN_TENSOR:
+        n_valid = tl.load(LENS + b * s_len).to(tl.int32)
+        n_valid = tl.minimum(tl.maximum(n_valid, 0), S)
+    else:  # an int, checked on the host to lie in [0, S]
+        n_valid = len_value
+    if SPARSE:
+        n = tl.load(NK + b * snk_b + h * snk_h).to(tl.int32)
+        n = tl.minimum(tl.maximum(n, 0), L)
+        IDX += b * si_b + h * si_h
+    else:
+        n = n_valid
+    n_blocks = tl.cdiv(n, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, SPLITS)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_blocks)
+
+    q = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # Running max, sum and output; m and l as scalar tensors (so that the loop carries tensors).
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for block in range(lo, hi):
+        offs = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = offs < n
+        if SPARSE:
+            keys = tl.load(IDX + offs * si_l, mask=valid, other=0).to(tl.int64)
+            valid = valid & (keys >= 0) & (keys < n_valid)  # out-of-range entries are never read
+        else:
+            keys = offs.to(tl.int64)
+        mask = valid[:, None] & col_ok[None, :]
+        k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], 1) * qk_scale
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        # A split that has seen no allowed key keeps m = -inf: shift by 0, so it stays at 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift)
+        alpha = tl.math.exp2(m_i - m_shift)
+        v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+
+    if SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(O + b * so_b + h * so_h + cols, out.to(O.dtype.element_ty), mask=col_ok)
+    else:
+        part = bh.to(tl.int64) * SPLITS + split
+        tl.store(PM + part, m_i)
+        tl.store(PL + part, l_i)
+        tl.store(PACC + part * HEAD_DIM + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(PM, PL, PACC, O, H, so_b, so_h,
+                         SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    """Program ``b·H + h``: merge the ``SPLITS`` partial softmaxes of one query by log-sum-exp."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    split_ok = splits < SPLITS
+    col_ok = cols < HEAD_DIM
+    part = bh.to(tl.int64) * SPLITS + splits
+    m = tl.load(PM + part, mask=split_ok, other=float("-inf"))
+    l = tl.load(PL + part, mask=split_ok, other=0.0)
+    acc = tl.load(PACC + part[:, None] * HEAD_DIM + cols[None, :], mask=split_ok[:, None] & col_ok[None, :],
+                  other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for empty splits
+    l_sum = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
+    tl.store(O + b * so_b + h * so_h + cols, out.to(O.dtype.element_ty), mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Checks and the Python entry point
+# --------------------------------------------------------------------------------------
+
+
+def _check_int_tensor(name: str, t, shape: tuple, device) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be an integer torch.Tensor of shape {shape}, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (bool, str)) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a number (default 1/sqrt(head_dim)), got {scale!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite number (default 1/sqrt(head_dim)), got {scale}")
+    return float(scale)
+
+
+def default_num_splits(n_keys_max: int, n_queries: int, device: torch.device) -> int:
+    """Splits per query: enough that each handles about ``KEYS_PER_SPLIT`` keys of the
+    ``n_keys_max`` a query may have (the cache length, or the index lists' length), at most
+    ``MAX_SPLITS``, and no more than needed to give every streaming multiprocessor about four
+    programs when there are ``n_queries`` (B·H) queries.  1 on the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = min(MAX_SPLITS, triton.cdiv(n_keys_max, KEYS_PER_SPLIT), triton.cdiv(4 * sms, max(n_queries, 1)))
+    return max(1, splits)
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len,
+    *,
+    key_index: Tensor | None = None,
+    n_keys: Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Attention of one new query per sequence to a KV cache, dense or over an index list.
+
+    Args:
+        q: ``(B, H, 1, D)`` the new queries; float16, bfloat16 or float32; ``16 <= D <= 128``.
+        k_cache, v_cache: ``(B, Hkv, S, D)`` in q's dtype, ``Hkv`` dividing ``H``
+            (grouped-query attention: query head ``h`` reads kv head ``h // (H / Hkv)``).
+            Any strides (the last dim is made contiguous if it is not); never copied
+            otherwise, so views into a larger preallocated cache are fine.
+        cache_len: the number of valid cache rows, an int in ``[0, S]`` or an integer
+            tensor ``(B,)`` (one per sequence, on q's device; values are clamped to
+            ``[0, S]`` on the device, never read back).  The query attends to rows
+            ``[0, cache_len)``, its own key (already appended) included.
+        key_index: optional ``(B, H, L)`` integer tensor of cache rows, per query head: the
+            query attends only to the rows listed.  Entries past ``n_keys`` are ignored, and
+            so are rows outside ``[0, cache_len)`` (so ``-1`` may pad); a row listed twice
+            counts twice.  The work is proportional to ``n_keys``, not to ``S``.
+        n_keys: optional ``(B, H)`` integer tensor, the number of valid leading entries of
+            each index list (clamped to ``[0, L]``); default ``L``.  Only with ``key_index``.
+        scale: score scale, default ``1/sqrt(D)``.
+        num_splits: key ranges per query, computed in parallel and merged by log-sum-exp
+            (see the module docstring); default :func:`default_num_splits`.
+
+    Returns:
+        ``(B, H, 1, D)`` in q's dtype (accumulated in float32); 0 for a query with no
+        allowed key.  Forward only (no gradient).
+    """
+    _runtime.check_qkv(q, k_cache, v_cache)
+    B, H, n_q, D = q.shape
+    S = k_cache.shape[2]
+    if n_q != 1:
+        raise ValueError(f"q must hold one query per sequence, shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
+    scale = _check_scale(scale, D)
+
+    if isinstance(cache_len, Tensor):  # (checked before as_int, which would read a tensor back)
+        if cache_len.dim() == 0:
+            cache_len = cache_len.reshape(1).expand(B)
+        _check_int_tensor("cache_len", cache_len, (B,), q.device)
+        len_value = 0
+    else:
+        len_value = _runtime.as_int(cache_len)
+        if len_value is None:
+            raise ValueError(f"cache_len must be an int or an integer tensor of shape ({B},), got {cache_len!r}")
+        if not 0 <= len_value <= S:
+            raise ValueError(f"cache_len must be in [0, S] = [0, {S}] (S: the cache's rows), got {len_value}")
+
+    sparse = key_index is not None
+    if sparse:
+        if not isinstance(key_index, Tensor) or key_index.dim() != 3:
+            got = tuple(key_index.shape) if isinstance(key_index, Tensor) else type(key_index).__name__
+            raise ValueError(f"key_index must be an integer tensor of shape (B, H, L) = ({B}, {H}, L), got {got}")
+        L = key_index.shape[2]
+        _check_int_tensor("key_index", key_index, (B, H, L), q.device)
+        if n_keys is None:
+            n_keys = torch.full((B, H), L, dtype=torch.int32, device=q.device)
+        _check_int_tensor("n_keys", n_keys, (B, H), q.device)
+        n_max = L
+    elif n_keys is not None:
+        raise ValueError("n_keys counts the entries of key_index: pass it with key_index")
+    else:
+        L, n_max = 0, S
+
+    if num_splits is None:
+        num_splits = default_num_splits(n_max, B * H, q.device)
+    else:
+        value = _runtime.as_int(num_splits)
+        if value is None or not 1 <= value <= MAX_SPLITS:
+            raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+        num_splits = value
+
+    k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = _runtime.new_output((B, H, 1, D), q.dtype, q.device)
+    if num_splits > 1:
+        part_m = _runtime.new_output((B * H, num_splits), torch.float32, q.device)
+        part_l = _runtime.new_output((B * H, num_splits), torch.float32, q.device)
+        part_acc = _runtime.new_output((B * H, num_splits, D), torch.float32, q.device)
+    else:  # never touched: the kernel writes the output itself
+        part_m = part_l = part_acc = out
+    lens = cache_len if isinstance(cache_len, Tensor) else q
+    idx = key_index if sparse else q
+    nk = n_keys if sparse else q
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = 64 if q.device.type == "cuda" else 16
+    _decode_split_kernel[(B * H, num_splits)](
+        q, k_cache, v_cache, lens, idx, nk, out, part_m, part_l, part_acc,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        lens.stride(0) if isinstance(cache_len, Tensor) else 0,
+        idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0, idx.stride(2) if sparse else 0,
+        nk.stride(0) if sparse else 0, nk.stride(1) if sparse else 0,
+        out.stride(0), out.stride(1),
+        H, S, L, len_value, scale * LOG2E,
+        SPARSE=sparse, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
+        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // k_cache.shape[1], num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(B * H,)](
+            part_m, part_l, part_acc, out, H, out.stride(0), out.stride(1),
+            SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,250 @@
+"""Decode attention (:func:`sparseflash.decode.decode_attention`) against the float64 reference.
+
+* dense and index-list modes, GQA, ragged head dims, per-sequence cache lengths, against
+  :func:`sparseflash.reference.decode_attention`;
+* 1 and 3 splits (and more splits than key blocks) give the same result;
+* an index list of every row equals the dense call, and the reference's index-list mode
+  equals its dense one (so the two references check each other);
+* empty queries (``cache_len = 0``, ``n_keys = 0``, only out-of-range indices) give 0, never NaN;
+* float16 / bfloat16 within a relative bound, fixed seeds;
+* bad inputs raise ``ValueError``.
+
+Everything runs on the CPU interpreter at small sizes; the ``gpu`` tests check S = 65536
+and that a call with tensor lengths never synchronises with the host.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparseflash import reference as ref
+from sparseflash.decode import decode_attention
+
+f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+TOL = {f32: 1e-5, f16: 2e-2, bf16: 2e-2}
+B, H = 2, 4
+
+
+def _inputs(S, D, h_kv, dtype=f32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = torch.randn(B, h_kv, S, D, generator=g)
+    v = torch.randn(B, h_kv, S, D, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def _index_list(S, L, seed=0):
+    """``(B, H, L)`` int32 lists of distinct rows (random subsets of ``[0, S)``), ``n_keys``
+    ``(B, H)`` in ``[0, min(S, L)]`` with a 0 and a full list among them; entries past
+    ``n_keys`` hold -1 or real rows, which must both be ignored."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(S, L)
+    idx = torch.stack([torch.randperm(S, generator=g)[:n] for _ in range(B * H)]).view(B, H, n)
+    idx = torch.cat([idx, torch.full((B, H, L - n), -1)], dim=-1)
+    n_keys = torch.randint(0, n + 1, (B, H), generator=g)
+    n_keys[0, 0], n_keys[1, -1] = 0, n
+    for b in range(B):  # garbage past n_keys: a real row (would change the result if read)
+        for h in range(H):
+            if n_keys[b, h] < L:
+                idx[b, h, n_keys[b, h]] = 0
+    return idx.int(), n_keys.int()
+
+
+def _err(got, want):
+    """Relative Frobenius error (absolute where ``want`` is all zero); no NaN or inf allowed."""
+    assert got.shape == want.shape
+    assert torch.isfinite(got).all(), "NaN or inf in the kernel's output"
+    got, want = got.double().cpu(), want.double().cpu()
+    norm = want.norm()
+    diff = (got - want).norm()
+    return (diff / norm).item() if norm > 0 else diff.item()
+
+
+def _check(got, want, dtype):
+    e = _err(got, want)
+    assert e <= TOL[dtype], f"relative error {e:.3g} > {TOL[dtype]}"
+
+
+# ---------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h_kv", [4, 2])
+@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("S", [1, 7, 100, 257])
+def test_dense_matches_reference(S, D, h_kv):
+    q, k, v = _inputs(S, D, h_kv, seed=S + D)
+    lens = torch.tensor([S, max(S // 2, 1)])
+    want = ref.decode_attention(q, k, v, lens)
+    one = decode_attention(q, k, v, lens, num_splits=1)
+    three = decode_attention(q, k, v, lens, num_splits=3)
+    assert one.dtype == f32 and one.shape == (B, H, 1, D)
+    _check(one, want, f32)
+    _check(three, want, f32)
+    torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("h_kv", [4, 2])
+@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("S", [7, 100, 257])
+def test_index_list_matches_reference(S, D, h_kv):
+    q, k, v = _inputs(S, D, h_kv, seed=S * D)
+    idx, n_keys = _index_list(S, L=min(S, 40) + 3, seed=S)
+    lens = torch.tensor([S, S])
+    want = ref.decode_attention(q, k, v, lens, idx, n_keys)
+    assert (want[0, 0] == 0).all()  # n_keys = 0 there
+    one = decode_attention(q, k, v, lens, key_index=idx, n_keys=n_keys, num_splits=1)
+    three = decode_attention(q, k, v, lens, key_index=idx, n_keys=n_keys, num_splits=3)
+    _check(one, want, f32)
+    _check(three, want, f32)
+    torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-6)
+    assert (one[0, 0] == 0).all() and (three[0, 0] == 0).all()
+
+
+def test_index_list_respects_cache_len():
+    """Indices at or past the sequence's ``cache_len`` (or negative) are ignored."""
+    S, D = 100, 16
+    q, k, v = _inputs(S, D, 2, seed=1)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(-5, S + 5, (B, H, 60), generator=g).int()  # some negative, some >= S
+    lens = torch.tensor([30, 0])  # sequence 1: nothing valid
+    want = ref.decode_attention(q, k, v, lens, idx)
+    for splits in (1, 3):
+        got = decode_attention(q, k, v, lens, key_index=idx, num_splits=splits)
+        _check(got, want, f32)
+        assert (got[1] == 0).all()
+
+
+def test_full_index_list_equals_dense():
+    S, D = 100, 64
+    q, k, v = _inputs(S, D, 2, seed=2)
+    lens = torch.tensor([100, 41])
+    idx = torch.arange(S, dtype=torch.int32).expand(B, H, S)
+    want = ref.decode_attention(q, k, v, lens)
+    torch.testing.assert_close(ref.decode_attention(q, k, v, lens, idx), want, rtol=1e-12, atol=1e-12)
+    dense = decode_attention(q, k, v, lens, num_splits=3)
+    sparse = decode_attention(q, k, v, lens, key_index=idx, num_splits=3)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    # The same with the lengths as n_keys of a list that holds each sequence's valid rows.
+    sparse2 = decode_attention(q, k, v, S, key_index=idx, n_keys=lens[:, None].expand(B, H).int())
+    torch.testing.assert_close(sparse2, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_int_cache_len_and_many_splits():
+    """A Python-int ``cache_len``; more splits than key blocks (empty splits merge to nothing)."""
+    S, D = 7, 16
+    q, k, v = _inputs(S, D, 4, seed=3)
+    for n in (0, 1, 5, 7):
+        want = ref.decode_attention(q, k, v, n)
+        for splits in (1, 2, 5):
+            got = decode_attention(q, k, v, n, num_splits=splits)
+            _check(got, want, f32)
+        if n == 0:
+            assert (got == 0).all()
+
+
+def test_scale_and_strided_cache():
+    """A given scale; a cache that is a view into a longer buffer (as a preallocated cache)."""
+    S, D = 100, 64
+    q, k_buf, v_buf = _inputs(2 * S, D, 2, seed=4)
+    k, v = k_buf[:, :, :S], v_buf[:, :, :S]
+    want = ref.decode_attention(q, k, v, 77, scale=0.3)
+    _check(decode_attention(q, k, v, 77, scale=0.3, num_splits=3), want, f32)
+
+
+@pytest.mark.parametrize("dtype", [f16, bf16])
+def test_half_precision(dtype):
+    S, D = 257, 64
+    q, k, v = _inputs(S, D, 2, dtype=dtype, seed=5)
+    lens = torch.tensor([257, 130])
+    idx, n_keys = _index_list(S, L=50, seed=5)
+    for kw in ({}, dict(key_index=idx, n_keys=n_keys)):
+        want = ref.decode_attention(q, k, v, lens, kw.get("key_index"), kw.get("n_keys"))
+        for splits in (1, 3):
+            got = decode_attention(q, k, v, lens, num_splits=splits, **kw)
+            assert got.dtype == dtype
+            _check(got, want, dtype)
+
+
+def test_no_nan_when_empty():
+    S, D = 7, 16
+    q, k, v = _inputs(S, D, 2, seed=6)
+    idx = torch.zeros(B, H, 4, dtype=torch.int32)
+    for splits in (1, 3):
+        assert (decode_attention(q, k, v, torch.zeros(B, dtype=torch.long), num_splits=splits) == 0).all()
+        none = torch.zeros(B, H, dtype=torch.int32)
+        assert (decode_attention(q, k, v, S, key_index=idx, n_keys=none, num_splits=splits) == 0).all()
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------
+
+
+def _bad_calls():
+    q, k, v = _inputs(7, 16, 2)
+    idx = torch.zeros(B, H, 3, dtype=torch.int32)
+    return {
+        "two queries": (lambda: decode_attention(torch.cat([q, q], 2), k, v, 7), "one query"),
+        "gqa": (lambda: decode_attention(q, k[:, :1].expand(B, 3, 7, 16), v[:, :1].expand(B, 3, 7, 16), 7),
+                "divide"),
+        "dtype": (lambda: decode_attention(q, k.half(), v.half(), 7), "dtype"),
+        "shape": (lambda: decode_attention(q[0], k, v, 7), "shape"),
+        "len too long": (lambda: decode_attention(q, k, v, 8), r"cache_len must be in \[0, S\]"),
+        "len negative": (lambda: decode_attention(q, k, v, -1), r"cache_len must be in \[0, S\]"),
+        "len float": (lambda: decode_attention(q, k, v, 3.0), "cache_len must be an int"),
+        "len shape": (lambda: decode_attention(q, k, v, torch.tensor([7, 7, 7])), r"cache_len must have shape"),
+        "len dtype": (lambda: decode_attention(q, k, v, torch.tensor([7.0, 7.0])), "integer"),
+        "index shape": (lambda: decode_attention(q, k, v, 7, key_index=idx[:, :2]), "key_index must have shape"),
+        "index dtype": (lambda: decode_attention(q, k, v, 7, key_index=idx.float()), "integer"),
+        "n_keys shape": (lambda: decode_attention(q, k, v, 7, key_index=idx, n_keys=idx[..., 0, None]), "n_keys"),
+        "n_keys alone": (lambda: decode_attention(q, k, v, 7, n_keys=idx[..., 0]), "with key_index"),
+        "splits": (lambda: decode_attention(q, k, v, 7, num_splits=0), "num_splits"),
+        "scale": (lambda: decode_attention(q, k, v, 7, scale=float("nan")), "scale"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_inputs_raise(case):
+    call, match = _bad_calls()[case]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [bf16, f16, f32])
+def test_gpu_long_cache(dtype):
+    S, D = 65536, 128
+    q, k, v = _inputs(S, D, 2, dtype=dtype, seed=7, device="cuda")
+    lens = torch.tensor([S, 40000], device="cuda")
+    want = ref.decode_attention(q, k, v, lens)
+    _check(decode_attention(q, k, v, lens), want, dtype)  # default splits: 64
+    _check(decode_attention(q, k, v, lens, num_splits=1), want, dtype)
+    g = torch.Generator().manual_seed(7)
+    idx = torch.stack([torch.randperm(S, generator=g)[:4096] for _ in range(B * H)]).view(B, H, -1)
+    idx, n_keys = idx.int().cuda(), torch.randint(0, 4097, (B, H), generator=g).int().cuda()
+    want = ref.decode_attention(q, k, v, lens, idx, n_keys)
+    _check(decode_attention(q, k, v, lens, key_index=idx, n_keys=n_keys), want, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    q, k, v = _inputs(4096, 64, 2, dtype=bf16, seed=8, device="cuda")
+    lens = torch.tensor([4096, 1000], device="cuda")
+    idx = torch.arange(512, dtype=torch.int32, device="cuda").expand(B, H, 512)
+    n_keys = torch.full((B, H), 300, dtype=torch.int32, device="cuda")
+    decode_attention(q, k, v, lens)  # compile first
+    decode_attention(q, k, v, lens, key_index=idx, n_keys=n_keys)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decode_attention(q, k, v, lens)
+        decode_attention(q, k, v, lens, key_index=idx, n_keys=n_keys)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
