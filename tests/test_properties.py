@@ -413,7 +413,7 @@ def test_qk_sparse_attention_bf16(case):
     check_qk(case)
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=10, **SETTINGS)
 @given(case=hash_cases(torch.float32))
 @_examples(*HASH_EXAMPLES)
 def test_hash_sparse_attention(case):
