@@ -420,7 +420,7 @@ def test_hash_sparse_attention(case):
     check_hash(case)
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 @given(case=hash_cases(torch.bfloat16))
 @_examples(*(_bf16(c) for c in HASH_EXAMPLES[1:3]))
 def test_hash_sparse_attention_bf16(case):
@@ -441,7 +441,7 @@ def test_permuted_attention_compacted_bf16(case):
     check_permuted_compacted(case)
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 @given(case=hash_cases(torch.float32, with_n_buckets=False, big_ids=False))
 @_examples(*BUCKETED_EXAMPLES)
 def test_permuted_attention_bucketed(case):
