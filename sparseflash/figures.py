@@ -370,9 +370,14 @@ def load_train_results(folder) -> list[dict]:
     return rows
 
 
-def _train_order(name: str) -> tuple:
-    names = list(TRAIN_COLORS)
+def _listed_order(name: str, listed) -> tuple:
+    """Sort key: the names of ``listed`` in its order, then any other name alphabetically."""
+    names = list(listed)
     return (names.index(name) if name in names else len(names), name)
+
+
+def _train_order(name: str) -> tuple:
+    return _listed_order(name, TRAIN_COLORS)
 
 
 def train_speed_figure(rows: list[dict], path=None):
@@ -491,8 +496,7 @@ QUALITY_STYLES = {"dense": ("k", "-"), "window128": ("C2", "--"), "window256": (
 
 
 def _quality_order(name: str) -> tuple:
-    names = list(QUALITY_STYLES)
-    return (names.index(name) if name in names else len(names), name)
+    return _listed_order(name, QUALITY_STYLES)
 
 
 def _mean_curve(rows: list[dict]) -> tuple[list[int], list[float]]:

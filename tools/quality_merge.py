@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     meta["notes"] += [n for n in args.note if n not in meta["notes"]]
     meta["merged_at_commit"] = commit
     ordered = sorted(rows.values(), key=lambda r: (r["seq_len"], r["name"], r["seed"]))
-    args.out.write_text(json.dumps(dict(meta=meta, summary=summarize(ordered), rows=ordered), indent=1) + "\n")
+    summary = summarize(ordered)
+    args.out.write_text(json.dumps(dict(meta=meta, summary=summary, rows=ordered), indent=1) + "\n")
     print(f"{args.out}: {len(ordered)} rows")
-    for s in summarize(ordered):
+    for s in summary:
         ratio = f"{s['vs_dense_mean']:.3f}" if s["vs_dense_mean"] else "-"
         print(f"  T={s['seq_len']:>5} {s['name']:<11} seeds {s['seeds']}: val loss {s['val_loss_mean']:.4f} "
               f"(spread {s['seed_spread']:.4f}, x{ratio} dense), end density {s['pair_density_end_mean']:.3f}")

@@ -333,14 +333,19 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def read_checkpoint(path: Path, device, consequence: str = "") -> dict:
+    """``torch.load`` of ``path``; :class:`CheckpointError` naming the file if it is damaged or
+    unreadable (``consequence`` is appended to the message, e.g. what the caller cannot do)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated or garbled: zip, pickle, EOF and OS errors, whatever torch raises
+        raise CheckpointError(f"{path} is damaged or unreadable ({_first_line(e)}){consequence}") from e
+
+
 def load_checkpoint(path: Path, cfg: TrainConfig, device) -> dict:
     """The checkpoint at ``path``, checked against ``cfg`` (same model shape, ``seq_len`` and
     ``seed``); :class:`CheckpointError` if it is damaged, unreadable or from another run."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated or garbled: zip, pickle, EOF and OS errors, whatever torch raises
-        raise CheckpointError(f"{path} is damaged or unreadable ({_first_line(e)}), so the run cannot resume "
-                              f"from it: {_WAY_OUT}") from e
+    ckpt = read_checkpoint(path, device, f", so the run cannot resume from it: {_WAY_OUT}")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise CheckpointError(f"{path} is damaged or not a training checkpoint (no {', '.join(missing)}), so the "

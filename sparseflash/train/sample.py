@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .loop import MODEL_FIELDS, CheckpointError, _first_line, autocast
+from .loop import MODEL_FIELDS, CheckpointError, _first_line, autocast, read_checkpoint
 from .model import GPT, GPTConfig
 
 PROG = "python -m sparseflash.train sample"
@@ -40,10 +40,7 @@ def load_model(path, device="cpu") -> tuple[GPT, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (a training run writes <out-dir>/ckpt.pt)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated or garbled: whatever torch raises
-        raise CheckpointError(f"{path} is damaged or unreadable ({_first_line(e)})") from e
+    ckpt = read_checkpoint(path, device)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no config and model)")
     config = ckpt["config"]
