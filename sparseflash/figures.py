@@ -544,7 +544,7 @@ def quality_figure(data: dict, path=None):
     axes[0].set_ylabel("validation loss (nats / byte)")
     ax = axes[-1]
     top, bottom = 1.08, 0.90
-    xs = []
+    xs, above = [], []
     for k, ((n, name), s) in enumerate(sorted(summary.items())):
         if name == "dense" or s.get("vs_dense_mean") is None:
             continue
@@ -553,8 +553,11 @@ def quality_figure(data: dict, path=None):
         y, x = s["vs_dense_mean"], s["pair_density_end_mean"]
         xs.append(x)
         if y > top:  # pure hashing: far above, drawn at the edge with its value
-            ax.annotate(f"{name}\n{y:.2f}x", (x, top), xytext=(0, -22), textcoords="offset points", ha="center",
-                        fontsize=8, color=color, arrowprops=dict(arrowstyle="->", color=color))
+            # Both lengths of one pattern sit at about the same density: stagger their labels.
+            ax.annotate(f"{name}, {marker}\n{y:.2f}x", (x, top), xytext=(0, -22 - 24 * (above.count(name) % 2)),
+                        textcoords="offset points", ha="center", fontsize=8, color=color,
+                        arrowprops=dict(arrowstyle="->", color=color))
+            above.append(name)
             continue
         dense_mean = s["val_loss_mean"] / y
         err = [[(s["val_loss_mean"] - s["val_loss_min"]) / dense_mean], [(s["val_loss_max"] - s["val_loss_mean"])
