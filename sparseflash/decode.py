@@ -31,6 +31,20 @@ and used for one query), so the time is the bytes read: ``~n_keys · D`` per que
 of ``cache_len · D``, falling in proportion to the sparsity.  The splits cut the index
 list, so a short list also needs fewer programs.
 
+**Lists per kv head.**  With ``key_index`` of shape ``(B, Hkv, G, L)`` and ``list_id``
+``(B, H)``, query head ``h`` walks list ``list_id[b, h]`` of its kv head: one list per hash
+bucket, say, each holding the cache rows of that bucket in the order they were appended.
+Nothing per query is gathered or copied on the host side: the kernel reads the chosen
+list in place, and ``n_keys`` ``(B, Hkv, G)`` (the lists' fill counts, on the device)
+bounds the walk.
+
+**Window.**  ``window = W > 0`` adds the ``W`` most recent rows ``[cache_len - W,
+cache_len)``, read as a contiguous range (no index), in front of the list: the program's
+keys are that range, then the list entries *older* than it (``row < cache_len - W``), so a
+listed row of the window is not counted twice.  Without a list, ``W > 0`` is sliding-window
+decoding.  Hash ∪ window decoding is then ``key_index = rows per bucket``, ``list_id = the
+query's bucket``, ``window = W``: ``O(W + n_bucket)`` work per query and no ``O(S)`` mask.
+
 Grouped-query attention: the cache has ``Hkv`` heads for ``H`` query heads; query head
 ``h`` reads kv head ``h // (H / Hkv)``, as SDPA's ``enable_gqa=True``.  Nothing is copied.
 
@@ -52,19 +66,34 @@ from ._steps import LOG2E, kv_head
 #: Largest ``num_splits``; the default aims at ``KEYS_PER_SPLIT`` keys per split.
 MAX_SPLITS = 64
 KEYS_PER_SPLIT = 256
+#: Programs per streaming multiprocessor the default splits aim at (decoding is memory-bound:
+#: more programs, more loads in flight).  H200, bf16, D=64, 131072 keys, B=8, H=8: 16 instead
+#: of 4 took the dense call from 1.00 to 0.66 ms (with 128-key blocks).
+PROGRAMS_PER_SM = 16
+#: Keys per block on CUDA: ``KEY_TILE // BLOCK_D`` (128 at D=64, 64 at D=128: the K and V tiles
+#: stay in registers), at most ``MAX_BLOCK_N``.  128 instead of 64 at D=64: dense 0.144 -> 0.114 ms,
+#: hash16 ∪ w256 0.17 -> 0.067 ms (H200, B=1, H=8, 131072 keys).  Warps per program: NUM_WARPS.
+KEY_TILE = 8192
+MAX_BLOCK_N = 128
+NUM_WARPS = 4
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, LENS, IDX, NK, O, PM, PL, PACC,
-    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s_len, si_b, si_h, si_l, snk_b, snk_h, so_b, so_h,
-    H, S, L, len_value, qk_scale,
-    SPARSE: tl.constexpr, LEN_TENSOR: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+    Q, K, V, LENS, IDX, NK, LIST, O, PM, PL, PACC,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s_len,
+    si_b, si_h, si_g, si_l, snk_b, snk_h, snk_g, sl_b, sl_h, so_b, so_h,
+    H, S, L, G, len_value, window, qk_scale,
+    SPARSE: tl.constexpr, LISTS: tl.constexpr, LEN_TENSOR: tl.constexpr, SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Program ``(b·H + h, s)``: the online softmax of query head ``h`` over split ``s`` of
-    its key list (rows ``[0, cache_len)``, or the first ``n_keys`` entries of its index list),
-    cut into ``SPLITS`` contiguous ranges of ``BLOCK_N``-key blocks."""
+    its keys, cut into ``SPLITS`` contiguous ranges of ``BLOCK_N``-key blocks.
+
+    The keys are one virtual list: first the contiguous rows ``[win_start, cache_len)`` (the
+    whole cache when dense without a window, the window tail with one, nothing when sparse
+    without one), then the index-list entries below ``win_start``, so a row of the window that
+    is listed too counts once."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -80,13 +109,26 @@ def _decode_split_kernel(
         n_valid = tl.minimum(tl.maximum(n_valid, 0), S)
     else:  # an int, checked on the host to lie in [0, S]
         n_valid = len_value
+    # Start of the contiguous part: window > 0: the tail; else the whole cache (dense) or none (sparse).
     if SPARSE:
-        n = tl.load(NK + b * snk_b + h * snk_h).to(tl.int32)
+        win_start = tl.where(window > 0, tl.maximum(n_valid - window, 0), n_valid)
+        if LISTS:  # the list of kv head hk chosen by this query head
+            lst = tl.load(LIST + b * sl_b + h * sl_h).to(tl.int64)
+            lst_ok = (lst >= 0) & (lst < G)
+            lst = tl.where(lst_ok, lst, 0)
+            IDX += b * si_b + hk * si_h + lst * si_g
+            n = tl.load(NK + b * snk_b + hk * snk_h + lst * snk_g).to(tl.int32)
+            n = tl.where(lst_ok, n, 0)  # an unknown list id selects no list
+        else:
+            IDX += b * si_b + h * si_h
+            n = tl.load(NK + b * snk_b + h * snk_h).to(tl.int32)
         n = tl.minimum(tl.maximum(n, 0), L)
-        IDX += b * si_b + h * si_h
     else:
-        n = n_valid
-    n_blocks = tl.cdiv(n, BLOCK_N)
+        win_start = tl.where(window > 0, tl.maximum(n_valid - window, 0), 0)
+        n = 0
+    n_win = n_valid - win_start
+    n_win_blocks = tl.cdiv(n_win, BLOCK_N)
+    n_blocks = n_win_blocks + tl.cdiv(n, BLOCK_N)
     per_split = tl.cdiv(n_blocks, SPLITS)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_blocks)
@@ -98,12 +140,16 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_D], tl.float32)
     for block in range(lo, hi):
         offs = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = offs < n
-        if SPARSE:
-            keys = tl.load(IDX + offs * si_l, mask=valid, other=0).to(tl.int64)
-            valid = valid & (keys >= 0) & (keys < n_valid)  # out-of-range entries are never read
-        else:
-            keys = offs.to(tl.int64)
+        # Contiguous part (blocks < n_win_blocks): rows win_start + offs.
+        valid = offs < n_win
+        keys = (win_start + offs).to(tl.int64)
+        if SPARSE:  # list part (blocks >= n_win_blocks): entry offs - n_win_blocks·BLOCK_N of the list
+            loffs = offs - n_win_blocks * BLOCK_N
+            in_list = (loffs >= 0) & (loffs < n)
+            lkeys = tl.load(IDX + loffs * si_l, mask=in_list, other=0).to(tl.int64)
+            keys = tl.where(in_list, lkeys, keys)
+            # out-of-range entries, and rows of the contiguous part, are never read
+            valid = valid | (in_list & (lkeys >= 0) & (lkeys < win_start))
         mask = valid[:, None] & col_ok[None, :]
         k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1) * qk_scale
@@ -182,11 +228,13 @@ def default_num_splits(n_keys_max: int, n_queries: int, device: torch.device) ->
     """Splits per query: enough that each handles about ``KEYS_PER_SPLIT`` keys of the
     ``n_keys_max`` a query may have (the cache length, or the index lists' length), at most
     ``MAX_SPLITS``, and no more than needed to give every streaming multiprocessor about four
-    programs when there are ``n_queries`` (B·H) queries.  1 on the CPU interpreter."""
+    programs (:data:`PROGRAMS_PER_SM`) when there are ``n_queries`` (B·H) queries.  1 on the
+    CPU interpreter."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = min(MAX_SPLITS, triton.cdiv(n_keys_max, KEYS_PER_SPLIT), triton.cdiv(4 * sms, max(n_queries, 1)))
+    splits = min(MAX_SPLITS, triton.cdiv(n_keys_max, KEYS_PER_SPLIT),
+                 triton.cdiv(PROGRAMS_PER_SM * sms, max(n_queries, 1)))
     return max(1, splits)
 
 
@@ -198,10 +246,13 @@ def decode_attention(
     *,
     key_index: Tensor | None = None,
     n_keys: Tensor | None = None,
+    list_id: Tensor | None = None,
+    window: int = 0,
     scale: float | None = None,
     num_splits: int | None = None,
 ) -> Tensor:
-    """Attention of one new query per sequence to a KV cache, dense or over an index list.
+    """Attention of one new query per sequence to a KV cache: dense, a sliding window, an
+    index list, or the union of a window and an index list.
 
     Args:
         q: ``(B, H, 1, D)`` the new queries; float16, bfloat16 or float32; ``16 <= D <= 128``.
@@ -213,12 +264,24 @@ def decode_attention(
             tensor ``(B,)`` (one per sequence, on q's device; values are clamped to
             ``[0, S]`` on the device, never read back).  The query attends to rows
             ``[0, cache_len)``, its own key (already appended) included.
-        key_index: optional ``(B, H, L)`` integer tensor of cache rows, per query head: the
-            query attends only to the rows listed.  Entries past ``n_keys`` are ignored, and
-            so are rows outside ``[0, cache_len)`` (so ``-1`` may pad); a row listed twice
-            counts twice.  The work is proportional to ``n_keys``, not to ``S``.
-        n_keys: optional ``(B, H)`` integer tensor, the number of valid leading entries of
-            each index list (clamped to ``[0, L]``); default ``L``.  Only with ``key_index``.
+        key_index: optional integer tensor of cache rows; the query attends only to the rows
+            listed (and the window, below).  Either ``(B, H, L)``: one list per query head; or
+            ``(B, Hkv, G, L)``: ``G`` lists per kv head, of which query head ``h`` reads list
+            ``list_id[b, h]`` of its kv head (e.g. one list per hash bucket, so that no
+            per-head list is ever copied out).  Entries past ``n_keys`` are ignored, and so
+            are rows outside ``[0, cache_len)`` (so ``-1`` may pad); a row listed twice counts
+            twice.  The work is proportional to ``n_keys``, not to ``S``.
+        n_keys: optional integer tensor, the number of valid leading entries of each list
+            (clamped to ``[0, L]``): ``(B, H)`` or ``(B, Hkv, G)``; default ``L``.  Only with
+            ``key_index``.
+        list_id: ``(B, H)`` integer tensor, required with a 4-D ``key_index`` (and only then):
+            the list each query head reads; an id outside ``[0, G)`` selects no list.
+        window: ``W >= 0``.  ``W > 0``: the query also attends to the ``W`` most recent rows
+            ``[cache_len - W, cache_len)`` (read as a contiguous range, no index needed);
+            without ``key_index`` only to those (sliding-window attention); with it, listed
+            rows inside that range are skipped, so the union "window ∪ list" counts each
+            row once when the list holds distinct rows.  ``0`` (default): no window (every
+            valid row without ``key_index``, the listed rows with it).
         scale: score scale, default ``1/sqrt(D)``.
         num_splits: key ranges per query, computed in parallel and merged by log-sum-exp
             (see the module docstring); default :func:`default_num_splits`.
@@ -229,10 +292,11 @@ def decode_attention(
     """
     _runtime.check_qkv(q, k_cache, v_cache)
     B, H, n_q, D = q.shape
-    S = k_cache.shape[2]
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if n_q != 1:
         raise ValueError(f"q must hold one query per sequence, shape (batch, heads, 1, head_dim), got {tuple(q.shape)}")
     scale = _check_scale(scale, D)
+    window = _runtime.check_window(window)
 
     if isinstance(cache_len, Tensor):  # (checked before as_int, which would read a tensor back)
         if cache_len.dim() == 0:
@@ -247,20 +311,36 @@ def decode_attention(
             raise ValueError(f"cache_len must be in [0, S] = [0, {S}] (S: the cache's rows), got {len_value}")
 
     sparse = key_index is not None
+    lists = sparse and isinstance(key_index, Tensor) and key_index.dim() == 4
+    G = 1
     if sparse:
-        if not isinstance(key_index, Tensor) or key_index.dim() != 3:
+        if not isinstance(key_index, Tensor) or key_index.dim() not in (3, 4):
             got = tuple(key_index.shape) if isinstance(key_index, Tensor) else type(key_index).__name__
-            raise ValueError(f"key_index must be an integer tensor of shape (B, H, L) = ({B}, {H}, L), got {got}")
-        L = key_index.shape[2]
-        _check_int_tensor("key_index", key_index, (B, H, L), q.device)
+            raise ValueError(f"key_index must be an integer tensor of shape (B, H, L) = ({B}, {H}, L) or "
+                             f"(B, Hkv, G, L) = ({B}, {Hkv}, G, L), got {got}")
+        L = key_index.shape[-1]
+        if lists:
+            G = key_index.shape[2]
+            _check_int_tensor("key_index", key_index, (B, Hkv, G, L), q.device)
+            if list_id is None:
+                raise ValueError(f"a 4-D key_index (B, Hkv, G, L) needs list_id, a ({B}, {H}) integer tensor "
+                                 "naming the list each query head reads")
+            _check_int_tensor("list_id", list_id, (B, H), q.device)
+            count_shape = (B, Hkv, G)
+        else:
+            _check_int_tensor("key_index", key_index, (B, H, L), q.device)
+            if list_id is not None:
+                raise ValueError("list_id picks one of G lists per kv head: pass it with a 4-D key_index "
+                                 "(B, Hkv, G, L), not with a (B, H, L) one")
+            count_shape = (B, H)
         if n_keys is None:
-            n_keys = torch.full((B, H), L, dtype=torch.int32, device=q.device)
-        _check_int_tensor("n_keys", n_keys, (B, H), q.device)
-        n_max = L
-    elif n_keys is not None:
-        raise ValueError("n_keys counts the entries of key_index: pass it with key_index")
+            n_keys = torch.full(count_shape, L, dtype=torch.int32, device=q.device)
+        _check_int_tensor("n_keys", n_keys, count_shape, q.device)
+        n_max = L + window
+    elif n_keys is not None or list_id is not None:
+        raise ValueError("n_keys and list_id describe key_index: pass them with key_index")
     else:
-        L, n_max = 0, S
+        L, n_max = 0, (min(S, window) if window else S)
 
     if num_splits is None:
         num_splits = default_num_splits(n_max, B * H, q.device)
@@ -282,19 +362,25 @@ def decode_attention(
     lens = cache_len if isinstance(cache_len, Tensor) else q
     idx = key_index if sparse else q
     nk = n_keys if sparse else q
+    lid = list_id if lists else q
+    if sparse:  # strides of (batch, head, list, entry); a 3-D list has no list dim
+        si = (idx.stride(0), idx.stride(1), idx.stride(2) if lists else 0, idx.stride(-1))
+        snk = (nk.stride(0), nk.stride(1), nk.stride(2) if lists else 0)
+    else:
+        si, snk = (0, 0, 0, 0), (0, 0, 0)
+    sl = (lid.stride(0), lid.stride(1)) if lists else (0, 0)
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = 64 if q.device.type == "cuda" else 16
+    block_n = max(16, min(MAX_BLOCK_N, KEY_TILE // block_d)) if q.device.type == "cuda" else 16
     _decode_split_kernel[(B * H, num_splits)](
-        q, k_cache, v_cache, lens, idx, nk, out, part_m, part_l, part_acc,
+        q, k_cache, v_cache, lens, idx, nk, lid, out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         lens.stride(0) if isinstance(cache_len, Tensor) else 0,
-        idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0, idx.stride(2) if sparse else 0,
-        nk.stride(0) if sparse else 0, nk.stride(1) if sparse else 0,
+        *si, *snk, *sl,
         out.stride(0), out.stride(1),
-        H, S, L, len_value, scale * LOG2E,
-        SPARSE=sparse, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
-        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // k_cache.shape[1], num_warps=4,
+        H, S, L, G, len_value, window, scale * LOG2E,
+        SPARSE=sparse, LISTS=lists, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
+        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, num_warps=NUM_WARPS,
     )
     if num_splits > 1:
         _decode_merge_kernel[(B * H,)](

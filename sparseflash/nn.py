@@ -33,11 +33,15 @@ One module, three attentions (``mode``):
 
 Decoding one token at a time (``forward(x, cache=...)``, see :class:`KVCache`): the first
 call with an empty cache runs the ordinary forward over the prompt and records every key and
-value (after rotary) and, in ``"hash"`` mode, every key's bucket; each later call takes one
-new token at the next position and attends over the cache with exactly the pattern the
-forward would give it (``"dense"``: every earlier key, or the window; ``"hash"``: the keys of
-its bucket and the window).  ``"qk"`` cannot be decoded this way (the top-k gate ranks all
-tokens of a sequence, later ones included; random dropping is redrawn per call).
+value (after rotary) and, in ``"hash"`` mode, an index of the cached rows by bucket; each
+later call takes one new token at the next position and attends over the cache with exactly
+the pattern the forward would give it (``"dense"``: every earlier key, or the window;
+``"hash"``: the keys of its bucket and the window).  On CUDA that step is the Triton decode
+kernel (:func:`~sparseflash.decode_attention`; ``"hash"``: the window tail and the bucket's
+row list, read in place: ``O(window + bucket size)`` work, no mask over the cache, no host
+synchronisation); elsewhere plain PyTorch in float32 (:meth:`KVCache.attend`).  ``"qk"``
+cannot be decoded this way (the top-k gate ranks all tokens of a sequence, later ones
+included; random dropping is redrawn per call).
 
 Shapes follow nanoGPT: ``x`` is ``(B, N, C)``; heads ``(B, H, N, D)`` inside.
 Grouped-query attention: ``n_kv_heads`` kv heads shared by ``n_heads // n_kv_heads``
@@ -81,35 +85,79 @@ def rotary(x: Tensor, base: float = 10000.0, *, offset: int = 0) -> Tensor:
 class KVCache:
     """What one attention layer keeps of the tokens so far, to decode the next ones.
 
-    ``k``, ``v``: ``(B, Hkv, capacity, D)`` keys (after rotary) and values; ``buckets``:
-    ``(B, Hkv, capacity)`` the keys' hash buckets (``"hash"`` mode, else None).  Rows
-    ``[0, length)`` are filled.  ``capacity``: rows to allocate at the first append (at least
-    the prompt's length; the storage grows, doubling, if more are appended).  Pass a fresh,
-    empty cache per layer to :meth:`SparseCausalSelfAttention.forward`; keep it between calls.
+    ``k``, ``v``: ``(B, Hkv, capacity, D)`` keys (after rotary) and values.  Rows ``[0, length)``
+    are filled.  ``capacity``: rows to allocate at the first append (at least the prompt's
+    length; the storage grows, doubling, if more are appended).  Pass a fresh, empty cache
+    per layer to :meth:`SparseCausalSelfAttention.forward`; keep it between calls.
+
+    In ``"hash"`` mode (keys appended with their buckets) the cache also keeps an index of
+    its rows by bucket, so that a decode step finds the keys of its query's bucket without
+    comparing buckets over the whole cache:
+
+    * ``buckets``: ``(B, Hkv, capacity)`` int32, each row's bucket;
+    * ``bucket_rows``: ``(B, Hkv, n_buckets, capacity)`` int32: for sequence ``b``, kv head
+      ``j`` and bucket ``u``, the rows of bucket ``u`` in the order they were appended
+      (ascending), in the first ``bucket_count[b, j, u]`` entries (the rest is unused);
+    * ``bucket_count``: ``(B, Hkv, n_buckets)`` int32.
+
+    Appending one token writes one entry and one count per (sequence, kv head), on the
+    device, no host synchronisation; a prompt is indexed at once (a stable sort by bucket).
+    Each bucket's row list is sized for the worst case (every row in one bucket), so it never
+    overflows and needs no check: ``4 · n_buckets`` bytes per (row, kv head), against
+    ``2 · D · 2`` for bfloat16 keys and values (25% more at ``n_buckets = 16``, ``D = 64``).
+
+    ``kernel``: how :meth:`attend` computes: ``None`` (default): the Triton kernel
+    :func:`sparseflash.decode_attention` on CUDA, plain PyTorch (float32, a mask) elsewhere;
+    ``True``: the kernel everywhere (on CPU tensors through Triton's interpreter: slow, for
+    tests at tiny sizes); ``False``: plain PyTorch.
     """
 
-    def __init__(self, capacity: int = 0):
+    def __init__(self, capacity: int = 0, *, kernel: bool | None = None):
         self.capacity = capacity
+        self.kernel = kernel
         self.length = 0
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.buckets: Tensor | None = None
+        self.n_buckets: int | None = None
+        self.bucket_rows: Tensor | None = None
+        self.bucket_count: Tensor | None = None
 
     def __len__(self) -> int:
         return self.length
 
-    def append(self, k: Tensor, v: Tensor, buckets: Tensor | None = None) -> None:
-        """Add ``N`` tokens: ``k``, ``v`` ``(B, Hkv, N, D)``, ``buckets`` ``(B, Hkv, N)`` or None."""
-        end = self.length + k.shape[2]
+    def append(self, k: Tensor, v: Tensor, buckets: Tensor | None = None, *, n_buckets: int | None = None) -> None:
+        """Add ``N`` tokens: ``k``, ``v`` ``(B, Hkv, N, D)``; in ``"hash"`` mode ``buckets``
+        ``(B, Hkv, N)``, ids in ``[0, n_buckets)`` (``n_buckets`` given at the first append)."""
+        if (buckets is None) != (self.bucket_rows is None) and self.length:
+            raise ValueError("append buckets to a cache of bucketed keys, and only to one: this cache was filled "
+                             + ("without" if self.bucket_rows is None else "with") + " buckets")
+        if buckets is not None:
+            if self.n_buckets is None:
+                if n_buckets is None or n_buckets < 1:
+                    raise ValueError(f"the first append of bucketed keys needs n_buckets >= 1, got {n_buckets!r}")
+                self.n_buckets = int(n_buckets)
+            elif n_buckets is not None and n_buckets != self.n_buckets:
+                raise ValueError(f"this cache indexes {self.n_buckets} buckets, got n_buckets={n_buckets}")
+            if tuple(buckets.shape) != (*k.shape[:3],):
+                raise ValueError(f"buckets must be (B, Hkv, N) = {tuple(k.shape[:3])}, got {tuple(buckets.shape)}")
+        start, end = self.length, self.length + k.shape[2]
         if self.k is None or end > self.k.shape[2]:
             size = max(end, self.capacity, 2 * (self.k.shape[2] if self.k is not None else 0))
             self.k, self.v = self._grow(self.k, k, size), self._grow(self.v, v, size)
             if buckets is not None:
-                self.buckets = self._grow(self.buckets, buckets, size)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+                self.buckets = self._grow(self.buckets, buckets.to(torch.int32), size)
+                rows = buckets.new_zeros((*k.shape[:2], self.n_buckets, size), dtype=torch.int32)
+                if self.bucket_rows is not None:  # entries past a bucket's count are unused: copy all
+                    rows[..., :self.bucket_rows.shape[-1]] = self.bucket_rows
+                else:
+                    self.bucket_count = buckets.new_zeros((*k.shape[:2], self.n_buckets), dtype=torch.int32)
+                self.bucket_rows = rows
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
         if buckets is not None:
-            self.buckets[:, :, self.length:end] = buckets
+            self.buckets[:, :, start:end] = buckets
+            self._index(buckets.long(), start)
         self.length = end
 
     def _grow(self, old: Tensor | None, new: Tensor, size: int) -> Tensor:
@@ -118,16 +166,95 @@ class KVCache:
             out[:, :, :self.length] = old[:, :, :self.length]
         return out
 
+    def _index(self, kb: Tensor, start: int) -> None:
+        """Append rows ``start + t`` (bucket ``kb[..., t]``, ``kb`` ``(B, Hkv, N)`` int64) to their
+        buckets' row lists: the entry at slot ``bucket_count`` of each, then the counts."""
+        B, Hkv, N = kb.shape
+        cap = self.bucket_rows.shape[-1]
+        flat = self.bucket_rows.view(B, Hkv, -1)  # list u of (b, j) is flat[b, j, u·cap : (u+1)·cap]
+        if N == 1:  # a decode step: two scatters
+            slot = self.bucket_count.gather(-1, kb)
+            flat.scatter_(-1, kb * cap + slot, start)
+            self.bucket_count.scatter_(-1, kb, slot + 1)
+            return
+        # A prompt: sort by bucket (stable, so each bucket's rows stay ascending); a row's slot
+        # is the bucket's count so far plus its rank among this prompt's rows of the bucket.
+        sorted_kb, order = torch.sort(kb, dim=-1, stable=True)
+        counts = torch.zeros(B, Hkv, self.n_buckets, dtype=torch.long, device=kb.device)
+        counts.scatter_add_(-1, kb, torch.ones_like(kb))
+        first = counts.cumsum(-1) - counts  # where each bucket starts in sorted order
+        rank = torch.arange(N, device=kb.device) - first.gather(-1, sorted_kb)
+        slot = self.bucket_count.long().gather(-1, sorted_kb) + rank
+        flat.scatter_(-1, sorted_kb * cap + slot, (order + start).to(torch.int32))
+        self.bucket_count += counts.to(torch.int32)
 
-def _decode_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: int, allowed) -> Tensor:
-    """Attention of one new query per head over the first ``cache_len`` cached keys.
+    def allowed(self, n_heads: int, window: int = 0, q_buckets: Tensor | None = None) -> Tensor | None:
+        """The keys a new query may attend to, as a mask ``(B, n_heads, length)``, or None for all.
+
+        Query head ``h`` reads kv head ``h // (n_heads / Hkv)``.  ``window = W > 0``: the rows
+        ``[length - W, length)``; ``q_buckets`` ``(B, n_heads)``: also the rows of that bucket
+        (from :attr:`bucket_rows`; an id outside ``[0, n_buckets)`` adds none).  This is the
+        reference (PyTorch) form of what :meth:`attend` gives the kernel; it costs ``O(length)``.
+        """
+        L = self.length
+        if q_buckets is None and not window:
+            return None
+        B, Hkv = self.k.shape[:2]
+        device = self.k.device
+        win_start = max(L - window, 0) if window else L
+        mask = torch.zeros(B, n_heads, L + 1, dtype=torch.bool, device=device)
+        mask[..., win_start:L] = True
+        if q_buckets is not None:
+            if self.bucket_rows is None:
+                raise ValueError("q_buckets given, but this cache holds no bucket index (append keys with buckets)")
+            qb = q_buckets.long()
+            ok = (qb >= 0) & (qb < self.n_buckets)
+            qb = qb.clamp(0, self.n_buckets - 1)
+            bi = torch.arange(B, device=device)[:, None]
+            hk = (torch.arange(n_heads, device=device) // (n_heads // Hkv))[None, :]
+            rows = self.bucket_rows[bi, hk, qb].long()  # (B, n_heads, capacity)
+            count = torch.where(ok, self.bucket_count[bi, hk, qb], 0)
+            valid = (torch.arange(rows.shape[-1], device=device) < count[..., None]) & (rows < win_start)
+            mask.scatter_(-1, torch.where(valid, rows, L), True)
+        return mask[..., :L]
+
+    def attend(self, q: Tensor, *, window: int = 0, q_buckets: Tensor | None = None,
+               kernel: bool | None = None) -> Tensor:
+        """Attention of one new query per head over the cache (its own key already appended).
+
+        ``q`` ``(B, H, 1, D)``; the keys: every row (``window = 0``, no ``q_buckets``), the
+        ``window`` most recent rows, and with ``q_buckets`` ``(B, H)`` also the rows of the
+        query's bucket: "same bucket or ``i - j < W``", each row once.  ``kernel``: as the
+        cache's :attr:`kernel` (which it overrides).  With the kernel the bucket case reads the
+        bucket's row list in place (:func:`~sparseflash.decode_attention` with ``list_id``):
+        ``O(window + bucket size)`` work and no host synchronisation; without it, a mask from
+        :meth:`allowed` and :func:`_decode_attend`.  Returns ``(B, H, 1, D)`` in q's dtype.
+        """
+        use_kernel = self.kernel if kernel is None else kernel
+        if use_kernel is None:
+            use_kernel = q.is_cuda
+        if q_buckets is not None and self.bucket_rows is None:
+            raise ValueError("q_buckets given, but this cache holds no bucket index (append keys with buckets)")
+        if use_kernel:
+            from .decode import decode_attention  # (decode imports nothing from here; kept lazy all the same)
+
+            if q_buckets is None:
+                return decode_attention(q, self.k, self.v, self.length, window=window)
+            return decode_attention(q, self.k, self.v, self.length, key_index=self.bucket_rows,
+                                    n_keys=self.bucket_count, list_id=q_buckets, window=window)
+        return _decode_attend(q, self.k, self.v, self.length, self.allowed(q.shape[1], window, q_buckets))
+
+
+def _decode_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: int, allowed=None) -> Tensor:
+    """Attention of one new query per head over the first ``cache_len`` cached keys (PyTorch, float32).
 
     ``q`` ``(B, H, 1, D)``; ``k_cache``, ``v_cache`` ``(B, Hkv, S, D)`` (``S >= cache_len``,
     ``Hkv`` dividing ``H``; query head ``h`` reads kv head ``h // (H // Hkv)``).  ``allowed``:
-    a bool mask ``(B, H, cache_len)`` of the keys each query may attend, or a pair
-    ``(key_index (B, H, L) int, n_keys (B, H))`` listing them (the first ``n_keys`` entries of
-    each row).  Masked softmax in float32, scale ``1/sqrt(D)``; a query with no allowed key
-    gets 0.  Returns ``(B, H, 1, D)`` in ``q``'s dtype.
+    None (every key), a bool mask ``(B, H, cache_len)`` of the keys each query may attend, or a
+    pair ``(key_index (B, H, L) int, n_keys (B, H))`` listing them (the first ``n_keys`` entries
+    of each row).  Masked softmax in float32, scale ``1/sqrt(D)``; a query with no allowed key
+    gets 0.  Returns ``(B, H, 1, D)`` in ``q``'s dtype.  The reference of
+    :func:`sparseflash.decode_attention`, which :meth:`KVCache.attend` uses instead on CUDA.
     """
     B, H, _, D = q.shape
     Hkv = k_cache.shape[1]
@@ -142,6 +269,10 @@ def _decode_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: int, 
     v = v_cache[:, :, :cache_len].float()
     qg = q.float().view(B, Hkv, g, D)
     scores = torch.einsum("bkgd,bkld->bkgl", qg, k) * D ** -0.5
+    if allowed is None:
+        p = torch.softmax(scores, dim=-1) if cache_len else scores
+        y = torch.einsum("bkgl,bkld->bkgd", p, v)
+        return y.reshape(B, H, 1, D).to(q.dtype)
     mask = allowed.view(B, Hkv, g, cache_len)
     scores = scores.masked_fill(~mask, float("-inf"))
     top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # empty rows: no NaN
@@ -225,6 +356,19 @@ class SparseCausalSelfAttention(nn.Module):
         rot = self.rotations.repeat_interleave(group, dim=0)
         return lsh_buckets(nn.functional.normalize(x.float(), dim=-1), self.n_buckets, rotations=rot)
 
+    def _decode_buckets(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_buckets` of a decode step's ``q`` ``(B, H, 1, D)`` and ``k`` ``(B, Hkv, 1, D)``
+        in one LSH call (one token: the step is launch-bound, so half the launches matter)."""
+        rot = self.rotations
+        key = (rot.device, rot.data_ptr(), rot._version)
+        if getattr(self, "_qk_rot_key", None) != key:  # the rotations of [query heads, kv heads], once
+            group = self.n_heads // self.n_kv_heads
+            self._qk_rot = torch.cat([rot.repeat_interleave(group, dim=0), rot], dim=0)
+            self._qk_rot_key = key
+        x = nn.functional.normalize(torch.cat([q, k], dim=1).float(), dim=-1)
+        ids = lsh_buckets(x, self.n_buckets, rotations=self._qk_rot)
+        return ids[:, :self.n_heads], ids[:, self.n_heads:]
+
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (batch, seq_len, {self.embed_dim}), got {tuple(x.shape)}")
@@ -257,7 +401,10 @@ class SparseCausalSelfAttention(nn.Module):
             v = v * torch.sigmoid(k_score)[..., None].to(v.dtype)
             y = qk_sparse_attention(q, k, v, q_keep, k_keep, window=w) * torch.sigmoid(q_score)[..., None].to(v.dtype)
         if cache is not None:
-            cache.append(k, v, k_buckets if self.mode == "hash" else None)
+            if self.mode == "hash":
+                cache.append(k, v, k_buckets, n_buckets=self.n_buckets)
+            else:
+                cache.append(k, v)
         return self.proj(y.transpose(1, 2).reshape(B, N, H * D))
 
     def _decode(self, x: Tensor, cache: KVCache) -> Tensor:
@@ -268,21 +415,16 @@ class SparseCausalSelfAttention(nn.Module):
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, 1, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
         pos = len(cache)
-        k_buckets = None
         if self.mode == "hash":
             with torch.no_grad():
-                q_buckets, k_buckets = self._buckets(q), self._buckets(k)
-        if self.positional == "rotary":
-            q, k = rotary(q, offset=pos), rotary(k, offset=pos)
-        cache.append(k, v, k_buckets)
-        L = len(cache)
-        j = torch.arange(L, device=x.device)
-        near = (pos - j < self.window).expand(B, H, L)  # all False when window is 0
-        if self.mode == "dense":
-            allowed = near if self.window else torch.ones(B, H, L, dtype=torch.bool, device=x.device)
+                q_buckets, k_buckets = self._decode_buckets(q, k)
+        if self.positional == "rotary":  # one call for both (same position): the step is launch-bound
+            q, k = rotary(torch.cat([q, k], dim=1), offset=pos).split([H, Hkv], dim=1)
+        if self.mode == "hash":
+            cache.append(k, v, k_buckets, n_buckets=self.n_buckets)
+            y = cache.attend(q, window=self.window, q_buckets=q_buckets[..., 0])
         else:
-            kb = cache.buckets[:, :, :L].repeat_interleave(H // Hkv, dim=1)
-            allowed = (kb == q_buckets) | near
-        y = _decode_attend(q, cache.k, cache.v, L, allowed)
+            cache.append(k, v)
+            y = cache.attend(q, window=self.window)
         return self.proj(y.transpose(1, 2).reshape(B, 1, H * D))
 

@@ -7,6 +7,8 @@
   equals its dense one (so the two references check each other);
 * empty queries (``cache_len = 0``, ``n_keys = 0``, only out-of-range indices) give 0, never NaN;
 * float16 / bfloat16 within a relative bound, fixed seeds;
+* a sliding window, per-kv-head lists chosen by ``list_id`` (one per hash bucket) and their
+  union with the window (each row once), against the reference on the explicit union list;
 * bad inputs raise ``ValueError``.
 
 Everything runs on the CPU interpreter at small sizes; the ``gpu`` tests check S = 65536
@@ -177,6 +179,71 @@ def test_no_nan_when_empty():
         assert (decode_attention(q, k, v, S, key_index=idx, n_keys=none, num_splits=splits) == 0).all()
 
 
+def _bucket_lists(S, G, h_kv, seed):
+    """Rows ``[0, S)`` of each (sequence, kv head) dealt to ``G`` buckets at random: ``rows``
+    ``(B, h_kv, G, S)`` int32 (each bucket's rows ascending, then garbage), ``count`` ``(B, h_kv, G)``,
+    and the bucket of every row ``(B, h_kv, S)``."""
+    g = torch.Generator().manual_seed(seed)
+    kb = torch.randint(0, G, (B, h_kv, S), generator=g)
+    rows = torch.randint(0, S, (B, h_kv, G, S), generator=g).int()  # garbage past the counts
+    count = torch.zeros(B, h_kv, G, dtype=torch.int32)
+    for b in range(B):
+        for j in range(h_kv):
+            for u in range(G):
+                mine = (kb[b, j] == u).nonzero().flatten()
+                rows[b, j, u, :len(mine)] = mine.int()
+                count[b, j, u] = len(mine)
+    return rows, count, kb
+
+
+def _union_list(lens, window, rows, count, list_id):
+    """The explicit per-head ``(B, H, window + L)`` list of "window tail ∪ listed rows older
+    than it" and its counts, for the reference."""
+    h_kv, S = rows.shape[1], rows.shape[-1]
+    out = torch.full((B, H, window + S), -1, dtype=torch.int64)
+    for b in range(B):
+        n = int(lens[b])
+        start = max(n - window, 0) if window else n
+        for h in range(H):
+            u = int(list_id[b, h])
+            listed = rows[b, h // (H // h_kv), u, :count[b, h // (H // h_kv), u]].long() if 0 <= u < rows.shape[2] \
+                else torch.zeros(0, dtype=torch.int64)
+            keys = torch.cat([torch.arange(start, n), listed[listed < start]])
+            out[b, h, :len(keys)] = keys
+    return out, torch.full((B, H), window + S)
+
+
+@pytest.mark.parametrize("window", [0, 8, 200])
+def test_window_and_bucket_lists_match_reference(window):
+    """window alone (sliding window), per-kv-head lists picked by list_id, and their union: each row
+    once (listed rows of the window tail are not counted twice); an unknown list id reads no list."""
+    S, D, h_kv, G = 100, 16, 2, 3
+    q, k, v = _inputs(S, D, h_kv, seed=window)
+    lens = torch.tensor([S, 37])
+    rows, count, _ = _bucket_lists(S, G, h_kv, seed=window)
+    list_id = torch.randint(0, G, (B, H), generator=torch.Generator().manual_seed(1))
+    list_id[0, 1], list_id[1, 2] = G, -1  # no such list: the window only
+    idx, n = _union_list(lens, window, rows, count, list_id)
+    want = ref.decode_attention(q, k, v, lens, idx, n)
+    for splits in (1, 3):
+        got = decode_attention(q, k, v, lens, key_index=rows, n_keys=count, list_id=list_id, window=window,
+                               num_splits=splits)
+        _check(got, want, f32)
+    if window:  # the window alone, and a (B, H, L) list with it
+        tail = torch.arange(S).expand(B, H, S)
+        start = (lens - window).clamp_min(0)[:, None, None]
+        want = ref.decode_attention(q, k, v, lens, torch.where(tail >= start, tail, -1))
+        _check(decode_attention(q, k, v, lens, window=window, num_splits=3), want, f32)
+        per_head, n_per_head = _index_list(S, L=30, seed=window)
+        union = torch.cat([torch.where(tail >= start, tail, -1),
+                           torch.where(per_head < start, per_head, -1)], dim=-1)
+        valid = torch.arange(30) < n_per_head[..., None]
+        union[..., S:] = torch.where(valid, union[..., S:], -1)
+        want = ref.decode_attention(q, k, v, lens, union)
+        got = decode_attention(q, k, v, lens, key_index=per_head, n_keys=n_per_head, window=window)
+        _check(got, want, f32)
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------
@@ -201,6 +268,14 @@ def _bad_calls():
         "n_keys shape": (lambda: decode_attention(q, k, v, 7, key_index=idx, n_keys=idx[..., 0, None]), "n_keys"),
         "n_keys alone": (lambda: decode_attention(q, k, v, 7, n_keys=idx[..., 0]), "with key_index"),
         "splits": (lambda: decode_attention(q, k, v, 7, num_splits=0), "num_splits"),
+        "lists without id": (lambda: decode_attention(q, k, v, 7, key_index=idx[:, :2, None]), "needs list_id"),
+        "lists id shape": (lambda: decode_attention(q, k, v, 7, key_index=idx[:, :2, None], list_id=idx[..., 0, None]),
+                           r"list_id must have shape \(2, 4\)"),
+        "lists n_keys shape": (lambda: decode_attention(q, k, v, 7, key_index=idx[:, :2, None], list_id=idx[..., 0],
+                                                        n_keys=idx[..., 0]), r"n_keys must have shape \(2, 2, 1\)"),
+        "id with 3-D list": (lambda: decode_attention(q, k, v, 7, key_index=idx, list_id=idx[..., 0]), "4-D"),
+        "id alone": (lambda: decode_attention(q, k, v, 7, list_id=idx[..., 0]), "with key_index"),
+        "window": (lambda: decode_attention(q, k, v, 7, window=-1), "window must be an int >= 0"),
         "scale": (lambda: decode_attention(q, k, v, 7, scale=float("nan")), "scale"),
     }
 
@@ -248,3 +323,37 @@ def test_gpu_no_host_sync():
         decode_attention(q, k, v, lens, key_index=idx, n_keys=n_keys)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------------------
+# The decode benchmark
+# ---------------------------------------------------------------------------
+
+
+def test_decode_bench_quick(tmp_path):
+    """``python -m sparseflash.bench.decode --quick``: every row checked and timed (Flex skipped
+    on the CPU), speedups against SDPA, JSON and CSV; an existing file is kept as a backup."""
+    import json
+
+    from sparseflash.bench import decode as bench
+
+    out = tmp_path / "decode.json"
+    out.write_text("{}")
+    assert bench.main(["--quick", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    rows, meta = data["rows"], data["meta"]
+    assert meta["complete"] and meta["schema"] == bench.SCHEMA and meta["heads"] == 2 and meta["head_dim"] == 16
+    assert {(r["scope"], r["attention"]) for r in rows} == (
+        {("layer", a) for a in bench.ATTENTIONS} | {("model", a) for a in bench.MODEL_ATTENTIONS})
+    for r in rows:
+        assert set(bench.ROW_FIELDS) <= set(r) and r["context"] == 40 and r["batch"] == 1
+        if r["attention"].startswith("flex"):
+            assert r["status"] == "skipped"
+        else:
+            assert r["status"] == "ok" and r["ms_per_token"] > 0 and r["speedup_vs_sdpa"] > 0, r
+        if r["scope"] == "layer" and r["status"] == "ok":
+            assert r["check_rel_err"] < 2e-2
+    hash_row = next(r for r in rows if r["scope"] == "layer" and r["attention"] == "hash")
+    assert hash_row["n_buckets"] == 4 and hash_row["window"] == 8 and hash_row["keys_read"] < 40
+    assert out.with_suffix(".csv").exists() and list(tmp_path.glob("decode.json.bak-*"))
+

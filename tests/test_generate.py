@@ -1,6 +1,8 @@
 """Sampling from the GPT (CPU, tiny): a decode step over the key/value cache gives what the
 forward gives at every position (dense, sliding window, hash buckets ∪ window, GQA, SDPA), so
-greedy generation with the cache equals generation without it token for token; top_k=1 is
+greedy generation with the cache equals generation without it token for token, through the
+PyTorch decode path and the Triton kernel (interpreted); the cache's per-bucket row lists give
+the same keys as comparing buckets over the whole cache; top_k=1 is
 greedy; a seeded generator repeats its sample; ``qk`` refuses the cache; and the ``sample``
 command streams text from a checkpoint of a 2-step training run, or fails in one line."""
 from __future__ import annotations
@@ -68,6 +70,34 @@ def test_decode_step_matches_forward_at_every_position(make):
         assert (same & (i - j >= m.window)).any() and (~same & (i - j >= 0) & (i - j < m.window)).any()
 
 
+def test_bucket_index_replaces_the_bucket_comparison():
+    """The cache's per-bucket row lists hold exactly each bucket's rows, ascending, after a prompt
+    and after single steps; the mask they give equals comparing the query's bucket with every
+    cached key's (the former O(S) rule) ∪ the window; the kernel's steps equal the forward."""
+    torch.manual_seed(4)
+    m = SparseCausalSelfAttention(64, 4, mode="hash", n_buckets=4, window=3, n_kv_heads=2)
+    x = torch.randn(2, 11, 64)
+    with torch.no_grad():
+        full = m(x)
+        q, k, _ = m.qkv(x).view(2, 11, -1, 16).transpose(1, 2).split([4, 2, 2], dim=1)
+        qb, kb = m._buckets(q), m._buckets(k)
+        cache = KVCache(kernel=True)  # (the PyTorch path's steps: test_decode_step_matches_forward_at_every_position)
+        m(x[:, :5], cache=cache)
+        steps = torch.cat([m(x[:, t:t + 1], cache=cache) for t in range(5, 11)], dim=1)
+    torch.testing.assert_close(steps, full[:, 5:], atol=1e-5, rtol=1e-4)
+    for b in range(2):
+        for j in range(2):
+            for u in range(4):
+                want = (kb[b, j] == u).nonzero().flatten()
+                n = int(cache.bucket_count[b, j, u])
+                assert n == len(want) and torch.equal(cache.bucket_rows[b, j, u, :n].long(), want)
+    L = len(cache)
+    old = (kb.repeat_interleave(2, dim=1) == qb[..., -1:]) | (torch.arange(L) >= L - 3)
+    assert torch.equal(cache.allowed(4, 3, qb[..., -1]), old)
+    with pytest.raises(ValueError, match="n_buckets"):
+        KVCache().append(k, k, kb)
+
+
 def test_decode_attend_index_form_equals_mask_form():
     torch.manual_seed(2)
     q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
@@ -84,19 +114,21 @@ def test_decode_attend_index_form_equals_mask_form():
     assert (a[0, 3] == 0).all() and torch.isfinite(a).all()
 
 
-@pytest.mark.parametrize("attention, n_layer, kw", [
-    ("dense", 2, {}),
-    ("hash", 1, dict(n_buckets=4, window=4)),
-    ("hash", 1, dict(n_buckets=4, window=4, n_kv_heads=1)),
-    ("sdpa", 2, dict(n_kv_heads=1)),
+@pytest.mark.parametrize("attention, n_layer, kw, kernel", [
+    ("dense", 2, {}, True),
+    ("hash", 1, dict(n_buckets=4, window=4), False),
+    ("hash", 1, dict(n_buckets=4, window=4, n_kv_heads=1), True),
+    ("sdpa", 2, dict(n_kv_heads=1), False),
 ], ids=["dense", "hash-w4", "hash-w4-gqa", "sdpa-gqa"])
-def test_greedy_with_cache_equals_without(attention, n_layer, kw):
+def test_greedy_with_cache_equals_without(attention, n_layer, kw, kernel):
     model = _gpt(attention, n_layer, **kw)
     prompt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(3))
     cached = model.generate(prompt, 8, temperature=0)
     plain = model.generate(prompt, 8, temperature=0, use_cache=False)
     assert cached.shape == (2, 11) and torch.equal(cached[:, :3], prompt)
     assert torch.equal(cached, plain)
+    if kernel:  # the decode steps through the Triton kernel (interpreted here), as on CUDA
+        assert torch.equal(model.generate(prompt, 5, temperature=0, decode_kernel=True), plain[:, :8])
     # the cache's last-token logits are the forward's
     caches = [KVCache() for _ in model.blocks]
     with torch.no_grad():
@@ -143,8 +175,37 @@ def test_qk_refuses_the_cache_and_samples_without_it():
     assert not model.can_cache and _gpt("hash", n_buckets=4).can_cache
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["dense", "hash"])
+def test_gpu_decode_step_kernel_no_host_sync(attention):
+    """On CUDA a cached step runs the kernel (equal to the PyTorch path) and never waits for the GPU."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=128, n_head=4, n_kv_heads=2, attention=attention, n_buckets=8,
+                          window=16)).cuda().eval()
+    idx = torch.randint(0, 256, (2, 300), device="cuda")
+    outs = {}
+    for kern in (True, False):
+        caches = [KVCache(400, kernel=kern) for _ in model.blocks]
+        with torch.no_grad():
+            model._forward_cached(idx, caches)
+            outs[kern] = torch.stack([model._forward_cached(idx[:, t:t + 1], caches) for t in range(5)])
+    torch.testing.assert_close(outs[True], outs[False], atol=2e-4, rtol=2e-4)
+    caches = [KVCache(400) for _ in model.blocks]
+    with torch.no_grad():
+        model._forward_cached(idx, caches)
+        model._forward_cached(idx[:, :1], caches)  # compile first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in range(3):
+                model._forward_cached(idx[:, t:t + 1], caches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("kwargs, said", [
     (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(max_context=0), "max_context"),
+    (dict(decode_kernel="yes"), "decode_kernel"),
 ])
 def test_bad_arguments(kwargs, said):
     model = _gpt("sdpa")

@@ -20,7 +20,9 @@ projection and an output ``proj``), so that only the attention itself differs:
 Sampling: :meth:`GPT.generate` (nanoGPT's), with a key/value cache (one token's work per
 new token) for every attention but ``qk``, whose top-k gate ranks the tokens of a whole
 sequence and so cannot be decoded one token at a time; ``python -m sparseflash.train
-sample`` samples from a training checkpoint.
+sample`` samples from a training checkpoint.  On CUDA a cached step of our attentions runs
+the Triton decode kernel (:func:`sparseflash.decode_attention`; ``hash``: over the window
+and its bucket's row list, no mask over the cache), with no host synchronisation.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._runtime import check_window
-from ..nn import DEFAULT_WINDOW, KVCache, SparseCausalSelfAttention, _decode_attend, rotary
+from ..nn import DEFAULT_WINDOW, KVCache, SparseCausalSelfAttention, rotary
 
 ATTENTIONS = ("dense", "sdpa", "sdpa_cudnn", "hash", "qk", "none")
 WINDOWED = ("dense", "hash", "qk")  #: attentions that take a sliding window (our kernels)
@@ -111,7 +113,8 @@ class SDPACausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         """``x`` ``(B, N, C)`` -> ``(B, N, C)``; with ``cache``, as
         :meth:`SparseCausalSelfAttention.forward` (record, then decode one token at a time;
-        the decode step is dense causal attention over the cache, the same maths as SDPA's)."""
+        the decode step is SDPA itself, one query against the cache's keys, with PyTorch's own
+        choice of backend: the forward's backend rule is for timing training steps)."""
         B, N, C = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
@@ -123,10 +126,12 @@ class SDPACausalSelfAttention(nn.Module):
                 cache.length += 1  # only the position counts: nothing is attended
             else:
                 pos = len(cache)
-                q, k = rotary(q, offset=pos), rotary(k, offset=pos)
+                q, k = rotary(torch.cat([q, k], dim=1), offset=pos).split([H, Hkv], dim=1)
                 cache.append(k, v)
                 L = len(cache)
-                y = _decode_attend(q, cache.k, cache.v, L, torch.ones(B, H, L, dtype=torch.bool, device=x.device))
+                gqa = {"enable_gqa": True} if Hkv != H else {}
+                # The new query is the last position: every cached key is allowed, no mask.
+                y = F.scaled_dot_product_attention(q, cache.k[:, :, :L], cache.v[:, :, :L], **gqa)
             return self.proj(y.transpose(1, 2).reshape(B, N, H * D))
         if self.backend == "none":
             y = v.repeat_interleave(H // Hkv, dim=1) if Hkv != H else v
@@ -235,7 +240,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 max_context: int | None = None) -> Tensor:
+                 max_context: int | None = None, decode_kernel: bool | None = None) -> Tensor:
         """Continue ``idx`` ``(B, T)`` (int64 bytes) by ``max_new_tokens`` sampled tokens; returns
         ``(B, T + max_new_tokens)``.  As nanoGPT's, one token at a time.
 
@@ -261,17 +266,23 @@ class GPT(nn.Module):
                 ``max_context`` each step re-runs the forward over the last ``max_context``
                 tokens, as without the cache (a cache cannot forget its oldest tokens
                 exactly: every later key depends on them).
+            decode_kernel: how a cached step attends (:class:`~sparseflash.nn.KVCache`'s
+                ``kernel``): None (default): the Triton decode kernel
+                (:func:`sparseflash.decode_attention`) on CUDA, plain PyTorch in float32 on the
+                CPU; True: the kernel on the CPU too (Triton's interpreter: slow, tiny models
+                only); False: PyTorch everywhere.  ``sdpa`` decodes with SDPA whatever this says.
 
         The model's mode (train/eval) is left as it is; no gradients are recorded.
         :meth:`generate_iter` yields the new tokens one by one instead (to stream them).
         """
         new = list(self.generate_iter(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                      use_cache=use_cache, generator=generator, max_context=max_context))
+                                      use_cache=use_cache, generator=generator, max_context=max_context,
+                                      decode_kernel=decode_kernel))
         return torch.cat([idx, *new], dim=1)
 
     def generate_iter(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                       use_cache: bool = True, generator: torch.Generator | None = None,
-                      max_context: int | None = None):
+                      max_context: int | None = None, decode_kernel: bool | None = None):
         """:meth:`generate`, yielding each new ``(B, 1)`` token as soon as it is sampled.  The
         arguments are checked at the call (``ValueError``), before the first token."""
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.long:
@@ -286,6 +297,8 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         if max_context is not None and (int(max_context) != max_context or max_context < 1):
             raise ValueError(f"max_context must be a positive integer or None, got {max_context!r}")
+        if decode_kernel is not None and not isinstance(decode_kernel, bool):
+            raise ValueError(f"decode_kernel must be None, True or False, got {decode_kernel!r}")
         if use_cache and not self.can_cache:
             why = ("the top-k gate ranks all tokens of a sequence, later ones included" if self.cfg.qk_gate == "topk"
                    else "random dropping is redrawn over the whole sequence at every call")
@@ -300,8 +313,8 @@ class GPT(nn.Module):
                 if use_cache and (max_context is None or T <= max_context):
                     if caches is None:
                         cap = idx.shape[1] + int(max_new_tokens)
-                        caches = [KVCache(cap if max_context is None else min(cap, max_context))
-                                  for _ in self.blocks]
+                        caches = [KVCache(cap if max_context is None else min(cap, max_context),
+                                          kernel=decode_kernel) for _ in self.blocks]
                         logits = self._forward_cached(idx, caches)
                     else:
                         logits = self._forward_cached(idx[:, -1:], caches)
