@@ -195,3 +195,28 @@ def check_bucket_range(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | No
         if n_buckets is not None and hi >= n_buckets:
             raise ValueError(f"{name} must be < n_buckets={n_buckets}, got a bucket id {hi}")
     return max(q_hi, k_hi)
+
+
+def check_fast_path_ids(q_buckets: Tensor, k_buckets: Tensor, budget: int, n_buckets: int | None,
+                        default: int, max_direct: int) -> None:
+    """Hash attention's ``validate``: every id in ``[0, budget)``, the ids with runs of their own
+    (``budget``: ``n_buckets``, at most ``max_direct``, or ``default`` without it); raise
+    ``ValueError`` otherwise.
+
+    A performance check, not a correctness one: other ids are attended exactly too, at
+    about dense speed among themselves.  Reads four numbers back from the device (one host
+    synchronisation).
+    """
+    if q_buckets.numel() == 0:
+        return
+    q_lo, k_lo, q_hi, k_hi = torch.stack(
+        [q_buckets.min().long(), k_buckets.min().long(), q_buckets.max().long(), k_buckets.max().long()]).tolist()
+    given = (f"n_buckets={default} (the default)" if n_buckets is None else
+             f"n_buckets={n_buckets}" + (f", of which the first {max_direct} get runs" if n_buckets > max_direct
+                                         else ""))
+    for name, lo, hi in (("q_buckets", q_lo, q_hi), ("k_buckets", k_lo, k_hi)):
+        bad = lo if lo < 0 else hi if hi >= budget else None
+        if bad is not None:
+            raise ValueError(f"{name} must lie in [0, {budget}) to take the tile-skipping path ({given}), got a "
+                             f"bucket id {bad} (validate=True checks this; such ids are still attended exactly, "
+                             f"at about dense speed among themselves)")

@@ -7,8 +7,9 @@ hash-bucket or query/key-dropping pattern and turns the plan into a
 
 * query tile ``T`` visits key tiles ``[lo, full)`` as FlexAttention's *full* blocks
   (no mask evaluated) and ``[full, hi)`` as its *partial* blocks, where the
-  ``mask_mod`` applies sparseflash's rule: same bucket, and the key's position at
-  or before the query's (padding and dropped slots have no bucket);
+  ``mask_mod`` applies sparseflash's rule: same bucket (in hash attention's overflow run,
+  equal ids), and the key's position at or before the query's (padding and dropped slots
+  have no bucket);
 * :meth:`FlexPattern.attention` gathers q, k, v into slot order, runs
   ``flex_attention`` with that mask, and scatters the output back to token order.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .layout import Layout, TilePlan, bucket_layouts, tile_plan
+from .layout import Layout, TilePlan, bucket_budget, bucket_layouts, tile_plan
 
 FLEX_BLOCK = 128
 
@@ -71,17 +72,19 @@ class FlexPattern:
 
 
 def flex_pattern(shape: tuple[int, int, int], *, q_buckets: Tensor | None = None, k_buckets: Tensor | None = None,
-                 q_keep: Tensor | None = None, k_keep: Tensor | None = None, n_buckets: int = 1,
+                 q_keep: Tensor | None = None, k_keep: Tensor | None = None, n_buckets: int | None = None,
                  device=None) -> FlexPattern:
     """The sparseflash pattern of a hash or query/key-dropping call as a :class:`FlexPattern`.
 
     Args:
         shape: the queries' ``(B, Hq, N)``.
         q_buckets, k_buckets: integer bucket ids (hash attention), ``(B, Hq, N)`` /
-            ``(B, Hkv, N)``; ids outside ``[0, n_buckets)`` drop the token, as in
-            :func:`~sparseflash.hash_sparse_attention`.
+            ``(B, Hkv, N)``: labels of any value, as in :func:`~sparseflash.hash_sparse_attention`
+            (ids outside ``[0, n_buckets)`` share the overflow run, where the ``mask_mod``
+            compares the ids).
         q_keep, k_keep: bool keep masks (query/key dropping), same shapes.
-        n_buckets: number of buckets (1 for dropping).
+        n_buckets: with buckets, as in :func:`~sparseflash.hash_sparse_attention` (None: 64);
+            ignored without (one bucket).
 
     Returns:
         A :class:`FlexPattern`; ``.block_mask`` is the ``BlockMask``, ``.attention(q, k, v)``
@@ -90,8 +93,10 @@ def flex_pattern(shape: tuple[int, int, int], *, q_buckets: Tensor | None = None
     from torch.nn.attention.flex_attention import BlockMask
 
     B, Hq, N = shape
+    hashed = q_buckets is not None
     ql, kl = bucket_layouts(shape, q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
-                            n_buckets=n_buckets, block_m=FLEX_BLOCK, block_n=FLEX_BLOCK, device=device)
+                            n_buckets=bucket_budget(n_buckets) if hashed else 1, block_m=FLEX_BLOCK,
+                            block_n=FLEX_BLOCK, overflow=hashed, device=device)
     plan = tile_plan(ql, kl)
     lo, full, hi = plan.q_runs.unbind(-1)
     n_kt = kl.n_tiles
@@ -103,10 +108,18 @@ def flex_pattern(shape: tuple[int, int, int], *, q_buckets: Tensor | None = None
 
     group = Hq // kl.index.shape[1]
     q_pos, q_bucket, k_pos, k_bucket = ql.pos, ql.bucket, kl.pos, kl.bucket
+    if hashed:
+        # Each slot's original id (padding slots, index N, read 0: they have no bucket anyway).
+        def slot_ids(ids, index):
+            return torch.nn.functional.pad(ids.long(), (0, 1)).gather(-1, index.long())
+
+        q_id, k_id = slot_ids(q_buckets, ql.index), slot_ids(k_buckets, kl.index)
 
     def mask_mod(b, h, q_idx, kv_idx):
         hk = h // group
         same = (q_bucket[b, h, q_idx] == k_bucket[b, hk, kv_idx]) & (q_bucket[b, h, q_idx] >= 0)
+        if hashed:  # a no-op inside a bucket's run; the overflow run mixes ids
+            same = same & (q_id[b, h, q_idx] == k_id[b, hk, kv_idx])
         return same & (k_pos[b, hk, kv_idx] <= q_pos[b, h, q_idx])
 
     block_mask = BlockMask.from_kv_blocks(

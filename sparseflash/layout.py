@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _runtime  # noqa: F401  (first: may turn on Triton's interpreter)
+from . import _runtime  # (first: may turn on Triton's interpreter)
 from ._steps import kv_head
 
 INT32_MAX = 2**31 - 1
@@ -164,24 +164,50 @@ def tile_tables(stats: TileStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 # (query/key dropping is the case of one bucket), in original order inside a bucket,
 # and every bucket's run starts on a tile boundary:
 #
-#     slots:  | bucket 0 ......pad | bucket 1 ...pad | ... | dropped tokens | pad |
-#              ^ start[0]           ^ start[1]               ^ sum of the aligned runs
+#     slots:  | bucket 0 ......pad | bucket 1 ...pad | ... | overflow | dropped tokens | pad |
+#              ^ start[0]           ^ start[1]               ^ start[n_buckets] (with ``overflow``)
 #
 # So no tile holds two buckets, a query tile meets key tiles of its own bucket only,
 # and positions ascend through each run: the key tiles a query tile needs are a
 # contiguous run, the mask-free ones a prefix of it (see TilePlan).  Dropped tokens
-# (not kept, or a bucket id outside [0, n_buckets)) sit after the runs with the
-# padding position, so the kernels still write their output (0) and gradients (0):
-# ``index`` holds every token exactly once.  Alignment costs at most ``block - 1``
-# slots per non-empty bucket, so the length is static: ``layout_length``.
+# (not kept, or without ``overflow`` a bucket id outside [0, n_buckets)) sit after the
+# runs with the padding position, so the kernels still write their output (0) and
+# gradients (0): ``index`` holds every token exactly once.  Alignment costs at most
+# ``block - 1`` slots per non-empty bucket, so the length is static: ``layout_length``.
+#
+# Hash attention's ids are labels of any integer value, and ``n_buckets`` is only a
+# budget: with ``overflow`` every token whose id lies outside [0, n_buckets) goes to one
+# more run, the *overflow run* (index n_buckets, after the others, positions ascending
+# through it like any run).  Its tiles mix ids, so the kernels test the original ids
+# there (TilePlan: none of its tiles is mask-free); ids in range never meet it.  It is
+# not padded at its end, like the dropped tokens after it (which no pair allows, so they
+# may share its last tile): the length stays ``layout_length(N, n_buckets, block)``, and
+# a layout whose ids are all in range is the very layout built without ``overflow``.
 
 Q_PAD = PAD        #: position of a padding query slot: it sees no key
 K_PAD = INT32_MAX  #: position of a padding key slot: no query sees it
 
+#: Above this many buckets the per-bucket tables would be large: hash attention's ids
+#: from here up share the overflow run, and ``dense_bucket_ids`` renumbers ids for
+#: ``permuted_attention``.
+MAX_DIRECT_BUCKETS = 65536
+
+#: Hash attention's ids in ``[0, DEFAULT_BUCKETS)`` get runs of their own when no
+#: ``n_buckets`` is given (:func:`bucket_budget`).
+DEFAULT_BUCKETS = 64
+
+
+def bucket_budget(n_buckets: int | None) -> int:
+    """Ids ``[0, budget)`` that get a run of their own in hash attention's layout (the others
+    share the overflow run): ``n_buckets``, at most :data:`MAX_DIRECT_BUCKETS` so that the
+    per-run tables stay small, or :data:`DEFAULT_BUCKETS` when it is None."""
+    return DEFAULT_BUCKETS if n_buckets is None else min(int(n_buckets), MAX_DIRECT_BUCKETS)
+
 
 def layout_length(n: int, n_buckets: int, block: int) -> int:
     """Slots of an aligned layout of ``n`` tokens: every token once plus at most
-    ``block - 1`` padding slots per non-empty bucket, rounded up to a whole tile."""
+    ``block - 1`` padding slots per non-empty bucket, rounded up to a whole tile (the
+    overflow run and the dropped tokens are not padded)."""
     slots = n + min(n_buckets, n) * (block - 1)
     return -(-slots // block) * block
 
@@ -191,14 +217,19 @@ class Layout:
     """Where each token of one side (queries or keys) sits, per (batch, head): ``H`` is the
     query heads for the query side, the kv heads for the key side (grouped-query attention).
 
-    Attributes (``L = layout_length(N, n_buckets, block)`` slots):
+    Attributes (``L = layout_length(N, ids, block)`` slots, ``ids`` the id range
+    ``[0, ids)`` it was built for):
         index: int32 ``(B, H, L)``: the token in each slot; ``N`` for a padding slot.
         pos: int32 ``(B, H, L)``: that token's position (the causal coordinate);
             :data:`Q_PAD` or :data:`K_PAD` (the side's padding) for padding and dropped tokens.
-        bucket: int32 ``(B, H, L)``: its bucket; -1 for padding and dropped tokens.
-        start: int32 ``(B, H, n_buckets)``: first slot of each bucket's run (a multiple
-            of ``block``); count: int32 ``(B, H, n_buckets)``: tokens in it.
-        n_buckets, block: as built.
+        bucket: int32 ``(B, H, L)``: its run: the bucket id, ``ids`` in the overflow run;
+            -1 for padding and dropped tokens.
+        start: int32 ``(B, H, n_buckets)``: first slot of each run (a multiple of
+            ``block``); count: int32 ``(B, H, n_buckets)``: tokens in it.  Runs of buckets
+            are padded to whole tiles; the overflow run is not.
+        n_buckets: the runs, ``ids + 1`` with ``overflow`` (the last is the overflow run).
+        block: as built.
+        overflow: whether the last run is the overflow run (ids outside ``[0, ids)``).
     """
 
     index: Tensor
@@ -208,6 +239,7 @@ class Layout:
     count: Tensor
     n_buckets: int
     block: int
+    overflow: bool = False
 
     @property
     def n_slots(self) -> int:
@@ -216,6 +248,11 @@ class Layout:
     @property
     def n_tiles(self) -> int:
         return self.n_slots // self.block
+
+    @property
+    def overflow_run(self) -> int:
+        """Index of the overflow run (``bucket`` of its slots), -1 without one."""
+        return self.n_buckets - 1 if self.overflow else -1
 
 
 def _group(n_q_heads: int, n_k_heads: int) -> int:
@@ -234,33 +271,38 @@ def _check_layout_args(n_buckets, block):
 
 def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | None = None,
                      pos: Tensor | None = None, n_buckets: int = 1, block: int, pad: int,
-                     shift: int = 0, device=None) -> Layout:
+                     shift: int = 0, overflow: bool = False, device=None) -> Layout:
     """:class:`Layout` in plain PyTorch: a stable sort by bucket, then the aligned placement.
 
     ``shape`` is ``(B, H, N)``; ``buckets`` integer ids (absent: one bucket), ``keep``
     bool (absent: all kept), ``pos`` each token's position (absent: ``arange(N) - shift``,
     the tokens before ``shift`` dropped: the far part of a sliding window's union, whose
     queries see only keys at least ``shift`` before them).  A token is dropped if not kept
-    or its id is outside ``[0, n_buckets)``.  No host synchronisation.
-    :func:`bucket_layouts` builds the same with two launches.
+    or its id is outside ``[0, n_buckets)``; with ``overflow`` such a kept token goes to the
+    overflow run instead (run ``n_buckets``; ids compared in their own dtype, so an int64
+    ``2**32 + 1`` is not 1).  No host synchronisation.  :func:`bucket_layouts` builds the
+    same with two launches.
     """
     B, H, N = shape
     _check_layout_args(n_buckets, block)
     device = device if buckets is None else buckets.device
+    runs = n_buckets + bool(overflow)
     tok = torch.arange(N, device=device).expand(B, H, N)
-    key = torch.zeros(B, H, N, dtype=torch.long, device=device) if buckets is None else buckets.long()
-    valid = (key >= 0) & (key < n_buckets)
+    ids = torch.zeros(B, H, N, dtype=torch.long, device=device) if buckets is None else buckets
+    in_range = (ids >= 0) & (ids < n_buckets)                  # in the ids' own dtype: no wrap
+    key = torch.where(in_range, ids.long(), n_buckets)         # run n_buckets: the overflow run
+    valid = torch.ones_like(in_range) if overflow else in_range.clone()
     if keep is not None:
         valid &= keep.bool()
     if pos is None and shift:
         valid &= tok >= shift
-    key = torch.where(valid, key, n_buckets)                 # dropped tokens last
+    key = torch.where(valid, key, runs)                        # dropped tokens last
     order = torch.sort(key, dim=-1, stable=True).indices
     key_sorted = key.gather(-1, order)
-    counts = torch.zeros(B, H, n_buckets + 1, dtype=torch.long, device=device).scatter_add_(
+    counts = torch.zeros(B, H, runs + 1, dtype=torch.long, device=device).scatter_add_(
         -1, key, torch.ones_like(key))
     aligned = (counts + block - 1) // block * block
-    aligned[..., n_buckets] = counts[..., n_buckets]           # dropped tokens are not padded
+    aligned[..., n_buckets:] = counts[..., n_buckets:]         # nor are the overflow run and dropped tokens
     run_start = aligned.cumsum(-1) - aligned                  # slot where each run starts
     sorted_start = counts.cumsum(-1) - counts                 # where it starts in the sort
     rank = torch.arange(N, device=device) - sorted_start.gather(-1, key_sorted)
@@ -268,35 +310,43 @@ def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | Non
     L = layout_length(N, n_buckets, block)
     index = torch.full((B, H, L), N, dtype=torch.long, device=device).scatter_(-1, slot, order)
     p = tok - shift if pos is None else pos.long()
-    p_sorted = torch.where(key_sorted < n_buckets, p.gather(-1, order), pad)
-    b_sorted = torch.where(key_sorted < n_buckets, key_sorted, -1)
+    p_sorted = torch.where(key_sorted < runs, p.gather(-1, order), pad)
+    b_sorted = torch.where(key_sorted < runs, key_sorted, -1)
     spos = torch.full((B, H, L), pad, dtype=torch.long, device=device).scatter_(-1, slot, p_sorted)
     sbucket = torch.full((B, H, L), -1, dtype=torch.long, device=device).scatter_(-1, slot, b_sorted)
-    return Layout(index.int(), spos.int(), sbucket.int(), run_start[..., :n_buckets].int().contiguous(),
-                  counts[..., :n_buckets].int().contiguous(), n_buckets, block)
+    return Layout(index.int(), spos.int(), sbucket.int(), run_start[..., :runs].int().contiguous(),
+                  counts[..., :runs].int().contiguous(), runs, block, bool(overflow))
 
 
 @triton.jit
-def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr):
-    """Bucket of tokens ``t``, or -1 if dropped (not kept, id out of range, past ``n``)."""
+def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  OVERFLOW: tl.constexpr):
+    """Bucket of tokens ``t`` in ``[0, n_buckets)``, or -1 if dropped (not kept, past ``n``,
+    or without ``OVERFLOW`` an id out of range); with ``OVERFLOW`` a kept token whose id is
+    out of range gets -2: it goes to the overflow run."""
     if HAS_BUCKET:
         b = tl.load(BUCKET + t, mask=t < n, other=-1)  # range-checked in its own dtype: 2**32 + 1 is not 1
     else:
         b = tl.zeros_like(t)
-    ok = (t < n) & (b >= 0) & (b < n_buckets)
+    ok = t < n
     if HAS_KEEP:
         ok = ok & (tl.load(KEEP + t, mask=t < n, other=0) != 0)
-    return tl.where(ok, b.to(tl.int32), -1)  # narrowed after the range check, so no id wraps
+    in_range = (b >= 0) & (b < n_buckets)
+    # Narrowed after the range check, so no id wraps into a bucket.
+    if OVERFLOW:
+        return tl.where(ok, tl.where(in_range, b.to(tl.int32), -2), -1)
+    else:
+        return tl.where(ok & in_range, b.to(tl.int32), -1)
 
 
 @triton.jit
 def _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift,
-                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, CHUNK: tl.constexpr):
-    """Tokens of chunk ``c`` of one side of one head, and their buckets (-1: dropped;
-    queries before ``q_shift`` are dropped too)."""
+                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, OVERFLOW: tl.constexpr, CHUNK: tl.constexpr):
+    """Tokens of chunk ``c`` of one side of one head, and their buckets (-1: dropped, -2:
+    overflow; queries before ``q_shift`` are dropped too)."""
     t = c * CHUNK + tl.arange(0, CHUNK)
     b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
-                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP)
+                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP, OVERFLOW)
     return t, tl.where((side == 0) & (t < q_shift), -1, b)
 
 
@@ -317,13 +367,13 @@ def _idle_key_program(bh, side, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, COUNTS, DROPS,
+def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, COUNTS, DROPS, OVERS,
                   n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, fill, q_shift,
-                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
-                  GROUP: tl.constexpr):
+                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, OVERFLOW: tl.constexpr, NB: tl.constexpr,
+                  CHUNK: tl.constexpr, GROUP: tl.constexpr):
     """Grid ``(chunks, B·Hq, 2)``, axis 2 the side: pad this chunk's share of the slots,
-    and count this chunk's tokens per bucket (the first pass of a counting sort).  The
-    key side has ``Hkv = Hq / GROUP`` heads."""
+    and count this chunk's tokens per bucket, dropped and (``OVERFLOW``) in the overflow
+    run (the first pass of a counting sort).  The key side has ``Hkv = Hq / GROUP`` heads."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
@@ -343,23 +393,26 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, 
         tl.store(SPOS + s, tl.zeros_like(s) + pad, mask=live)
         tl.store(SB + s, tl.zeros_like(s) - 1, mask=live)
     t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift, HAS_BUCKET, HAS_KEEP,
-                          CHUNK)
+                          OVERFLOW, CHUNK)
     ids = tl.arange(0, NB)
     row = (bh * 2 + side) * n_chunks + c
     tl.store(COUNTS + row * NB + ids, tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0))
-    tl.store(DROPS + row, tl.sum(((b < 0) & (t < n)).to(tl.int32), 0))
+    tl.store(DROPS + row, tl.sum(((b == -1) & (t < n)).to(tl.int32), 0))
+    if OVERFLOW:
+        tl.store(OVERS + row, tl.sum((b == -2).to(tl.int32), 0))
 
 
 @triton.jit
 def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB,
-                  QSTART, QCOUNT, KSTART, KCOUNT, COUNTS, DROPS,
+                  QSTART, QCOUNT, KSTART, KCOUNT, COUNTS, DROPS, OVERS,
                   n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, q_shift,
-                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr,
+                  HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr, OVERFLOW: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
                   N_CHUNKS: tl.constexpr, GROUP: tl.constexpr):
     """Grid ``(chunks, B·Hq, 2)``: the second pass.  Each program adds up the counts of
-    the chunks before its own, lays the buckets' runs out on tile boundaries, and
-    writes its tokens to their slots, in order inside a bucket."""
+    the chunks before its own, lays the buckets' runs out on tile boundaries (then the
+    overflow run, with ``OVERFLOW``, then the dropped tokens, both unpadded), and writes its
+    tokens to their slots, in order inside a run."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
@@ -369,6 +422,10 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     n = tl.where(side == 0, n_q, n_k)
     pad = tl.where(side == 0, -1, 2147483647)
     block = tl.where(side == 0, BLOCK_M, BLOCK_N)
+    if OVERFLOW:  # the per-run tables' length
+        n_runs = n_buckets + 1
+    else:
+        n_runs = n_buckets
     ids = tl.arange(0, NB)
     chunks = tl.arange(0, N_CHUNKS)
     rows = (bh * 2 + side) * n_chunks + chunks
@@ -381,23 +438,35 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     starts = tl.cumsum(aligned, 0) - aligned
     n_aligned = tl.sum(aligned, 0)
     if c == 0:
-        tl.store(_side_args(QSTART, KSTART, side, bh * n_buckets, bh * n_buckets) + ids, starts, mask=ids < n_buckets)
-        tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_buckets, bh * n_buckets) + ids, total, mask=ids < n_buckets)
+        tl.store(_side_args(QSTART, KSTART, side, bh * n_runs, bh * n_runs) + ids, starts, mask=ids < n_buckets)
+        tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_runs, bh * n_runs) + ids, total, mask=ids < n_buckets)
     t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift, HAS_BUCKET, HAS_KEEP,
-                          CHUNK)
+                          OVERFLOW, CHUNK)
     onehot = (b[:, None] == ids[None, :]).to(tl.int32)
     before = tl.cumsum(onehot, 0) - onehot  # same-bucket tokens earlier in this chunk
     slot = tl.sum(onehot * ((starts + seen)[None, :] + before), 1)
-    dropped = ((b < 0) & (t < n)).to(tl.int32)
-    slot = tl.where(b >= 0, slot, n_aligned + n_dropped + tl.cumsum(dropped, 0) - dropped)
+    dropped = ((b == -1) & (t < n)).to(tl.int32)
+    if OVERFLOW:
+        # The overflow run starts where the buckets' runs end (on a tile boundary); the dropped
+        # tokens follow it directly.
+        overs = tl.load(OVERS + rows, mask=chunks < n_chunks, other=0)
+        n_over = tl.sum(overs, 0)
+        over = (b == -2).to(tl.int32)
+        if c == 0:
+            tl.store(_side_args(QSTART, KSTART, side, bh * n_runs, bh * n_runs) + n_buckets, n_aligned)
+            tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_runs, bh * n_runs) + n_buckets, n_over)
+        over_slot = n_aligned + tl.sum(tl.where(chunks < c, overs, 0), 0) + tl.cumsum(over, 0) - over
+        slot = tl.where(b == -2, over_slot, slot)
+        n_aligned += n_over
+    slot = tl.where(b != -1, slot, n_aligned + n_dropped + tl.cumsum(dropped, 0) - dropped)
     if HAS_POS:
         p = tl.load(_side_args(QPOS_IN, KPOS_IN, side, bh * n_q, bh * n_k) + t, mask=t < n, other=0)
     else:
         p = tl.where(side == 0, t - q_shift, t)
     slot_off = tl.where(side == 0, bh * n_q_slots, bh * n_k_slots)
     tl.store(_side_args(QINDEX, KINDEX, side, slot_off, slot_off) + slot, t, mask=t < n)
-    tl.store(_side_args(QSPOS, KSPOS, side, slot_off, slot_off) + slot, tl.where(b >= 0, p, pad), mask=t < n)
-    tl.store(_side_args(QSB, KSB, side, slot_off, slot_off) + slot, b, mask=t < n)
+    tl.store(_side_args(QSPOS, KSPOS, side, slot_off, slot_off) + slot, tl.where(b != -1, p, pad), mask=t < n)
+    tl.store(_side_args(QSB, KSB, side, slot_off, slot_off) + slot, tl.where(b == -2, n_buckets, b), mask=t < n)
 
 
 #: Largest bucket count the counting-sort kernels take; more buckets use the sort.
@@ -407,7 +476,9 @@ MAX_KERNEL_BUCKETS = 256
 def _chunking(n: int, n_buckets: int) -> tuple[int, int, int] | None:
     """``(NB, CHUNK, n_chunks)`` of the counting-sort kernels, or None where the sort is better."""
     nb = max(2, triton.next_power_of_2(n_buckets))
-    chunk = max(16, min(1024, 8192 // nb))
+    # A chunk's one-hot tile is (CHUNK, NB); the interpreter runs programs one after another,
+    # so fewer, wider ones are cheaper there (a GPU wants them in registers).
+    chunk = max(16, min(1024, (32768 if _runtime.INTERPRET else 8192) // nb))
     n_chunks = max(1, -(-n // chunk))
     if n_buckets > MAX_KERNEL_BUCKETS or n_chunks * nb > 32768:
         return None
@@ -416,7 +487,8 @@ def _chunking(n: int, n_buckets: int) -> tuple[int, int, int] | None:
 
 def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None,
                    k_pos=None, n_buckets: int = 1, block_m: int, block_n: int, n_k: int | None = None,
-                   k_heads: int | None = None, q_shift: int = 0, device=None) -> tuple[Layout, Layout]:
+                   k_heads: int | None = None, q_shift: int = 0, overflow: bool = False,
+                   device=None) -> tuple[Layout, Layout]:
     """The query and key :class:`Layout` of one attention call: a counting sort in two
     launches (count per chunk of tokens, then place), both sides at once.
 
@@ -428,11 +500,13 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     ``(B, Hkv, n_k)`` and the key layout is per kv head.  ``q_shift`` (without positions
     given): query ``i`` takes position ``i - q_shift`` and queries before ``q_shift`` are
     dropped, so a query meets only keys at least ``q_shift`` before it (the far part of
-    a sliding window's union).  No host synchronisation.  With
+    a sliding window's union).  ``overflow``: ids outside ``[0, n_buckets)`` go to the
+    overflow run instead of being dropped (hash attention).  No host synchronisation.  With
     many buckets on long sequences it falls back to :func:`reference_layout` (a sort).
     """
     B, H, N = shape
     n_k = N if n_k is None else n_k
+    overflow = bool(overflow)
     if q_shift and q_pos is not None:
         raise ValueError("q_shift applies to default positions only: give q_pos already shifted")
     if k_heads is None:
@@ -441,39 +515,44 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     _check_layout_args(n_buckets, min(block_m, block_n))
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     device = given[0].device if given else device
+    # The overflow run is counted apart from the buckets' one-hot lanes: it costs no lane.
     chunking = _chunking(max(N, n_k), n_buckets)
     if chunking is None:
         return (reference_layout(shape, buckets=q_buckets, keep=q_keep, pos=q_pos, n_buckets=n_buckets,
-                                 block=block_m, pad=Q_PAD, shift=q_shift, device=device),
+                                 block=block_m, pad=Q_PAD, shift=q_shift, overflow=overflow, device=device),
                 reference_layout((B, k_heads, n_k), buckets=k_buckets, keep=k_keep, pos=k_pos, n_buckets=n_buckets,
-                                 block=block_n, pad=K_PAD, device=device))
+                                 block=block_n, pad=K_PAD, overflow=overflow, device=device))
     nb, chunk, n_chunks = chunking
+    n_runs = n_buckets + overflow
     Lq, Lk = layout_length(N, n_buckets, block_m), layout_length(n_k, n_buckets, block_n)
     i32 = dict(dtype=torch.int32, device=device)
     q_side = torch.empty((3, B, H, Lq), **i32)
     k_side = torch.empty((3, B, k_heads, Lk), **i32)
-    runs = torch.empty((2 * B * (H + k_heads) * n_buckets,), **i32)  # each side's start and count
-    q_runs = runs[: 2 * B * H * n_buckets].view(2, B, H, n_buckets)
-    k_runs = runs[2 * B * H * n_buckets:].view(2, B, k_heads, n_buckets)
-    counts = torch.empty((B * H * 2 * n_chunks * (nb + 1),), **i32)
-    per_chunk, drops = counts[: B * H * 2 * n_chunks * nb], counts[B * H * 2 * n_chunks * nb:]
+    runs = torch.empty((2 * B * (H + k_heads) * n_runs,), **i32)  # each side's start and count
+    q_runs = runs[: 2 * B * H * n_runs].view(2, B, H, n_runs)
+    k_runs = runs[2 * B * H * n_runs:].view(2, B, k_heads, n_runs)
+    rows = B * H * 2 * n_chunks
+    counts = torch.empty((rows * (nb + 1 + overflow),), **i32)
+    per_chunk, drops, overs = counts[: rows * nb], counts[rows * nb: rows * (nb + 1)], counts[rows * (nb + 1):]
 
     def arg(t):  # absent inputs pass a stand-in the kernels never read
         return runs if t is None else t.contiguous()
 
     # One program per (chunk, batch and query head, side); with fewer kv heads the key
     # side's surplus programs return at once.
-    flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, NB=nb, CHUNK=chunk, GROUP=group)
+    flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, OVERFLOW=overflow, NB=nb, CHUNK=chunk,
+                 GROUP=group)
     grid = (n_chunks, B * H, 2)
+    overs = overs if overflow else drops  # a stand-in without the overflow run
     _count_kernel[grid](arg(q_buckets), arg(q_keep), arg(k_buckets), arg(k_keep), *q_side, *k_side, per_chunk, drops,
-                        N, n_k, Lq, Lk, n_buckets, n_chunks, -(-max(Lq, Lk) // n_chunks), q_shift, **flags,
+                        overs, N, n_k, Lq, Lk, n_buckets, n_chunks, -(-max(Lq, Lk) // n_chunks), q_shift, **flags,
                         num_warps=4)
     _place_kernel[grid](arg(q_buckets), arg(q_keep), arg(q_pos), arg(k_buckets), arg(k_keep), arg(k_pos),
-                        *q_side, *k_side, *q_runs, *k_runs, per_chunk, drops, N, n_k, Lq, Lk, n_buckets, n_chunks,
-                        q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                        *q_side, *k_side, *q_runs, *k_runs, per_chunk, drops, overs, N, n_k, Lq, Lk, n_buckets,
+                        n_chunks, q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         N_CHUNKS=triton.next_power_of_2(n_chunks), **flags, num_warps=4)
-    return (Layout(*q_side, q_runs[0], q_runs[1], n_buckets, block_m),
-            Layout(*k_side, k_runs[0], k_runs[1], n_buckets, block_n))
+    return (Layout(*q_side, q_runs[0], q_runs[1], n_runs, block_m, overflow),
+            Layout(*k_side, k_runs[0], k_runs[1], n_runs, block_n, overflow))
 
 
 # --------------------------------------------------------------------------------------
@@ -501,6 +580,12 @@ class TilePlan:
     iff ``kmax(S) <= qmin(T)`` over its real slots and, in the forward and dQ passes,
     ``S`` has no padding slot (a padding key would join the softmax).  Positions
     ascend through a bucket's run, so both sets are runs of tiles.
+
+    The overflow run (layouts built with ``overflow``) holds many ids, which the kernels
+    compare in its masked tiles: there ``S`` is visited by ``T`` iff ``kmin(S) <= qmax(T)``
+    as in any run, but no tile is mask-free (query tile: ``full = lo``; key tile:
+    ``full = hi``).  So "visited" there means "holds a causal pair", not "holds an allowed
+    pair": ids outside the fast range cost about dense attention among themselves.
     """
 
     q_runs: Tensor
@@ -565,12 +650,13 @@ def _store_run(OUT, lo, full, hi, live):
 
 @triton.jit
 def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KRUNS,
-                 n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets,
+                 n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets, overflow_run,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr,
                  GROUP: tl.constexpr):
     """Grid ``(tile chunks, B·Hq, 2)``: axis 2 picks the query tiles' runs (0) or the key
     tiles' runs (1); each lane finds its tile's bucket run and searches it twice.  Query
-    head ``h`` meets the key layout of kv head ``h // GROUP``."""
+    head ``h`` meets the key layout of kv head ``h // GROUP``.  ``n_buckets`` runs per head;
+    ``overflow_run``: the overflow run's index (-1: none), whose tiles are all masked."""
     bh = tl.program_id(1).to(tl.int64)
     bhk = kv_head(bh, GROUP)
     t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -589,6 +675,8 @@ def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KR
         hi = _first_true(ks, ke, KPOS, BLOCK_N, 0, qmax, n_k_slots - 1, False, STEPS)
         # Mask-free while the tile's last slot (padding reads +inf) is at or before the first query.
         full = _first_true(ks, hi, KPOS, BLOCK_N, BLOCK_N - 1, qmin, n_k_slots - 1, False, STEPS)
+        # The overflow run mixes ids: every tile there needs the id test of the mask.
+        full = tl.where(real & (bb == overflow_run), ks, full)
         _store_run(QRUNS + (bh * n_q_tiles + t) * 3, ks, full, hi, live)
     else:
         live, real, bb, kmin, kmax = _tile_span(KSB, KPOS, KSTART, KCOUNT, t, n_k_tiles, BLOCK_N)
@@ -596,15 +684,24 @@ def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KR
         # qmax of a query tile is its last real slot: the tile's last slot, or the run's.
         lo = _first_true(qs, qe, QPOS, BLOCK_M, BLOCK_M - 1, kmin, q_start + q_count - 1, True, STEPS)
         full = _first_true(lo, qe, QPOS, BLOCK_M, 0, kmax, n_q_slots - 1, True, STEPS)
+        full = tl.where(real & (bb == overflow_run), qe, full)
         _store_run(KRUNS + (bh * n_k_tiles + t) * 3, lo, full, qe, live)
+
+
+def _check_same_runs(q_layout: Layout, k_layout: Layout) -> None:
+    if (q_layout.n_buckets, q_layout.overflow) != (k_layout.n_buckets, k_layout.overflow):
+        raise ValueError(f"the query and key layouts must have the same runs, got {q_layout.n_buckets} runs "
+                         f"(overflow={q_layout.overflow}) and {k_layout.n_buckets} (overflow={k_layout.overflow})")
 
 
 def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     """The :class:`TilePlan` of two layouts, in one kernel launch (no host synchronisation).
 
     ``q_layout`` is per query head ``(B, H, ·)``, ``k_layout`` per kv head ``(B, Hkv, ·)``
-    (``Hkv`` dividing ``H``); the plan is per query head.
+    (``Hkv`` dividing ``H``); the plan is per query head.  Both are built alike (the same
+    runs, both with or both without the overflow run).
     """
+    _check_same_runs(q_layout, k_layout)
     B, H, Lq = q_layout.index.shape
     Lk = k_layout.n_slots
     group = _group(H, k_layout.index.shape[1])
@@ -613,11 +710,11 @@ def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     runs = torch.empty(B * H * 3 * (n_qt + n_kt), dtype=torch.int32, device=q_layout.index.device)
     q_runs = runs[: B * H * n_qt * 3].view(B, H, n_qt, 3)
     k_runs = runs[B * H * n_qt * 3:].view(B, H, n_kt, 3)
-    chunk = 64
+    chunk = 256 if _runtime.INTERPRET else 64  # tiles per program (the interpreter: fewer, wider programs)
     _plan_kernel[(triton.cdiv(max(n_qt, n_kt), chunk), B * H, 2)](
         q_layout.pos, q_layout.bucket, q_layout.start, q_layout.count,
         k_layout.pos, k_layout.bucket, k_layout.start, k_layout.count, q_runs, k_runs,
-        Lq, Lk, n_qt, n_kt, q_layout.n_buckets,
+        Lq, Lk, n_qt, n_kt, q_layout.n_buckets, q_layout.overflow_run,
         BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, STEPS=max(n_qt, n_kt).bit_length() + 1, GROUP=group, num_warps=2,
     )
     return TilePlan(q_runs, k_runs, bm, bn)
@@ -626,12 +723,14 @@ def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
 def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     """:class:`TilePlan` by brute force over slot pairs (quadratic: for tests and pictures).
 
-    A pair of tiles is visited iff some slot pair in it is allowed (same bucket,
+    A pair of tiles is visited iff some slot pair in it is allowed (same run,
     ``0 <= kpos <= qpos``, both real); mask-free iff every pair of a real query slot
     with any key slot is allowed (forward) or every pair of a real query slot with a
-    real key slot is (dK/dV).  Raises if a set is not the run the kernels assume.
-    A key layout of fewer (kv) heads is repeated to the query heads, as in :func:`tile_plan`.
+    real key slot is (dK/dV), and the tiles are not in the overflow run (whose ids differ).
+    Raises if a set is not the run the kernels assume.  A key layout of fewer (kv) heads is
+    repeated to the query heads, as in :func:`tile_plan`.
     """
+    _check_same_runs(q_layout, k_layout)
     bm, bn = q_layout.block, k_layout.block
     group = _group(q_layout.pos.shape[1], k_layout.pos.shape[1])
     qp, kp = q_layout.pos.long(), k_layout.pos.long().repeat_interleave(group, dim=1)
@@ -648,6 +747,9 @@ def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     rows_real = q_real[..., :, None].expand_as(allowed)
     free_fwd = tiles(allowed | ~rows_real, "all") & visited
     free_kv = tiles(allowed | ~rows_real | ~k_real[..., None, :], "all") & visited
+    if q_layout.overflow:  # tiles never straddle runs: the query tile's run is the pair's
+        over = (qb == q_layout.overflow_run).unflatten(-1, (-1, bm)).any(-1)[..., :, None]
+        free_fwd, free_kv = free_fwd & ~over, free_kv & ~over
 
     def runs(vis, free, free_first):
         n = vis.shape[-1]
@@ -671,10 +773,6 @@ def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     q_runs = runs(visited, free_fwd, True)
     k_runs = runs(visited.transpose(-1, -2), free_kv.transpose(-1, -2), False)
     return TilePlan(q_runs, k_runs, bm, bn)
-
-
-#: Above this many buckets the per-bucket tables would be large: ids are renumbered first.
-MAX_DIRECT_BUCKETS = 65536
 
 
 def dense_bucket_ids(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None = None, *,

@@ -10,7 +10,11 @@ slot ``a`` and key slot ``b`` of one bucket::
     o_a  = Σ_b softmax_b(s_ab) v_b     (0 for a slot with no allowed key)
 
 which is exact causal attention on the original positions.  Padding and dropped
-slots have a position that no pair allows (queries -1, keys +inf).
+slots have a position that no pair allows (queries -1, keys +inf).  Hash attention's
+layouts end with an overflow run that holds every id outside ``[0, n_buckets)``; there
+the kernels (``LABELS``) also require ``qb[a] == kb[b]`` on the original ids, read
+through the layout's index, in every masked tile (the tile plan makes all of that run's
+tiles masked).  Inside a bucket's run the ids are all equal, so the test changes nothing.
 
 Tile skipping follows the :class:`~sparseflash.layout.TilePlan`: query tile ``T``
 visits the key tiles ``[lo, full)`` of its bucket with no mask (every key at or
@@ -87,10 +91,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @triton.jit
-def _key_tile(k_tile, K, V, KIDX, KPOS, qpos, sk_n, sv_n, n_k, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _labels(LAB, rows, n, LABELS: tl.constexpr, fallback):
+    """The original ids of tokens ``rows`` as int64 (padding rows, ``n``, read 0), or
+    ``fallback`` (unused) without ``LABELS``."""
+    if LABELS:
+        return tl.load(LAB + rows, mask=rows < n, other=0).to(tl.int64)
+    else:
+        return fallback
+
+
+@triton.jit
+def _key_tile(k_tile, K, V, KIDX, KPOS, KLAB, qpos, qlab, sk_n, sv_n, n_k, MASKED: tl.constexpr,
+              LABELS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys and values of layout tile ``k_tile`` (read through the index), and the
-    position mask against queries at ``qpos`` where the tile needs one."""
+    position mask against queries at ``qpos`` where the tile needs one; with ``LABELS``
+    also equal ids (``qlab``: the queries')."""
     slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     rows = tl.load(KIDX + slots)
@@ -98,23 +113,28 @@ def _key_tile(k_tile, K, V, KIDX, KPOS, qpos, sk_n, sv_n, n_k, MASKED: tl.conste
     v = load_tile(V, rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
     if MASKED:
         allowed = tl.load(KPOS + slots)[None, :] <= qpos[:, None]
+        if LABELS:
+            # A bucket's run holds one id, so this is a no-op there; the overflow run mixes ids.
+            klab = _labels(KLAB, rows, n_k, LABELS, qlab)
+            allowed = allowed & (klab[None, :] == qlab[:, None])
     else:
         allowed = qpos[:, None] >= 0  # unused: MASKED is off
     return k, v, allowed
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
-              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    k, v, allowed = _key_tile(k_tile, K, V, KIDX, KPOS, qpos, sk_n, sv_n, n_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
+def _fwd_tile(acc, m_i, l_i, q, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB, sk_n, sv_n, n_k, qk_scale,
+              MASKED: tl.constexpr, LABELS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    k, v, allowed = _key_tile(k_tile, K, V, KIDX, KPOS, KLAB, qpos, qlab, sk_n, sv_n, n_k, MASKED, LABELS, HEAD_DIM,
+                              BLOCK_D, BLOCK_N)
     return online_softmax_step(acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED, DOT_PRECISION)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, sdo_n, n_q, qk_scale,
-               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, kpos, klab, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, QLAB, sq_n, sdo_n, n_q, qk_scale,
+               MASKED: tl.constexpr, LABELS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     rows = tl.load(QIDX + slots)
@@ -125,6 +145,9 @@ def _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, 
     delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
     if MASKED:
         allowed = kpos[None, :] <= tl.load(QPOS + slots)[:, None]
+        if LABELS:
+            qlab = _labels(QLAB, rows, n_q, LABELS, klab)
+            allowed = allowed & (klab[None, :] == qlab[:, None])
     else:
         allowed = kpos[None, :] >= 0  # unused: MASKED is off
     p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
@@ -134,30 +157,31 @@ def _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, 
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, kpos, k_tile, RUN, Q, DO, LSE, DELTA, QIDX, QPOS, REC, sq_n, sdo_n, n_q, n_k_tiles,
-               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr):
+def _dkdv_head(dk, dv, k, v, kpos, klab, k_tile, RUN, Q, DO, LSE, DELTA, QIDX, QPOS, QLAB, REC, sq_n, sdo_n, n_q,
+               n_k_tiles, qk_scale, LABELS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr):
     """Add one query head's terms to dK, dV of key tile ``k_tile``: its run ``RUN`` of query
     tiles, ``[lo, full)`` masked, ``[full, hi)`` mask-free (pointers at that query head)."""
     lo = tl.load(RUN)
     full = tl.load(RUN + 1)
     hi = tl.load(RUN + 2)
     for q_tile in range(lo, full):
-        dk, dv = _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, sdo_n, n_q,
-                            qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, kpos, klab, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, QLAB, sq_n, sdo_n, n_q,
+                            qk_scale, True, LABELS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
     for q_tile in range(full, hi):
-        dk, dv = _dkdv_tile(dk, dv, k, v, kpos, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, sq_n, sdo_n, n_q,
-                            qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, kpos, klab, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, QLAB, sq_n, sdo_n, n_q,
+                            qk_scale, False, LABELS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
     return dk, dv
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
-             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    k, v, allowed = _key_tile(k_tile, K, V, KIDX, KPOS, qpos, sk_n, sv_n, n_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
+def _dq_tile(dq, q, do, lse2, delta, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB, sk_n, sv_n, n_k, qk_scale,
+             MASKED: tl.constexpr, LABELS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    k, v, allowed = _key_tile(k_tile, K, V, KIDX, KPOS, KLAB, qpos, qlab, sk_n, sv_n, n_k, MASKED, LABELS, HEAD_DIM,
+                              BLOCK_D, BLOCK_N)
     p, ds = attention_grads_step(q, k, v, do, lse2, delta, allowed, qk_scale, MASKED, DOT_PRECISION)
     return dq + mma(ds.to(k.dtype), k, DOT_PRECISION)
 
@@ -169,20 +193,27 @@ def _dq_tile(dq, q, do, lse2, delta, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n,
 
 @triton.jit
 def _layout_fwd_kernel(
-    Q, K, V, O, LSE, QIDX, QPOS, KIDX, KPOS, QRUNS, REC,
+    Q, K, V, O, LSE, QIDX, QPOS, KIDX, KPOS, QLAB, KLAB, QRUNS, REC,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr, LABELS: tl.constexpr,
 ):
     """Program ``(q_tile, b·H + h)``: query tile ``q_tile`` of query head ``h``'s layout,
-    over the key tiles of its run in kv head ``h // GROUP``'s key layout."""
+    over the key tiles of its run in kv head ``h // GROUP``'s key layout.  ``LABELS``: the
+    masked tiles also require equal ids, read from ``QLAB`` ``(B, H, n_q)`` and ``KLAB``
+    ``(B, Hkv, n_k)`` (contiguous, any integer dtype) in token order."""
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    # A tile that starts with padding is padding throughout (every run's tiles start with a
+    # token): nothing to compute or store.  The layout's static length leaves many such
+    # tiles where most runs are empty (hash attention's default budget of ids, say).
+    if tl.load(QIDX + bh64 * n_q_slots + q_tile * BLOCK_M) >= n_q:
+        return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = kv_head(h, GROUP)
-    bh64 = bh.to(tl.int64)
     Q += b * sq_b + h * sq_h
     K += b * sk_b + hk * sk_h
     V += b * sv_b + hk * sv_h
@@ -191,6 +222,8 @@ def _layout_fwd_kernel(
     QPOS += bh64 * n_q_slots
     KIDX += kv_head(bh64, GROUP) * n_k_slots
     KPOS += kv_head(bh64, GROUP) * n_k_slots
+    QLAB += bh64 * n_q
+    KLAB += kv_head(bh64, GROUP) * n_k
     n_q_tiles = n_q_slots // BLOCK_M
     n_k_tiles = n_k_slots // BLOCK_N
     REC += bh64 * n_q_tiles * n_k_tiles
@@ -199,6 +232,7 @@ def _layout_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     rows = tl.load(QIDX + slots)
     qpos = tl.load(QPOS + slots)
+    qlab = _labels(QLAB, rows, n_q, LABELS, qpos)
     q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -209,12 +243,12 @@ def _layout_fwd_kernel(
     full = tl.load(run + 1)
     hi = tl.load(run + 2)
     for k_tile in range(lo, full):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
-                                  False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB, sk_n, sv_n, n_k,
+                                  qk_scale, False, LABELS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
     for k_tile in range(full, hi):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
-                                  True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB, sk_n, sv_n, n_k,
+                                  qk_scale, True, LABELS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
         record_tile(REC, q_tile, k_tile, n_k_tiles, RECORD)
 
     out, lse2 = finish_softmax(acc, m_i, l_i)
@@ -225,11 +259,11 @@ def _layout_fwd_kernel(
 
 @triton.jit
 def _layout_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QIDX, QPOS, KIDX, KPOS, QRUNS, KRUNS, REC_KV, REC_Q,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QIDX, QPOS, KIDX, KPOS, QLAB, KLAB, QRUNS, KRUNS, REC_KV, REC_Q,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr, LABELS: tl.constexpr,
 ):
     """Program ``(t, b·H + h)``: dK, dV of key tile ``t`` of kv head ``h // GROUP`` over
     the query tiles that see it, then dQ of query tile ``t`` of query head ``h`` over the key
@@ -238,14 +272,21 @@ def _layout_bwd_kernel(
 
     With ``GROUP > 1``, dK and dV sum over the group's query heads, as in the dense
     backward: the owning program (:func:`owns_kv_tile`) walks each head's run of query
-    tiles (``KRUNS`` of that head), accumulating in float32.
+    tiles (``KRUNS`` of that head), accumulating in float32.  ``LABELS``: as in the forward.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    n_q_tiles = n_q_slots // BLOCK_M
+    n_k_tiles = n_k_slots // BLOCK_N
+    # Tiles of padding only (the first slot says: see the forward) have no gradient rows.
+    k_first = tl.load(KIDX + kv_head(bh64, GROUP) * n_k_slots + tile * BLOCK_N, mask=tile < n_k_tiles, other=n_k)
+    q_first = tl.load(QIDX + bh64 * n_q_slots + tile * BLOCK_M, mask=tile < n_q_tiles, other=n_q)
+    if (k_first >= n_k) & (q_first >= n_q):
+        return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = kv_head(h, GROUP)
-    bh64 = bh.to(tl.int64)
     Q += b * sq_b + h * sq_h
     K += b * sk_b + hk * sk_h
     V += b * sv_b + hk * sv_h
@@ -256,45 +297,47 @@ def _layout_bwd_kernel(
     QPOS += bh64 * n_q_slots
     KIDX += kv_head(bh64, GROUP) * n_k_slots
     KPOS += kv_head(bh64, GROUP) * n_k_slots
+    QLAB += bh64 * n_q
+    KLAB += kv_head(bh64, GROUP) * n_k
     DQ += bh64 * n_q * HEAD_DIM
     DK += kv_head(bh64, GROUP) * n_k * HEAD_DIM
     DV += kv_head(bh64, GROUP) * n_k * HEAD_DIM
-    n_q_tiles = n_q_slots // BLOCK_M
-    n_k_tiles = n_k_slots // BLOCK_N
     REC_KV += bh64 * n_q_tiles * n_k_tiles
     REC_Q += bh64 * n_q_tiles * n_k_tiles
     cols = tl.arange(0, BLOCK_D)
 
     # ---- dK, dV for key tile `tile` of kv head h // GROUP ----
-    if owns_kv_tile(tile, n_k_tiles, h, GROUP):
+    if owns_kv_tile(tile, n_k_tiles, h, GROUP) & (k_first < n_k):
         slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.load(KIDX + slots)
         kpos = tl.load(KPOS + slots)
+        klab = _labels(KLAB, rows, n_k, LABELS, kpos)
         k = load_tile(K, rows, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
         v = load_tile(V, rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if GROUP == 1:
-            dk, dv = _dkdv_head(dk, dv, k, v, kpos, tile, KRUNS + (bh64 * n_k_tiles + tile) * 3, Q, DO, LSE, DELTA,
-                                QIDX, QPOS, REC_KV, sq_n, sdo_n, n_q, n_k_tiles, qk_scale, HEAD_DIM, BLOCK_D,
-                                BLOCK_M, DOT_PRECISION, RECORD)
+            dk, dv = _dkdv_head(dk, dv, k, v, kpos, klab, tile, KRUNS + (bh64 * n_k_tiles + tile) * 3, Q, DO, LSE,
+                                DELTA, QIDX, QPOS, QLAB, REC_KV, sq_n, sdo_n, n_q, n_k_tiles, qk_scale, LABELS,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, RECORD)
         else:
             # The group's query heads are h - h % GROUP + g; the pointers are at head h.
             for g in range(GROUP):
                 d = g - h % GROUP
-                dk, dv = _dkdv_head(dk, dv, k, v, kpos, tile, KRUNS + ((bh64 + d) * n_k_tiles + tile) * 3,
+                dk, dv = _dkdv_head(dk, dv, k, v, kpos, klab, tile, KRUNS + ((bh64 + d) * n_k_tiles + tile) * 3,
                                     Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q, DELTA + d * n_q,
-                                    QIDX + d * n_q_slots, QPOS + d * n_q_slots, REC_KV + d * n_q_tiles * n_k_tiles,
-                                    sq_n, sdo_n, n_q, n_k_tiles, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                    DOT_PRECISION, RECORD)
+                                    QIDX + d * n_q_slots, QPOS + d * n_q_slots, QLAB + d * n_q,
+                                    REC_KV + d * n_q_tiles * n_k_tiles, sq_n, sdo_n, n_q, n_k_tiles, qk_scale,
+                                    LABELS, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, RECORD)
         store_tile(DK, dk * sm_scale, rows, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
         store_tile(DV, dv, rows, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D)
 
     # ---- dQ for query tile `tile` ----
-    if tile < n_q_tiles:
+    if q_first < n_q:
         slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
+        qlab = _labels(QLAB, rows, n_q, LABELS, qpos)
         q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
         do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
@@ -305,12 +348,12 @@ def _layout_bwd_kernel(
         full = tl.load(run + 1)
         hi = tl.load(run + 2)
         for k_tile in range(lo, full):
-            dq = _dq_tile(dq, q, do, lse2, delta, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
-                          False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            dq = _dq_tile(dq, q, do, lse2, delta, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB, sk_n, sv_n, n_k,
+                          qk_scale, False, LABELS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
             record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
         for k_tile in range(full, hi):
-            dq = _dq_tile(dq, q, do, lse2, delta, qpos, k_tile, K, V, KIDX, KPOS, sk_n, sv_n, n_k, qk_scale,
-                          True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            dq = _dq_tile(dq, q, do, lse2, delta, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB, sk_n, sv_n, n_k,
+                          qk_scale, True, LABELS, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
             record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
         store_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D)
 
@@ -322,11 +365,21 @@ def _layout_bwd_kernel(
 
 @dataclass
 class LayoutPlan:
-    """Everything a pass needs besides q, k, v: both layouts and the tile plan."""
+    """Everything a pass needs besides q, k, v: both layouts and the tile plan, and with
+    an overflow run the original ids (``q_labels`` ``(B, H, Nq)``, ``k_labels``
+    ``(B, Hkv, Nk)``, contiguous, any integer dtype) that its masked tiles compare."""
 
     q: Layout
     k: Layout
     tiles: TilePlan
+    q_labels: Tensor | None = None
+    k_labels: Tensor | None = None
+
+    def label_args(self) -> tuple:
+        """The kernels' ``QLAB, KLAB`` pointers and ``LABELS`` flag (stand-ins without labels)."""
+        if self.q_labels is None:
+            return self.q.index, self.k.index, False
+        return self.q_labels, self.k_labels, True
 
 
 def _dims(q, k, plan: LayoutPlan):
@@ -344,13 +397,14 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
     (rec,) = record_buffers(record, ["fwd"], (B, H, n_qt, n_kt), q.device, lse2)
+    q_lab, k_lab, labels = plan.label_args()
     _layout_fwd_kernel[(n_qt, B * H)](
-        q, k, v, o, lse2, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos, plan.tiles.q_runs, rec,
+        q, k, v, o, lse2, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos, q_lab, k_lab, plan.tiles.q_runs, rec,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // k.shape[1],
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // k.shape[1], LABELS=labels,
         **launch_params(cfg),
     )
     return o, lse2
@@ -370,14 +424,15 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
     dv = _runtime.new_output((B, h_kv, n_k, D), v.dtype, v.device)
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
     rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
+    q_lab, k_lab, labels = plan.label_args()
     _layout_bwd_kernel[(max(n_qt, n_kt), B * H)](
-        q, k, v, do, lse2, delta, dq, dk, dv, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos,
+        q, k, v, do, lse2, delta, dq, dk, dv, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos, q_lab, k_lab,
         plan.tiles.q_runs, plan.tiles.k_runs, rec_kv, rec_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // h_kv,
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // h_kv, LABELS=labels,
         **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
@@ -409,12 +464,12 @@ def _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
 
 
 def _bucket_plan(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets,
-                 block_m, block_n, q_shift):
+                 block_m, block_n, q_shift, overflow):
     """Both layouts and the tile plan, flat: ``(q_slots, k_slots, runs)`` (see :func:`_unpack_plan`)."""
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     ql, kl = bucket_layouts((B, Hq, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
                             q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=block_m, block_n=block_n,
-                            n_k=n_k, k_heads=Hkv, q_shift=q_shift, device=given[0].device)
+                            n_k=n_k, k_heads=Hkv, q_shift=q_shift, overflow=overflow, device=given[0].device)
     tiles = tile_plan(ql, kl)
     return (_packed([ql.index, ql.pos, ql.bucket]), _packed([kl.index, kl.pos, kl.bucket]),
             _packed([tiles.q_runs, tiles.k_runs]))
@@ -422,49 +477,53 @@ def _bucket_plan(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q,
 
 _bucket_plan_op = define_op("bucket_plan", (
     "(Tensor? q_buckets, Tensor? k_buckets, Tensor? q_keep, Tensor? k_keep, Tensor? q_pos, Tensor? k_pos, "
-    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n, int q_shift) "
-    "-> (Tensor, Tensor, Tensor)"),
+    "int B, int Hq, int n_q, int Hkv, int n_k, int n_buckets, int block_m, int block_n, int q_shift, "
+    "bool overflow) -> (Tensor, Tensor, Tensor)"),
     _bucket_plan)
 
 
 @torch.library.register_fake("sparseflash::bucket_plan", lib=LIB)
 def _(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n,
-      q_shift):
+      q_shift, overflow):
     given = [t for t in (q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos) if t is not None]
     sizes = _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n)
     return tuple(given[0].new_empty((n,), dtype=torch.int32) for n in sizes)
 
 
-def _unpack_plan(q: Tensor, k: Tensor, q_slots: Tensor, k_slots: Tensor, runs: Tensor, n_buckets: int,
-                 block_m: int, block_n: int) -> LayoutPlan:
+def _unpack_plan(q: Tensor, k: Tensor, q_slots: Tensor, k_slots: Tensor, runs: Tensor, q_labels: Tensor | None,
+                 k_labels: Tensor | None, n_buckets: int, block_m: int, block_n: int) -> LayoutPlan:
     """A :class:`LayoutPlan` viewing the flat buffers of :func:`_bucket_plan_op`
-    (only the fields the attention kernels read)."""
+    (only the fields the attention kernels read; ``n_buckets``: the layouts' runs)."""
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     qi, qp, qb = q_slots.view(3, B, Hq, -1).unbind(0)
     ki, kp, kb = k_slots.view(3, B, Hkv, -1).unbind(0)
     n_qt, n_kt = qi.shape[-1] // block_m, ki.shape[-1] // block_n
     q_runs = runs[: B * Hq * n_qt * 3].view(B, Hq, n_qt, 3)
     k_runs = runs[B * Hq * n_qt * 3:].view(B, -1, n_kt, 3)
-    return LayoutPlan(Layout(qi, qp, qb, None, None, n_buckets, block_m), Layout(ki, kp, kb, None, None, n_buckets,
-                                                                               block_n),
-                      TilePlan(q_runs, k_runs, block_m, block_n))
+    overflow = q_labels is not None
+    return LayoutPlan(Layout(qi, qp, qb, None, None, n_buckets, block_m, overflow),
+                      Layout(ki, kp, kb, None, None, n_buckets, block_n, overflow),
+                      TilePlan(q_runs, k_runs, block_m, block_n), q_labels, k_labels)
 
 
-def _layout_forward_op(q, k, v, q_slots, k_slots, runs, n_buckets, sm_scale, cfg, window, window_cfg):
+def _layout_forward_op(q, k, v, q_slots, k_slots, runs, q_labels, k_labels, n_buckets, sm_scale, cfg, window,
+                       window_cfg):
     cfg = cfg_dict(cfg)
-    plan = _unpack_plan(q, k, q_slots, k_slots, runs, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    plan = _unpack_plan(q, k, q_slots, k_slots, runs, q_labels, k_labels, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
     return union_forward(q, k, v, plan, sm_scale, cfg, window=window, window_cfg=cfg_dict(window_cfg))
 
 
-def _layout_backward_op(q, k, v, o, lse2, do, q_slots, k_slots, runs, n_buckets, sm_scale, cfg, window, window_cfg):
+def _layout_backward_op(q, k, v, o, lse2, do, q_slots, k_slots, runs, q_labels, k_labels, n_buckets, sm_scale, cfg,
+                        window, window_cfg):
     cfg = cfg_dict(cfg)
-    plan = _unpack_plan(q, k, q_slots, k_slots, runs, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    plan = _unpack_plan(q, k, q_slots, k_slots, runs, q_labels, k_labels, n_buckets, cfg["BLOCK_M"], cfg["BLOCK_N"])
     return union_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, window=window, window_cfg=cfg_dict(window_cfg))
 
 
+# q_labels, k_labels: the original ids (contiguous) where the layouts have an overflow run, else None.
 _layout_op = attention_op(
-    "layout", ("Tensor q_slots, Tensor k_slots, Tensor runs, int n_buckets, float sm_scale, int[] cfg, int window, "
-               "int[] window_cfg"),
+    "layout", ("Tensor q_slots, Tensor k_slots, Tensor runs, Tensor? q_labels, Tensor? k_labels, int n_buckets, "
+               "float sm_scale, int[] cfg, int window, int[] window_cfg"),
     _layout_forward_op, _layout_backward_op,
     lse_shape=lambda q, k, v, *_: q.shape[:3],
 )
@@ -509,11 +568,14 @@ def union_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, record
 
 
 def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None, k_pos=None,
-               n_buckets=1, window=0, sm_scale=None, kernel_options=None, tile_record=None, kind="permuted"):
+               n_buckets=1, overflow=False, window=0, sm_scale=None, kernel_options=None, tile_record=None,
+               kind="permuted"):
     """Shared tail of every sparse entry point (inputs already checked): layouts and tile
     plan in two launches, then the kernels, all without a host synchronisation.  ``window``
     (default positions only): the union with a causal sliding window (see
-    :func:`union_forward`)."""
+    :func:`union_forward`).  ``overflow`` (with buckets): ids outside ``[0, n_buckets)``
+    share the overflow run, where the kernels compare the ids themselves, so any ids are
+    exact labels (hash attention)."""
     sm_scale = _runtime.softmax_scale(sm_scale, q.shape[-1])
     D = q.shape[-1]
     cfg = kernel_config(D, q.device, kernel_options)
@@ -521,19 +583,24 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
     window_cfg = kernel_config(D, q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype) \
         if window else cfg
     B, H, n_q, _ = q.shape
+    overflow = bool(overflow) and q_buckets is not None
+    labels = (q_buckets.contiguous(), k_buckets.contiguous()) if overflow else (None, None)
+    if overflow:
+        q_buckets, k_buckets = labels
     if torch.compiler.is_compiling():
         if tile_record is not None:
             raise ValueError("tile_record is eager-only instrumentation: call without torch.compile to record")
         plan = _bucket_plan_op(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, H, n_q, k.shape[1], k.shape[2],
-                               int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"], int(window))
-        return _layout_op(q, k, v, *plan, int(n_buckets), sm_scale, cfg_args(cfg), int(window), cfg_args(window_cfg))
+                               int(n_buckets), cfg["BLOCK_M"], cfg["BLOCK_N"], int(window), overflow)
+        return _layout_op(q, k, v, *plan, *labels, int(n_buckets) + int(overflow), sm_scale, cfg_args(cfg), int(window),
+                          cfg_args(window_cfg))
     # Eager: the same layouts, plan and kernels without the ops' packing and dispatch
     # (each costs host time: NOTES.md, issue 11).
     ql, kl = bucket_layouts((B, H, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
                             q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=cfg["BLOCK_M"],
                             block_n=cfg["BLOCK_N"], n_k=k.shape[2], k_heads=k.shape[1], q_shift=window,
-                            device=q.device)
-    plan = LayoutPlan(ql, kl, tile_plan(ql, kl))
+                            overflow=overflow, device=q.device)
+    plan = LayoutPlan(ql, kl, tile_plan(ql, kl), *labels)
     if tile_record is not None:
         tile_record.start(kind, cfg)
         tile_record.layouts, tile_record.plan = (ql, kl), plan.tiles

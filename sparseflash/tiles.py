@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .layout import K_PAD, Q_PAD, dense_bucket_ids, reference_layout, reference_tile_plan
+from .layout import K_PAD, Q_PAD, bucket_budget, reference_layout, reference_tile_plan
 
 
 class TileRecord:
@@ -100,7 +100,9 @@ class TileSchedule:
             ``q_index[..., a]`` (the identity for ``"flash"``).
         q_pos, k_pos: int32 ``(B, H, N)``: original position of each slot, ``-1`` for
             the padding slots of a compacted layout.
-        q_buckets, k_buckets: bucket id of each slot (``"hash"`` only, else None).
+        q_buckets, k_buckets: bucket id of each slot (``"hash"`` only, else None): the layout's
+            ``bucket``, so the overflow run's slots carry its index (``n_buckets``) rather
+            than their ids, and padding -1.
         block_m, block_n: tile sizes (query, key), as the kernel's ``BLOCK_M``, ``BLOCK_N``.
         causal: False only for non-causal dense attention.
         window: the sliding window.  For ``"flash"`` the tiles of ``flash_attention(window=W)``
@@ -363,13 +365,14 @@ def flash_schedule(n_q: int, n_k: int | None = None, causal: bool = True, block_
     )
 
 
-def _permuted_schedule(kind, mask, shape, q_args, k_args, n_buckets, block_m, block_n, window=0):
+def _permuted_schedule(kind, mask, shape, q_args, k_args, n_buckets, block_m, block_n, window=0, overflow=False):
     # The kernels' layout and tile plan, built in plain PyTorch (the tests check that
     # the kernels build the same)...  With a window, the far part: queries at i - window.
     if window:
         mask = mask & ~reference.window_mask(shape[-1], window=window, device=mask.device)
-    ql = reference_layout(shape, n_buckets=n_buckets, block=block_m, pad=Q_PAD, shift=window, **q_args)
-    kl = reference_layout(shape, n_buckets=n_buckets, block=block_n, pad=K_PAD, **k_args)
+    ql = reference_layout(shape, n_buckets=n_buckets, block=block_m, pad=Q_PAD, shift=window, overflow=overflow,
+                          **q_args)
+    kl = reference_layout(shape, n_buckets=n_buckets, block=block_n, pad=K_PAD, overflow=overflow, **k_args)
     computed = reference_tile_plan(ql, kl).visited()
     # ...and the FULL / PARTIAL / EMPTY split from the token-level mask in layout order.
     q_pos = ql.pos
@@ -402,24 +405,33 @@ def qk_schedule(q_keep: Tensor, k_keep: Tensor, block_m: int | None = None,
 
 
 def hash_schedule(q_buckets: Tensor, k_buckets: Tensor, block_m: int | None = None,
-                  block_n: int | None = None, *, window: int = 0) -> TileSchedule:
-    """Tiles of hash-bucket attention (:func:`~sparseflash.hash_sparse_attention`).
+                  block_n: int | None = None, *, window: int = 0, n_buckets: int | None = None) -> TileSchedule:
+    """Tiles of hash-bucket attention (:func:`~sparseflash.hash_sparse_attention` with this
+    ``n_buckets``).
 
-    ``q_buckets``, ``k_buckets``: integer ``(B, H, N)`` (or ``(N,)``, ``(H, N)``) ids
-    ``>= 0``.  The layout is the kernels' (:func:`~sparseflash.layout.reference_layout`:
-    tokens by bucket, each bucket's run starting on a tile boundary); tiles are
-    computed by the :class:`~sparseflash.layout.TilePlan` (same bucket and
-    ``kmin(S) <= qmax(T)``), so no computed tile is EMPTY.  With a ``window``: the
-    union's far part, the same-bucket pairs with ``i - j >= window`` (the band is
-    ``flash_schedule(N, window=window)``).
+    ``q_buckets``, ``k_buckets``: integer ``(B, H, N)`` (or ``(N,)``, ``(H, N)``) ids, any
+    values (labels).  ``n_buckets``: the call's; None here (unlike the call, whose default
+    is 64) means the largest id + 1, read off the ids, so that every id ``>= 0`` has a run
+    of its own and the layout is no longer than it needs to be: to compare with a
+    ``TileRecord`` of a call without ``n_buckets``, pass
+    ``n_buckets=sparseflash.layout.DEFAULT_BUCKETS``.  The layout is the kernels'
+    (:func:`~sparseflash.layout.reference_layout`: tokens by bucket, each bucket's run
+    starting on a tile boundary, ids outside ``[0, n_buckets)`` in the overflow run after
+    them); tiles are computed by the :class:`~sparseflash.layout.TilePlan` (same run and
+    ``kmin(S) <= qmax(T)``), so no computed tile is EMPTY except in the overflow run (whose
+    tiles mix ids).  With a ``window``: the union's far part, the same-bucket pairs with
+    ``i - j >= window`` (the band is ``flash_schedule(N, window=window)``).
     """
     q_buckets, k_buckets = _as_bhn(q_buckets, "q_buckets"), _as_bhn(k_buckets, "k_buckets")
     q_buckets, k_buckets = torch.broadcast_tensors(q_buckets, k_buckets)
     block_m, block_n = _blocks(block_m, block_n)
     mask = reference.hash_mask(q_buckets, k_buckets)
-    q_ids, k_ids, n_buckets = dense_bucket_ids(q_buckets, k_buckets)  # as hash_sparse_attention without n_buckets
-    return _permuted_schedule("hash", mask, tuple(q_buckets.shape), dict(buckets=q_ids),
-                              dict(buckets=k_ids), n_buckets, block_m, block_n, window)
+    if n_buckets is None:
+        top = int(torch.maximum(q_buckets.max(), k_buckets.max())) if q_buckets.numel() else 0
+        n_buckets = max(top + 1, 1)
+    return _permuted_schedule("hash", mask, tuple(q_buckets.shape), dict(buckets=q_buckets),
+                              dict(buckets=k_buckets), bucket_budget(n_buckets), block_m, block_n, window,
+                              overflow=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def test_flash_not_causal_and_rectangular(seed, Hq, Hkv):
 
 
 def test_sparse_variants(seed):
-    """Hash buckets without n_buckets (ids read off, q and k of different head counts),
+    """Hash buckets without n_buckets (the default fast range, q and k of different head counts),
     permuted slots sorted by bucket, validated."""
     _check("hash", 1, 4, 2, 60, 32, f32, kernel_options=SMALL)
     _check("hash", 1, 4, 1, 60, 32, f32, kernel_options=SMALL, n_buckets=3)
@@ -253,7 +253,7 @@ def _layout_inputs(kind, B, Hq, Hkv, N, n_k, n_buckets):
     if kind == "buckets":
         q, k = two(lambda H, n: torch.randint(0, n_buckets, (B, H, n)))
         return dict(q_buckets=q, k_buckets=k)
-    if kind == "out-of-range":
+    if kind in ("out-of-range", "overflow"):  # dropped, or hash attention's overflow run
         q, k = two(lambda H, n: torch.randint(-2, n_buckets + 2, (B, H, n)))
         return dict(q_buckets=q, k_buckets=k)
     assert kind == "both"
@@ -267,7 +267,7 @@ LAYOUT_CASES = [  # (kind, Hq, Hkv, N, n_k, n_buckets, block_m, block_n)
     ("keep", 4, 2, 100, 100, 1, 16, 16),
     ("keep", 4, 1, 3000, 3000, 1, 64, 64),     # several chunks of the counting sort
     ("buckets", 6, 2, 257, 257, 5, 16, 32),    # G = 3
-    ("buckets", 4, 1, 90, 130, 4, 32, 16),     # different query and key lengths
+    ("overflow", 4, 1, 90, 130, 4, 32, 16),    # different query and key lengths, the overflow run
     ("buckets", 2, 1, 100, 100, 300, 16, 16),  # more buckets than tokens: the sort fallback
     ("out-of-range", 4, 2, 64, 64, 3, 16, 16),
     ("both", 8, 2, 150, 150, 4, 32, 16),
@@ -278,10 +278,11 @@ LAYOUT_CASES = [  # (kind, Hq, Hkv, N, n_k, n_buckets, block_m, block_n)
 def test_layout_and_plan_match_pytorch(seed, kind, Hq, Hkv, N, n_k, n_buckets, bm, bn):
     B = 2
     args = _layout_inputs(kind, B, Hq, Hkv, N, n_k, n_buckets)
-    ql, kl = bucket_layouts((B, Hq, N), n_buckets=n_buckets, block_m=bm, block_n=bn, n_k=n_k, **args)
+    ov = kind == "overflow"
+    ql, kl = bucket_layouts((B, Hq, N), n_buckets=n_buckets, block_m=bm, block_n=bn, n_k=n_k, overflow=ov, **args)
     side = {s: {n[2:]: t for n, t in args.items() if n.startswith(s + "_")} for s in "qk"}
-    rq = reference_layout((B, Hq, N), n_buckets=n_buckets, block=bm, pad=Q_PAD, **side["q"])
-    rk = reference_layout((B, Hkv, n_k), n_buckets=n_buckets, block=bn, pad=K_PAD, **side["k"])
+    rq = reference_layout((B, Hq, N), n_buckets=n_buckets, block=bm, pad=Q_PAD, overflow=ov, **side["q"])
+    rk = reference_layout((B, Hkv, n_k), n_buckets=n_buckets, block=bn, pad=K_PAD, overflow=ov, **side["k"])
     assert ql.index.shape[:2] == (B, Hq) and kl.index.shape[:2] == (B, Hkv)
     for got, want in ((ql, rq), (kl, rk)):
         for name in ("index", "pos", "bucket", "start", "count"):

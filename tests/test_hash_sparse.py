@@ -24,8 +24,8 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16)
 # ---------------------------------------------------------------------------
 
 
-def _reference(q, k, v, do, qb, kb, sm_scale=None):
-    mask = ref.hash_mask(qb, kb)
+def _reference(q, k, v, do, qb, kb, sm_scale=None, window=0):
+    mask = ref.hash_mask(qb, kb, window=window)
     return _grads(lambda q, k, v: ref.attention(q, k, v, mask, sm_scale), q.double(), k.double(), v.double(),
                   do.double())
 
@@ -38,12 +38,15 @@ def _qkv(B, H, N, D, dtype=torch.float32):
     return tuple(torch.randn(B, H, N, D).to(dtype) for _ in range(4))
 
 
-def _check(B, H, N, D, dtype, qb, kb, sm_scale=None, **kw):
+def _check(B, H, N, D, dtype, qb, kb, sm_scale=None, Hkv=None, **kw):
     q, k, v, do = _qkv(B, H, N, D, dtype)
+    if Hkv is not None:  # grouped-query attention: k, v (and kb) with Hkv heads
+        k, v = k[:, :Hkv].contiguous(), v[:, :Hkv].contiguous()
     got = _kernel(q, k, v, do, qb, kb, sm_scale, **kw)
     assert got[0].dtype == dtype and got[0].shape == (B, H, N, D)
-    want = _reference(q, k, v, do, qb, kb, sm_scale)
-    floor = rounding_floor(want, got[0], q, k, v, do, ref.hash_mask(qb, kb), sm_scale)
+    window = kw.get("window", 0)
+    want = _reference(q, k, v, do, qb, kb, sm_scale, window)
+    floor = rounding_floor(want, got[0], q, k, v, do, ref.hash_mask(qb, kb, window=window), sm_scale)
     _assert_close(got, want, TOL[dtype], GRAD_TOL[dtype], floor=floor)
     return got
 
@@ -56,10 +59,12 @@ def _check(B, H, N, D, dtype, qb, kb, sm_scale=None, **kw):
 @pytest.mark.parametrize("N", [1, 7, 100, 257])
 @pytest.mark.parametrize("n_buckets", [1, 3, 16])
 def test_buckets_and_lengths(seed, n_buckets, N):
-    """Queries and keys bucketed independently (random ids)."""
+    """Queries and keys bucketed independently (random ids), some outside ``[0, n_buckets)``
+    (negative or too large, mixed with ids in range in every head): those share the
+    overflow run and are attended exactly all the same."""
     B, H, D = 1, 2, 64
-    qb = torch.randint(0, n_buckets, (B, H, N))
-    kb = torch.randint(0, n_buckets, (B, H, N))
+    qb = torch.randint(-2, n_buckets + 2, (B, H, N))
+    kb = torch.randint(-2, n_buckets + 2, (B, H, N))
     _check(B, H, N, D, torch.float32, qb, kb, n_buckets=n_buckets, kernel_options=SMALL if N >= 100 else None)
 
 
@@ -69,7 +74,7 @@ def test_same_buckets_for_q_and_k(seed, n_buckets, N):
     """``q_buckets is k_buckets``: every query sees at least itself."""
     B, H, D = 1, 2, 32
     buckets = torch.randint(0, n_buckets, (B, H, N))
-    out = _check(B, H, N, D, torch.float32, buckets, buckets, kernel_options=SMALL)[0]
+    out = _check(B, H, N, D, torch.float32, buckets, buckets, n_buckets=n_buckets, kernel_options=SMALL)[0]
     assert (out.abs().sum(-1) > 0).all()
 
 
@@ -113,7 +118,7 @@ def test_tile_shapes_batch(seed, blocks):
     B, H, N, D = 2, 2, 150, 32
     qb = torch.randint(0, 5, (B, H, N))
     kb = torch.randint(0, 5, (B, H, N))
-    _check(B, H, N, D, torch.float32, qb, kb, kernel_options=dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]))
+    _check(B, H, N, D, torch.float32, qb, kb, n_buckets=5, kernel_options=dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]))
 
 
 @pytest.mark.parametrize("n_buckets", [4, 16])
@@ -132,15 +137,6 @@ def test_int32_buckets_and_sm_scale(seed):
     qb = torch.randint(0, 4, (B, H, N), dtype=torch.int32)
     kb = torch.randint(0, 4, (B, H, N), dtype=torch.int32)
     _check(B, H, N, D, torch.float32, qb, kb, sm_scale=1.3, kernel_options=SMALL)
-
-
-def test_sparse_bucket_ids(seed):
-    """Ids need not be dense: large values and gaps."""
-    B, H, N, D = 1, 2, 64, 32
-    ids = torch.tensor([0, 7, 1_000_000, 2**31 - 2])
-    qb = ids[torch.randint(0, 4, (B, H, N))]
-    kb = ids[torch.randint(0, 4, (B, H, N))]
-    _check(B, H, N, D, torch.float32, qb, kb, kernel_options=SMALL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -261,48 +257,51 @@ def test_bad_buckets_raise(name, qb, kb, n_buckets):
         hash_sparse_attention(q, k, v, qb, kb, n_buckets=n_buckets, validate=True)
 
 
-def test_out_of_range_ids_take_no_part_without_validate(seed):
-    """With ``n_buckets`` given and no ``validate``, nothing waits for the GPU: a token whose
-    id is out of range is dropped (output 0, no gradient) instead of raising."""
-    B, H, N, D = 1, 2, 40, 16
-    q, k, v, do = _qkv(B, H, N, D)
-    qb, kb = torch.randint(0, 4, (B, H, N)), torch.randint(0, 4, (B, H, N))
-    qb[0, 0, :5] = 4
-    kb[0, 1, 3:9] = -2
-    got = _kernel(q, k, v, do, qb, kb, n_buckets=4, kernel_options=SMALL)
-    q_in, k_in = (qb >= 0) & (qb < 4), (kb >= 0) & (kb < 4)
-    mask = ref.hash_mask(qb, kb) & q_in[..., :, None] & k_in[..., None, :]
-    want = _grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())
-    _assert_close(got, want, TOL[torch.float32])
-    assert (got[0][0, 0, :5] == 0).all() and (got[1][0, 0, :5] == 0).all()
+#: Ids that are labels, not bucket numbers: (name, ids to draw from, n_buckets).
+LABEL_CASES = [
+    # int64 ids equal in their low 32 bits to ids in range: different labels
+    ("low 32 bits equal", [0, 1, 2, 2**32, 2**32 + 1, -2**32 + 2], 4),
+    # ids need not be dense: huge and negative ones, gaps, beside small ones; no n_buckets
+    # (the default fast range, [0, 64))
+    ("huge and negative", [0, 7, 63, 64, 1_000_000, 2**31 - 2, 10**12, -10**12, -1], None),
+]
 
 
-def test_ids_beyond_int32_take_no_part(seed):
-    """An int64 id outside ``[0, n_buckets)`` is dropped even when its low 32 bits are a
-    valid id (the layout kernel checks the range before narrowing ids to int32)."""
-    B, H, N, D = 1, 1, 20, 16
-    q, k, v, do = _qkv(B, H, N, D)
-    qb, kb = torch.randint(0, 4, (B, H, N)), torch.randint(0, 4, (B, H, N))
-    wide_q, wide_k = qb.clone(), kb.clone()
-    wide_q[0, 0, 10] += 2**32
-    wide_k[0, 0, 3] -= 2**32
-    got = _kernel(q, k, v, do, wide_q, wide_k, n_buckets=4, kernel_options=SMALL)
-    q_in, k_in = torch.ones(B, H, N, dtype=torch.bool), torch.ones(B, H, N, dtype=torch.bool)
-    q_in[0, 0, 10] = k_in[0, 0, 3] = False
-    mask = ref.hash_mask(qb, kb) & q_in[..., :, None] & k_in[..., None, :]
-    want = _grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())
-    _assert_close(got, want, TOL[torch.float32])
-    assert (got[0][0, 0, 10] == 0).all() and (got[2][0, 0, 3] == 0).all()
+@pytest.mark.parametrize("N,Hkv,window", [(1, 2, 0), (40, 1, 0), (60, 2, 5)])
+@pytest.mark.parametrize("name,ids,n_buckets", LABEL_CASES, ids=[c[0] for c in LABEL_CASES])
+def test_ids_are_labels(seed, name, ids, n_buckets, N, Hkv, window):
+    """Any integer ids, with or without ``n_buckets``: pair ``(i, j)`` is allowed iff the ids are
+    equal as integers (or within the window), exactly as ``reference.hash_mask``; ids outside
+    ``[0, n_buckets)`` share the overflow run, whose tiles compare the ids themselves.
+    Grouped-query attention (``Hkv = 1``) and a window > 0 included."""
+    B, H = 1, 2
+    ids = torch.tensor(ids)
+    qb, kb = ids[torch.randint(0, len(ids), (B, H, N))], ids[torch.randint(0, len(ids), (B, Hkv, N))]
+    _check(B, H, N, 16, torch.float32, qb, kb, Hkv=Hkv, n_buckets=n_buckets, window=window, kernel_options=SMALL)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
-def test_id_dtypes_with_out_of_range_ids(seed, dtype):
-    """Ids of any integer dtype; those outside ``[0, n_buckets)`` are dropped."""
+def test_id_dtypes_are_labels(seed, dtype):
+    """Ids of any integer dtype, those outside ``[0, n_buckets)`` (negative ones for the signed
+    dtypes) included, compared as the integers they are."""
     q, k, v, _ = _qkv(1, 1, 20, 16)
-    qb, kb = torch.randint(0, 6, (1, 1, 20)), torch.randint(0, 6, (1, 1, 20))
+    low = 0 if dtype == torch.uint8 else -3
+    qb, kb = torch.randint(low, 6, (1, 1, 20)), torch.randint(low, 6, (1, 1, 20))
     out = hash_sparse_attention(q, k, v, qb.to(dtype), kb.to(dtype), n_buckets=4, kernel_options=SMALL)
-    mask = ref.hash_mask(qb, kb) & (qb < 4)[..., :, None] & (kb < 4)[..., None, :]
-    assert _err(out, ref.attention(q, k, v, mask)) <= TOL[torch.float32]
+    assert _err(out, ref.attention(q, k, v, ref.hash_mask(qb, kb))) <= TOL[torch.float32]
+
+
+def test_validate_is_a_fast_path_check(seed):
+    """``validate=True`` raises on an id outside ``[0, n_buckets)`` (default ``[0, 64)``): not
+    because the result would be wrong (it is exact without ``validate``) but because that
+    token leaves the tile-skipping path."""
+    q, k, v, _ = _qkv(1, 1, 20, 16)
+    ids = torch.randint(0, 4, (1, 1, 20))
+    hash_sparse_attention(q, k, v, ids, ids + 60, validate=True)  # all in [0, 64)
+    for qb, kb, n, match in ((ids, ids + 61, None, r"\[0, 64\).*default"), (ids - 1, ids, 4, r"\[0, 4\)"),
+                             (ids, (ids + 1) * 2**40, 2**40, r"\[0, 65536\)")):
+        with pytest.raises(ValueError, match=match):
+            hash_sparse_attention(q, k, v, qb, kb, n_buckets=n, validate=True)
 
 
 @pytest.mark.parametrize("n_buckets", [2.5, 4.0, True, 0, "4"])
@@ -389,10 +388,16 @@ def test_gpu_long_sequences(seed, N, D):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("N", [4096, 8191])
 def test_gpu_random_buckets(seed, N, D):
+    """The default call, with a tenth of the ids outside its fast range (huge or negative
+    labels, in the overflow run)."""
     B, H, dtype = 1, 2, torch.bfloat16
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(4))
     qb = torch.randint(0, 16, (B, H, N), device="cuda")
     kb = torch.randint(0, 16, (B, H, N), device="cuda")
+    labels = torch.tensor([10**12, 10**12 + 1, -1, -2**40], device="cuda")
+    for ids in (qb, kb):
+        far = torch.rand(B, H, N, device="cuda") < 0.1
+        ids[far] = labels[torch.randint(0, 4, (int(far.sum()),), device="cuda")]
     got = _kernel(q, k, v, do, qb, kb)
     want = _reference(q, k, v, do, qb, kb)
     _assert_close(got, want, TOL[dtype], GRAD_TOL[dtype], f"N={N} D={D}: ")

@@ -28,9 +28,10 @@ def _inputs(kind, B, H, N, n_buckets, n_k=None):
         return dict(q_keep=torch.rand(B, H, N) < 0.5, k_keep=torch.rand(B, H, n_k) < 0.5)
     if kind == "buckets":
         return dict(q_buckets=torch.randint(0, n_buckets, (B, H, N)), k_buckets=torch.randint(0, n_buckets, (B, H, n_k)))
-    if kind == "out-of-range":  # ids outside [0, n_buckets) are dropped
-        return dict(q_buckets=torch.randint(-2, n_buckets + 2, (B, H, N)),
-                    k_buckets=torch.randint(-2, n_buckets + 2, (B, H, n_k)))
+    if kind in ("out-of-range", "overflow"):  # ids outside [0, n_buckets): dropped, or in the overflow run
+        qb, kb = torch.randint(-2, n_buckets + 2, (B, H, N)), torch.randint(-2, n_buckets + 2, (B, H, n_k))
+        qb[..., ::7] += 2**32  # int64 ids whose low 32 bits are in range: out of range all the same
+        return dict(q_buckets=qb, k_buckets=kb)
     if kind == "both":
         return dict(q_buckets=torch.randint(0, n_buckets, (B, H, N)), k_buckets=torch.randint(0, n_buckets, (B, H, n_k)),
                     q_keep=torch.rand(B, H, N) < 0.7, k_keep=torch.rand(B, H, n_k) < 0.7)
@@ -48,11 +49,12 @@ CASES = [  # (kind, N, n_k, n_buckets, block_m, block_n)
     ("keep", 3000, None, 1, 64, 64),          # several chunks of the counting sort
     ("buckets", 100, None, 3, 16, 16),
     ("buckets", 257, None, 16, 16, 32),
-    ("buckets", 2100, None, 16, 64, 32),      # several chunks, prefix over chunks
-    ("buckets", 100, None, 300, 16, 16),      # more buckets than tokens: the sort fallback
     ("out-of-range", 200, None, 5, 16, 16),
+    # hash attention's overflow run (ids mostly in range): several chunks, prefix over chunks
+    ("overflow", 2100, None, 16, 64, 32),
+    ("overflow", 100, None, 300, 16, 16),     # more buckets than tokens: the sort fallback
     ("both", 150, None, 4, 32, 16),
-    ("buckets", 90, 130, 4, 16, 16),          # different query and key lengths
+    ("overflow", 90, 130, 4, 16, 16),         # different query and key lengths
 ]
 
 
@@ -60,12 +62,14 @@ CASES = [  # (kind, N, n_k, n_buckets, block_m, block_n)
 def test_kernel_layout_and_plan_match_pytorch(seed, kind, N, n_k, n_buckets, bm, bn):
     B, H = 2, 2
     args = _inputs(kind, B, H, N, n_buckets, n_k)
-    ql, kl = bucket_layouts((B, H, N), n_buckets=n_buckets, block_m=bm, block_n=bn, n_k=n_k, **args)
-    rq = reference_layout((B, H, N), n_buckets=n_buckets, block=bm, pad=Q_PAD, **_side(args, "q"))
-    rk = reference_layout((B, H, n_k or N), n_buckets=n_buckets, block=bn, pad=K_PAD, **_side(args, "k"))
+    ov = kind == "overflow"
+    ql, kl = bucket_layouts((B, H, N), n_buckets=n_buckets, block_m=bm, block_n=bn, n_k=n_k, overflow=ov, **args)
+    rq = reference_layout((B, H, N), n_buckets=n_buckets, block=bm, pad=Q_PAD, overflow=ov, **_side(args, "q"))
+    rk = reference_layout((B, H, n_k or N), n_buckets=n_buckets, block=bn, pad=K_PAD, overflow=ov, **_side(args, "k"))
     for got, want in ((ql, rq), (kl, rk)):
         for name in ("index", "pos", "bucket", "start", "count"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert (got.n_buckets, got.overflow) == (want.n_buckets, want.overflow) == (n_buckets + ov, ov)
     plan, ref_plan = tile_plan(ql, kl), reference_tile_plan(rq, rk)
     for got, want in ((plan.q_runs, ref_plan.q_runs), (plan.k_runs, ref_plan.k_runs)):
         empty = got[..., 0] == got[..., 2]
@@ -75,14 +79,24 @@ def test_kernel_layout_and_plan_match_pytorch(seed, kind, N, n_k, n_buckets, bm,
 
 
 @pytest.mark.parametrize("kind,N,n_buckets,block", [("keep", 100, 1, 16), ("buckets", 257, 7, 32),
-                                                     ("out-of-range", 64, 3, 16), ("both", 33, 2, 16)])
+                                                     ("out-of-range", 64, 3, 16), ("both", 33, 2, 16),
+                                                     ("overflow", 64, 3, 16)])
 def test_reference_layout_is_what_it_says(seed, kind, N, n_buckets, block):
+    """Every token once, runs tile-aligned and in order; dropped tokens after them.  With
+    ``overflow``, run ``n_buckets`` holds exactly the tokens whose id is outside
+    ``[0, n_buckets)``, in position order, and nothing is dropped."""
     B, H = 2, 3
+    ov = kind == "overflow"
     args = _side(_inputs(kind, B, H, N, n_buckets), "q")
-    lay = reference_layout((B, H, N), n_buckets=n_buckets, block=block, pad=Q_PAD, **args)
-    assert lay.n_slots == layout_length(N, n_buckets, block) and lay.n_slots % block == 0
-    bucket = args.get("buckets", torch.zeros(B, H, N, dtype=torch.long))
-    kept = (bucket >= 0) & (bucket < n_buckets) & args.get("keep", torch.ones(B, H, N, dtype=torch.bool))
+    lay = reference_layout((B, H, N), n_buckets=n_buckets, block=block, pad=Q_PAD, overflow=ov, **args)
+    assert lay.n_slots == layout_length(N, n_buckets, block) and lay.n_slots % block == 0  # overflow run: unpadded
+    if kind == "buckets":  # ids all in range: the overflow run is empty, the layout the same
+        same = reference_layout((B, H, N), n_buckets=n_buckets, block=block, pad=Q_PAD, overflow=True, **args)
+        assert all(torch.equal(getattr(same, n), getattr(lay, n)) for n in ("index", "pos", "bucket"))
+    ids = args.get("buckets", torch.zeros(B, H, N, dtype=torch.long))
+    in_range = (ids >= 0) & (ids < n_buckets)
+    bucket = torch.where(in_range, ids, n_buckets)  # the run each token belongs to (n_buckets: overflow)
+    kept = (in_range | ov) & args.get("keep", torch.ones(B, H, N, dtype=torch.bool))
     for b in range(B):
         for h in range(H):
             idx, pos, sb = lay.index[b, h].long(), lay.pos[b, h], lay.bucket[b, h]
@@ -91,7 +105,7 @@ def test_reference_layout_is_what_it_says(seed, kind, N, n_buckets, block):
             real = sb >= 0
             assert torch.equal(real.nonzero().flatten().numel() * torch.ones(1), kept[b, h].sum() * torch.ones(1))
             assert (pos[real] == idx[real].int()).all() and (pos[~real] == Q_PAD).all()
-            for c in range(n_buckets):
+            for c in range(lay.n_buckets):
                 slots = (sb == c).nonzero().flatten()
                 want = (bucket[b, h] == c) & kept[b, h]
                 assert int(lay.count[b, h, c]) == int(want.sum())

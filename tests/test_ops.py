@@ -28,12 +28,15 @@ def _inputs(B=1, H=2, N=70, D=32, Hkv=None, dtype=torch.float32, device="cpu"):
 def _calls(N, B=1, H=2, device="cpu"):
     """One call of each public attention on fixed random patterns, as ``fn(q, k, v)``."""
     qb, kb = (torch.randint(0, 4, (B, H, N), device=device) for _ in range(2))
+    # The default hash call (fast ids [0, 64)) with ids outside it mixed in: labels in the overflow run.
+    qb_any, kb_any = qb.clone(), kb.clone()
+    qb_any[..., ::3], kb_any[..., ::4], kb_any[..., 1::5] = 10**12, 10**12, -1
     qk, kk = (torch.rand(B, H, N, device=device) < 0.6 for _ in range(2))
     pos = torch.arange(N, device=device).expand(B, H, N)
     return {
         "dense": lambda q, k, v: sf.flash_attention(q, k, v),
         "qk": lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk),
-        "hash": lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4),
+        "hash": lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb_any, kb_any),
         "permuted": lambda q, k, v: sf.permuted_attention(q, k, v, pos, pos, qb, kb, n_buckets=4),
         "dense_window": lambda q, k, v: sf.flash_attention(q, k, v, window=9),
         "qk_window": lambda q, k, v: sf.qk_sparse_attention(q, k, v, qk, kk, window=9),
@@ -69,15 +72,17 @@ def test_opcheck_flash(seed, window):
 def test_opcheck_plan_and_layout(seed, kind, window):
     B, H, N = 1, 2, 50
     q, k, v = (t.requires_grad_() for t in _inputs(B, H, N))
-    if kind == "hash":
-        ids = (torch.randint(0, 3, (B, H, N)), torch.randint(0, 3, (B, H, N)))
-        plan_args = (*ids, None, None, None, None, B, H, N, H, N, 3, 32, 32, window)
+    if kind == "hash":  # ids 3 and -1 outside [0, 3): the overflow run, with the ids as labels
+        ids = (torch.randint(-1, 4, (B, H, N)), torch.randint(-1, 4, (B, H, N)))
+        plan_args = (*ids, None, None, None, None, B, H, N, H, N, 3, 32, 32, window, True)
+        labels, runs = ids, 3 + 1
     else:
         keep = (torch.rand(B, H, N) < 0.5, torch.rand(B, H, N) < 0.5)
-        plan_args = (None, None, *keep, None, None, B, H, N, H, N, 1, 32, 32, window)
+        plan_args = (None, None, *keep, None, None, B, H, N, H, N, 1, 32, 32, window, False)
+        labels, runs = (None, None), 1
     torch.library.opcheck(_bucket_plan_op, plan_args)
     plan = _bucket_plan_op(*plan_args)
-    extra = (*plan, plan_args[11], 0.2, CPU_CFG, window, CPU_CFG)
+    extra = (*plan, *labels, runs, 0.2, CPU_CFG, window, CPU_CFG)
     torch.library.opcheck(_layout_op.forward_op, (q, k, v, *extra))
     o, lse2 = _layout_op.forward_op(q.detach(), k.detach(), v.detach(), *extra)
     torch.library.opcheck(_layout_op.backward_op, (q.detach(), k.detach(), v.detach(), o, lse2, torch.randn_like(o),
@@ -87,7 +92,9 @@ def test_opcheck_plan_and_layout(seed, kind, window):
 @pytest.mark.parametrize("kind", ["dense", "qk", "hash", "permuted", "dense_window", "qk_window", "hash_window"])
 def test_compile_fullgraph_matches_eager(seed, kind):
     """Dynamo traces each public call forward and backward in one graph (fullgraph: a graph
-    break would raise), and the compiled call gives the eager outputs and gradients."""
+    break would raise), and the compiled call gives the eager outputs and gradients.  "hash"
+    is the default call, ``hash_sparse_attention(q, k, v, qb, kb)``, with ids outside its fast
+    range: no ``n_buckets`` is needed, and nothing is read back to the host."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -105,14 +112,18 @@ def test_compile_fullgraph_matches_eager(seed, kind):
 
 
 def test_compile_refuses_host_reads():
-    """Under torch.compile, calls that would read values back to the host raise a clear error."""
+    """Under torch.compile, calls that would read values back to the host raise a clear error.
+    (Hash attention reads nothing back without ``validate``, whatever ``n_buckets``: the
+    default call is in test_compile_fullgraph_matches_eager.)"""
     q, k, v = _inputs(N=20)
     ids = torch.randint(0, 4, (1, 2, 20))
     pos = torch.arange(20).expand(1, 2, 20)
-    for call in (lambda q: sf.hash_sparse_attention(q, k, v, ids, ids),
-                 lambda q: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=4, validate=True),
-                 lambda q: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=2**20),  # renumbered on the host
-                 lambda q: sf.permuted_attention(q, k, v, pos, pos, ids, ids),
+    for n_buckets in (None, 4):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="hash_sparse_attention needs validate=False"):
+            torch.compile(lambda q: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=n_buckets, validate=True),
+                          backend="aot_eager", fullgraph=True)(q)
+    for call in (lambda q: sf.permuted_attention(q, k, v, pos, pos, ids, ids),
                  lambda q: sf.permuted_attention(q, k, v, pos, pos, ids, ids, n_buckets=2**20)):
         torch._dynamo.reset()
         with pytest.raises(Exception, match="n_buckets and validate=False"):

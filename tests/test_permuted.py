@@ -407,8 +407,8 @@ def test_record_hash(seed, blocks, n_buckets):
     q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
     qb, kb = torch.randint(0, n_buckets, (B, H, N)), torch.randint(0, n_buckets, (B, H, N))
     rec = TileRecord()
-    hash_sparse_attention(q, k, v, qb, kb, kernel_options=dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]),
-                          tile_record=rec).sum().backward()
+    hash_sparse_attention(q, k, v, qb, kb, n_buckets=n_buckets, kernel_options=dict(BLOCK_M=blocks[0],
+                          BLOCK_N=blocks[1]), tile_record=rec).sum().backward()
     _assert_record(rec, "hash")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sparseflash
-from sparseflash.layout import layout_length
+from sparseflash.layout import DEFAULT_BUCKETS, layout_length
 from sparseflash import reference, tiles
 from sparseflash.tiles import EMPTY, FULL, PARTIAL, SKIPPED, TileRecord
 
@@ -82,16 +82,23 @@ def test_qk_record_matches_schedule(seed, N, bm, bn, rate):
     assert torch.equal(rec.layouts[0].pos, sched.q_pos) and torch.equal(rec.layouts[0].index.long(), sched.q_index)
 
 
-@pytest.mark.parametrize("N, bm, bn, n_buckets", [(200, 16, 16, 4), (150, 32, 16, 3), (100, 16, 32, 8)])
+@pytest.mark.parametrize("N, bm, bn, n_buckets", [(200, 16, 16, 4), (150, 32, 16, 3), (100, 16, 32, None)])
 def test_hash_record_matches_schedule(seed, N, bm, bn, n_buckets):
+    """``n_buckets=None``: the default call (fast ids ``[0, 64)``), with ids beyond that range
+    mixed in, which share the overflow run (all its causal tiles computed, masked)."""
     B, H = 1, 3
-    q_buckets = torch.randint(0, n_buckets, (B, H, N))
-    k_buckets = torch.randint(0, n_buckets, (B, H, N))
+    q_buckets = torch.randint(0, n_buckets or 8, (B, H, N))
+    k_buckets = torch.randint(0, n_buckets or 8, (B, H, N))
+    if n_buckets is None:
+        q_buckets[0, :2, ::3], k_buckets[0, :2, ::4], k_buckets[0, 1, 1::5] = 10**12, 10**12, -1
     k_buckets[0, 2] = q_buckets[0, 2]  # a head where queries and keys share buckets
     q, k, v = _qkv(B, H, N)
     rec = _run(sparseflash.hash_sparse_attention, q, k, v, q_buckets=q_buckets, k_buckets=k_buckets,
-               kernel_options=dict(BLOCK_M=bm, BLOCK_N=bn))
-    _assert_record_matches(rec, tiles.hash_schedule(q_buckets, k_buckets, bm, bn), "hash", bm, bn)
+               n_buckets=n_buckets, kernel_options=dict(BLOCK_M=bm, BLOCK_N=bn))
+    sched = tiles.hash_schedule(q_buckets, k_buckets, bm, bn, n_buckets=n_buckets or DEFAULT_BUCKETS)
+    _assert_record_matches(rec, sched, "hash", bm, bn)
+    ql = rec.layouts[0]  # the overflow run holds exactly the queries outside the fast range
+    assert ql.overflow and torch.equal(ql.count[..., -1], ((q_buckets < 0) | (q_buckets >= ql.n_buckets - 1)).sum(-1))
 
 
 # ---- no tile holding an allowed pair is skipped; states agree with the mask ----

@@ -209,11 +209,13 @@ def test_shifted_layout_matches_reference(seed, shift):
     from sparseflash.layout import K_PAD, Q_PAD, bucket_layouts, reference_layout
 
     B, H, N, nb = 2, 3, 90, 5
-    qb, kb = torch.randint(0, nb, (B, H, N)), torch.randint(0, nb, (B, H, N))
+    # Ids outside [0, nb) too, as hash attention lays them out (the overflow run): queries
+    # before the shift are dropped whatever their id.
+    qb, kb = torch.randint(-1, nb + 1, (B, H, N)), torch.randint(-1, nb + 1, (B, H, N))
     ql, kl = bucket_layouts((B, H, N), q_buckets=qb, k_buckets=kb, n_buckets=nb, block_m=16, block_n=32,
-                            q_shift=shift)
-    rq = reference_layout((B, H, N), buckets=qb, n_buckets=nb, block=16, pad=Q_PAD, shift=shift)
-    rk = reference_layout((B, H, N), buckets=kb, n_buckets=nb, block=32, pad=K_PAD)
+                            q_shift=shift, overflow=True)
+    rq = reference_layout((B, H, N), buckets=qb, n_buckets=nb, block=16, pad=Q_PAD, shift=shift, overflow=True)
+    rk = reference_layout((B, H, N), buckets=kb, n_buckets=nb, block=32, pad=K_PAD, overflow=True)
     for got, want in ((ql, rq), (kl, rk)):
         for name in ("index", "pos", "bucket", "start", "count"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
