@@ -22,7 +22,7 @@ from .patterns import DTYPES, parse_shape, pattern_stubs
 from .report import summary_table
 from .results import MODES, Refused, _err, config_key, default_out, make_meta, merge_rows, open_results, write_results
 from .run import run_config
-from .timing import _free
+from .timing import _free, open_device
 from .variants import KINDS, all_variants, selected
 
 DEFAULT_SEQ_LENS = [1024, 2048, 4096, 8192, 16384]
@@ -131,12 +131,9 @@ def configurations(args) -> list[tuple[int, int, int, int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+    device = open_device(args.device)
+    if device is None:
         return 2
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device.index)
     from tqdm.auto import tqdm
 
     meta = make_meta(args, device, argv=sys.argv[1:] if argv is None else list(argv))

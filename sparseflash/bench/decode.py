@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from .. import _runtime
 from .results import _clean, _err, _git_commit, backup_path, device_name, device_slug
-from .timing import _free, measure
+from .timing import _free, measure, open_device
 
 SCHEMA = "sparseflash.bench.decode/1"
 ATTENTIONS = ("sdpa", "dense", "hash", "flex_dense", "flex_hash")
@@ -436,12 +436,9 @@ def summary(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+    device = open_device(args.device)
+    if device is None:
         return 2
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device.index)
     from tqdm.auto import tqdm
 
     meta = make_meta(args, device, argv)

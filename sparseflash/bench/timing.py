@@ -18,6 +18,7 @@ included; do_bench's L2-flush buffer not).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -26,6 +27,18 @@ import torch
 GPU_TIMER = "triton.do_bench"
 CPU_TIMER = "cpu-wallclock"
 INTERPRETER_TIMER = "interpreter-wallclock"  # (sparseflash.figures leaves rows of the two CPU timers out)
+
+
+def open_device(name: str) -> torch.device | None:
+    """The ``--device`` of a benchmark CLI, made current if it is a CUDA device with an index;
+    None (after saying why on stderr) if CUDA was asked for and there is none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return None
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)
+    return device
 
 
 def _sync(device: torch.device) -> None:
