@@ -378,7 +378,7 @@ def make_meta(args, device: torch.device, argv=None) -> dict:
         "scatter timed. flex_e2e_*: layout + compiled create_block_mask + gather + kernel + scatter timed.",
         "Keep masks: random_keep per (batch, head), independently for queries and keys. Buckets: "
         + ("uniform random ids per token (the balanced case)" if args.bucket_source == "random"
-           else "lsh_buckets of the random q and k (seed fixed)") + "; ours_hash_<n> passes n_buckets=n.",
+           else "lsh_buckets of the random q and k (seed fixed)") + "; ours_hash_<n> passes n_buckets=n; ours_hash_<n>_default is the call without optional arguments (the layout's default bucket budget).",
         "Sliding windows (--windows W): ours_window_<W> is flash_attention(causal=True, window=W); "
         "ours_hash_<n>_w<W> is hash_sparse_attention(..., n_buckets=n, window=W), the union 'same bucket "
         "or i - j < W' (causal), with the same bucket ids as ours_hash_<n>. FlexAttention runs both in "

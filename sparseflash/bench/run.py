@@ -76,8 +76,10 @@ def run_config(args, device, B, H, D, N, rows: list[dict], flush: Callable, pbar
             if var.family != "dense":
                 if var.impl == "ours":
                     try:
+                        default = var.kind == "ours_hash_default"  # the layout's default bucket budget
                         info["computed_tile_fraction"] = pat.cache.setdefault(
-                            "tiles", measured_tile_fraction(pat, q, k, v, dense_tiles))
+                            "tiles_default" if default else "tiles",
+                            measured_tile_fraction(pat, q, k, v, dense_tiles, default_call=default))
                     except Exception as e:  # noqa: BLE001
                         log(f"[{key} {var.name}] tile record: {_err(e)}")
                     frac = schedule_tile_fraction(pat, N, D, device)

@@ -7,6 +7,9 @@ windows and hash buckets ∪ window) and the baselines.
 * ``ours_hash_<n>``: :func:`sparseflash.hash_sparse_attention` with ``n`` buckets and
   ``n_buckets=n`` (the bucket count is known, so the function need not read the ids'
   range back from the device).
+* ``ours_hash_<n>_default`` (kind ``ours_hash_default``): the call a user writes first,
+  ``hash_sparse_attention(q, k, v, q_buckets, k_buckets)``, with no optional argument (the
+  layout's default bucket budget instead of ``n_buckets=n``); hash patterns without a window.
 * ``ours_hash_<n>_w<W>`` (kind ``ours_hash``): the same with ``window=W``, the union of the
   buckets with a causal sliding window of ``W`` keys (``--windows``).
 * ``ours_window_<W>``: :func:`sparseflash.flash_attention` with ``causal=True, window=W``.
@@ -36,7 +39,7 @@ from .patterns import Pattern
 #: Kinds of variants, in the order they run inside one configuration.
 KINDS = ("sdpa_flash", "sdpa_cudnn", "ours_dense", "flex_dense", "naive",
          "ours_qk", "flex_kernel_qk", "flex_e2e_qk",
-         "ours_hash", "flex_kernel_hash", "flex_e2e_hash",
+         "ours_hash", "ours_hash_default", "flex_kernel_hash", "flex_e2e_hash",
          "ours_window", "flex_kernel_window", "flex_e2e_window")
 
 
@@ -69,8 +72,10 @@ def all_variants(args, patterns: list[Pattern]) -> list[Variant]:
             if p.family != fam:
                 continue
             suffix = p.name  # qk_0.3, hash_16, hash_16_w256, window_256
+            out.append(Variant(f"ours_{suffix}", f"ours_{fam}", "ours", fam, p.param, p))
+            if fam == "hash" and not p.window:
+                out.append(Variant(f"ours_{suffix}_default", "ours_hash_default", "ours", fam, p.param, p))
             out += [
-                Variant(f"ours_{suffix}", f"ours_{fam}", "ours", fam, p.param, p),
                 Variant(f"flex_kernel_{suffix}", f"flex_kernel_{fam}", "flex", fam, p.param, p),
                 Variant(f"flex_e2e_{suffix}", f"flex_e2e_{fam}", "flex", fam, p.param, p),
             ]
@@ -119,6 +124,8 @@ def build_fn(v: Variant, args, N: int, B: int, H: int, device) -> tuple[Callable
             return (lambda q, k, vv: hash_sparse_attention(q, k, vv, pat.q_buckets, pat.k_buckets, n_buckets=n,
                                                            window=w)), {}
         return (lambda q, k, vv: hash_sparse_attention(q, k, vv, pat.q_buckets, pat.k_buckets, n_buckets=n)), {}
+    if v.kind == "ours_hash_default":
+        return (lambda q, k, vv: hash_sparse_attention(q, k, vv, pat.q_buckets, pat.k_buckets)), {}
     if v.kind == "ours_window":
         w = int(pat.window)
         return (lambda q, k, vv: flash_attention(q, k, vv, causal=True, window=w)), {}
@@ -140,7 +147,8 @@ def _tile_area(rec, prefix: str = "", config: dict | None = None) -> int:
     return int((counts > 0).sum().item()) * int(cfg["BLOCK_M"]) * int(cfg["BLOCK_N"])
 
 
-def measured_tile_fraction(pattern: Pattern, q, k, v, dense_tiles_cache: dict) -> float | None:
+def measured_tile_fraction(pattern: Pattern, q, k, v, dense_tiles_cache: dict, *,
+                           default_call: bool = False) -> float | None:
     """Forward tile *area* our sparse kernel computed / that of our dense causal kernel (TileRecord).
 
     Areas (tiles × ``BLOCK_M × BLOCK_N``), so that kernels launched with other tile sizes (the
@@ -148,6 +156,8 @@ def measured_tile_fraction(pattern: Pattern, q, k, v, dense_tiles_cache: dict) -
     the ratio of tile counts.  A hash ∪ window union adds its two parts: the far part over the
     bucket layout (``rec.fwd``, ``rec.config``) and the band (``rec.window_fwd``,
     ``rec.window_config``).  A window alone: ``flash_attention(window=W)``'s tiles.
+    ``default_call``: the hash call without ``n_buckets`` (the layout's default bucket budget),
+    as ``ours_hash_<n>_default`` runs it.
     """
     from ..tiles import TileRecord
 
@@ -162,7 +172,8 @@ def measured_tile_fraction(pattern: Pattern, q, k, v, dense_tiles_cache: dict) -
         elif pattern.family == "window":
             flash_attention(q, k, v, causal=True, window=int(pattern.window), tile_record=rec)
         else:
-            hash_sparse_attention(q, k, v, pattern.q_buckets, pattern.k_buckets, n_buckets=int(pattern.param),
+            nb = None if default_call else int(pattern.param)
+            hash_sparse_attention(q, k, v, pattern.q_buckets, pattern.k_buckets, n_buckets=nb,
                                   window=int(pattern.window), tile_record=rec)
         sparse = _tile_area(rec)
         if pattern.family == "hash" and pattern.window:
