@@ -243,14 +243,18 @@ def test_experiment_results_file(tmp_path, capsys, monkeypatch):
     out = tmp_path / "train_cpu.json"
     flags = ["--out", str(out), "--device", "cpu", "--data", str(text), "--work-dir", str(tmp_path / "runs"),
              "--speed-seq-lens", "64", "--speed-model", "1x32x2", "--speed-tokens", "128", "--speed-configs", "sdpa",
-             "none", "--warmup", "1", "--timed", "2", "--loss-seq-len", "64", "--loss-model", "1x32x2",
+             "none", "hash2w16", "--speed-train-steps", "1", "--warmup", "1", "--timed", "2", "--loss-seq-len", "64", "--loss-model", "1x32x2",
              "--loss-batch", "1", "--loss-steps", "6", "--eval-every", "3", "--eval-windows", "2", "--no-progress"]
     assert experiment.main(flags + ["--phase", "speed"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["name"], r["status"]) for r in rows] == [("sdpa", "ok"), ("none", "ok")]
+    assert [(r["name"], r["status"]) for r in rows] == [("sdpa", "ok"), ("none", "ok"), ("hash2w16", "ok")]
     sdpa = rows[0]
     assert sdpa["speedup_vs_sdpa"] == 1.0 and sdpa["none_ms"] == rows[1]["step_ms"]
     assert sdpa["attention_share"] == pytest.approx(1 - rows[1]["step_ms"] / sdpa["step_ms"])
+    assert sdpa["pair_density"] is None and sdpa["train_steps"] == 0 and sdpa["window"] == 0
+    h = rows[2]  # trained one step before timing; its own pair density (2 buckets ∪ 16 of 64 tokens)
+    assert (h["attention"], h["n_buckets"], h["window"], h["batch"], h["train_steps"]) == ("hash", 2, 16, 2, 1)
+    assert 16 * 17 / 2 / (64 * 65 / 2) < h["pair_density"] <= 1.0
     assert experiment.main(flags) == 2  # exists: refused
     assert "--resume" in capsys.readouterr().err
     loss = ["--phase", "loss", "--loss-configs", "dense", "sdpa", "--resume"]
@@ -268,9 +272,22 @@ def test_experiment_results_file(tmp_path, capsys, monkeypatch):
     assert dense["steps_done"] == 6 and [p["step"] for p in dense["curve"]] == [0, 3, 6]
     assert len(dense["segments"]) == 2 and dense["is_reference"] and dense["speedup_to_reference"] == 1.0
     assert loss_rows["sdpa"]["reference"] == "dense"
-    assert len(data["rows"]) == 4 and len(data["meta"]["previous_invocations"]) == 2
+    assert len(data["rows"]) == 5 and len(data["meta"]["previous_invocations"]) == 2
     assert experiment.reach([{"step": 0, "time_s": 0.0, "loss": 5.0}, {"step": 10, "time_s": 2.0, "loss": 3.0}],
                             4.0) == (1.0, 5.0)
+
+
+def test_experiment_config_names():
+    from sparseflash.train.experiment import parse_config, pattern_fields
+
+    assert parse_config("hash16") == {"attention": "hash", "n_buckets": 16}
+    assert parse_config("hash16w0") == {"attention": "hash", "n_buckets": 16, "window": 0}
+    assert parse_config("qk0.3w64") == {"attention": "qk", "keep_rate": 0.3, "window": 64}
+    assert pattern_fields("hash16") == {"n_buckets": 16, "window": 128}  # the model's default window
+    assert pattern_fields("sdpa_cudnn") == {"n_buckets": None, "window": 0}
+    for bad in ("hash", "qk", "qkx", "hash16w", "flash"):
+        with pytest.raises(ValueError, match="configuration"):
+            parse_config(bad)
 
 
 def _fake_results(path: Path, *, interpreter=False):

@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 
 import torch
 
-from sparseflash.bench.patterns import Pattern
-from sparseflash.nn import SparseCausalSelfAttention
 from sparseflash.train import data as data_mod
+from sparseflash.train.density import pair_density
 from sparseflash.train.loop import TrainConfig, build, setup, train
 
 
@@ -42,43 +40,6 @@ def parse(name: str) -> dict:
     if m:
         return dict(attention="hash", n_buckets=int(m[1]), window=int(m[2] or 0))
     raise ValueError(f"unknown configuration {name!r}")
-
-
-@torch.no_grad()
-def pair_density(model, tokens: torch.Tensor) -> float:
-    """Allowed / causal pairs of every attention layer and head on ``tokens`` (1, n), exact.
-
-    Counted from the bucket ids (the bench's :meth:`~sparseflash.bench.patterns.Pattern.pair_density`:
-    a one-hot running count per bucket), so no ``n x n`` mask is built and any length works.
-    """
-    dens = []
-    hooks = []
-
-    def hook(m: SparseCausalSelfAttention, args):
-        (x,) = args
-        B, N, _ = x.shape
-        H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
-        q, k, _v = m.qkv(x).view(B, N, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
-        if m.mode == "hash":
-            qb, kb = m._buckets(q), m._buckets(k)
-            if kb.shape[1] != H:  # GQA: each query head sees its group's keys
-                kb = kb.repeat_interleave(H // kb.shape[1], dim=1)
-            pat = Pattern("hash", m.n_buckets, q_buckets=qb, k_buckets=kb, window=m.window, seq_len=N)
-        elif m.window:
-            pat = Pattern("window", m.window, window=m.window, seq_len=N)
-        else:
-            pat = Pattern("dense", None)
-        dens.append(pat.pair_density())
-
-    for mod in model.modules():
-        if isinstance(mod, SparseCausalSelfAttention):
-            hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        model(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
-    return statistics.mean(dens)
 
 
 def main(argv=None) -> int:

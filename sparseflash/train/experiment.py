@@ -1,7 +1,8 @@
 """The paper's training comparison at reduced scale: ``python -m sparseflash.train.experiment``.
 
-Two phases, each a list of configurations (``sdpa``, ``sdpa_cudnn``, ``dense``, ``hash16``,
-``hash32``, ``qk0.5``, ``qk0.3``, ``none``: the attention, with its bucket count or keep rate):
+Two phases, each a list of configurations (``sdpa``, ``sdpa_cudnn``, ``dense``, ``hash16w0``,
+``hash16w128``, ``qk0.3``, ``none``, ...: the attention, with its bucket count or keep rate and,
+after ``w``, its sliding window; ``hash16`` without ``w`` takes the model's default window, 128):
 
 * **speed**: for each sequence length (8192, 16384) and configuration, a GPT-2-small-shaped
   model (12 layers, width 768, 12 heads of 64) takes ``--warmup`` training steps, then
@@ -10,6 +11,10 @@ Two phases, each a list of configurations (``sdpa``, ``sdpa_cudnn``, ``dense``, 
   to ``none`` (no attention at all: ``attention_share = 1 - t(none) / t`` is the part of the
   step that attention takes, and ``t / t(none)`` bounds any attention's speed-up: Amdahl).
   The batch holds ``--speed-tokens`` tokens at every length (16384: 2 × 8192, 1 × 16384).
+  The patterns of ``hash`` and ``qk`` change as the model learns (trained LSH piles tokens into
+  fewer buckets, which costs time), so those configurations first train ``--speed-train-steps``
+  steps on the corpus; each row gives the ``pair_density`` of the model it timed
+  (:func:`~sparseflash.train.density.pair_density` on a validation window).
 * **loss**: at ``--loss-seq-len`` (8192), a smaller model (6 layers, width 512, 8 heads of 64:
   fast enough that a few hundred steps of three runs fit in a few minutes) trains with each
   of ``--loss-configs`` (dense, hash16, qk0.5) on the same data and schedule
@@ -38,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -47,23 +53,49 @@ import numpy as np
 import torch
 
 from . import data as data_mod
+from .density import pair_density
 from .loop import Stepper, TrainConfig, build, device_name, setup, sync, train, train_time
 from .model import GPTConfig, flops_per_token
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCHEMA = "sparseflash.train.experiment/1"
-SPEED_CONFIGS = ("sdpa", "sdpa_cudnn", "dense", "hash16", "hash32", "qk0.5", "qk0.3", "none")
+SPEED_CONFIGS = ("sdpa", "sdpa_cudnn", "dense", "none", "hash16w0", "hash16w128", "qk0.3")
 LOSS_CONFIGS = ("dense", "hash16", "qk0.5")
 
 
 def parse_config(name: str) -> dict:
-    """``"hash16"`` -> ``{"attention": "hash", "n_buckets": 16}``, ``"qk0.3"`` -> keep rate 0.3, others by name."""
-    if name.startswith("hash") and name[4:].isdigit():
-        return {"attention": "hash", "n_buckets": int(name[4:])}
-    if name.startswith("qk") and len(name) > 2:
-        return {"attention": "qk", "keep_rate": float(name[2:])}
-    GPTConfig(attention=name)  # raises on an unknown name
+    """A configuration name -> the model's attention fields.
+
+    ``"hash16"`` -> ``{"attention": "hash", "n_buckets": 16}`` (the model's default window),
+    ``"hash16w128"`` -> the same with ``"window": 128`` (``w0``: buckets alone), ``"qk0.3"`` ->
+    keep rate 0.3 (``qk0.3w64``: with a window), ``"dense"``, ``"sdpa"``, ``"sdpa_cudnn"``,
+    ``"none"`` by name.
+
+    Raises:
+        ValueError: for a name of none of these forms.
+    """
+    m = re.fullmatch(r"hash(\d+)(?:w(\d+))?", name)
+    if m:
+        out = {"attention": "hash", "n_buckets": int(m[1])}
+        return out if m[2] is None else {**out, "window": int(m[2])}
+    m = re.fullmatch(r"qk([0-9.]+)(?:w(\d+))?", name)
+    if m:
+        try:
+            out = {"attention": "qk", "keep_rate": float(m[1])}
+        except ValueError:
+            raise ValueError(f"bad keep rate in configuration {name!r}") from None
+        return out if m[2] is None else {**out, "window": int(m[2])}
+    if name not in ("dense", "sdpa", "sdpa_cudnn", "none"):
+        raise ValueError(f"unknown configuration {name!r}: expected sdpa, sdpa_cudnn, dense, none, "
+                         "hash<n>[w<W>] or qk<rate>[w<W>]")
     return {"attention": name}
+
+
+def pattern_fields(name: str) -> dict:
+    """``n_buckets`` and ``window`` (the window the model uses, 0 for none) of a configuration."""
+    c = parse_config(name)
+    cfg = GPTConfig(**c)
+    return {"n_buckets": c.get("n_buckets"), "window": cfg.effective_window}
 
 
 def parse_model(shape: str) -> dict:
@@ -201,29 +233,41 @@ def reach(curve: list[dict], target: float):
 # --------------------------------------------------------------------------------------
 
 
-def time_steps(cfg: TrainConfig, data, *, warmup: int = 3, timed: int = 10) -> dict:
-    """``warmup`` training steps, then the mean time of ``timed`` steps run back to back
-    (synchronised before and after); the model and optimiser are freed afterwards."""
+def time_steps(cfg: TrainConfig, data, *, warmup: int = 3, timed: int = 10, train_steps: int = 0) -> dict:
+    """``train_steps`` + ``warmup`` training steps, then the mean time of ``timed`` steps run back
+    to back (synchronised before and after), and the pair density of the model timed (None for
+    SDPA's and no attention); the model and optimiser are freed afterwards."""
     d = setup(cfg.device)
     model, opt, wrapped = build(cfg, d)
     stepper = Stepper(model, wrapped, opt, cfg, data, d)
     tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     try:
+        t0 = time.perf_counter()
+        for i in range(train_steps):  # patterns of a trained model (see the module docstring)
+            stepper(i, sync_loss=False)
+        sync(d.device)
+        train_s = time.perf_counter() - t0
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         t0 = time.perf_counter()
-        losses = [stepper(i) for i in range(warmup)]
+        losses = [stepper(i) for i in range(train_steps, train_steps + warmup)]
         sync(d.device)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for i in range(warmup, warmup + timed):
+        first = train_steps + warmup
+        for i in range(first, first + timed):
             stepper(i, sync_loss=False)
         sync(d.device)
         ms = (time.perf_counter() - t0) / timed * 1e3
         peak = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None
-        return {"step_ms": ms, "tokens_per_s": tokens / ms * 1e3, "warmup_s": warm_s, "peak_mem_gb": peak,
-                "n_params": model.n_params(), "first_losses": losses,
-                "tflops": flops_per_token(model.cfg, cfg.seq_len) * tokens / ms / 1e9}
+        density = None
+        if cfg.attention in ("dense", "hash", "qk"):
+            sample = torch.as_tensor(data.val[:cfg.seq_len].astype("int64"), device=d.device)[None]
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
+                density = pair_density(model, sample)
+        return {"step_ms": ms, "tokens_per_s": tokens / ms * 1e3, "warmup_s": warm_s, "train_steps": train_steps,
+                "train_s": train_s, "peak_mem_gb": peak, "n_params": model.n_params(), "first_losses": losses,
+                "pair_density": density, "tflops": flops_per_token(model.cfg, cfg.seq_len) * tokens / ms / 1e9}
     finally:
         del model, opt, wrapped, stepper
         gc.collect()
@@ -247,13 +291,16 @@ def run_speed(args, results: Results, data, deadline: float) -> bool:
                 return False
             cfg = TrainConfig(data=args.data, seq_len=seq_len, batch_size=batch, device=args.device,
                               compile=args.compile, max_steps=1000, progress=False, **model, **parse_config(name))
+            c = parse_config(name)
+            learns = c["attention"] in ("hash", "qk")  # its pattern changes as the model trains
             row = {"phase": "speed", "name": name, "seq_len": seq_len, "model": shape, "batch_size": batch,
-                   "tokens_per_step": batch * seq_len, "compile": args.compile, "max_steps": None,
-                   "warmup_steps": args.warmup, "timed_steps": args.timed, **parse_config(name), "status": "ok",
-                   "error": None, "measured_at": results.meta["date"]}
+                   "batch": batch, "tokens_per_step": batch * seq_len, "compile": args.compile, "max_steps": None,
+                   "warmup_steps": args.warmup, "timed_steps": args.timed, **c, **pattern_fields(name),
+                   "status": "ok", "error": None, "measured_at": results.meta["date"]}
             t0 = time.time()
             try:
-                row.update(time_steps(cfg, data, warmup=args.warmup, timed=args.timed))
+                row.update(time_steps(cfg, data, warmup=args.warmup, timed=args.timed,
+                                      train_steps=args.speed_train_steps if learns else 0))
             except Exception as e:  # noqa: BLE001  (an OOM or a missing backend is a result)
                 row.update(status="error", error=f"{type(e).__name__}: {e}"[:600])
                 gc.collect()
@@ -352,8 +399,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--speed-configs", nargs="+", default=list(SPEED_CONFIGS))
     g.add_argument("--speed-model", default="12x768x12", help="layers x width x heads")
     g.add_argument("--speed-tokens", type=int, default=16384, help="tokens per step (batch = this / seq_len)")
-    g.add_argument("--warmup", type=int, default=3)
-    g.add_argument("--timed", type=int, default=10)
+    g.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones (compilation)")
+    g.add_argument("--timed", type=int, default=10, help="timed steps (their mean is step_ms)")
+    g.add_argument("--speed-train-steps", type=int, default=0,
+                   help="training steps before timing hash and qk configurations, whose patterns change as the "
+                        "model learns (trained hashing piles tokens into fewer buckets); 0: a fresh model")
     g = p.add_argument_group("loss")
     g.add_argument("--loss-seq-len", type=int, default=8192)
     g.add_argument("--loss-configs", nargs="+", default=list(LOSS_CONFIGS),
@@ -380,6 +430,9 @@ def make_meta(args, argv) -> dict:
         "speed rows: step_ms is the mean of timed_steps training steps (forward, backward, AdamW) run back to back "
         "after warmup_steps, between two synchronisations; bf16 autocast on CUDA; the batch is tokens_per_step "
         "tokens at every seq_len.",
+        "hash and qk speed rows first train train_steps steps (--speed-train-steps), so that their patterns are "
+        "those of a model that has learned; pair_density: allowed / causal pairs of the timed model on a "
+        "validation window, mean over layers and heads; window: the sliding window the model uses (0: none).",
         "none: the attention removed (y = v, projections kept): attention_share = 1 - t(none)/t, and t/t(none) "
         "(amdahl_ceiling) is the most any faster attention could speed the step up.",
         "loss rows: curve time_s is training time up to each validation (measured step times; the first steps of "
