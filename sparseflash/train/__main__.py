@@ -30,7 +30,7 @@ import torch
 
 from ..nn import DEFAULT_WINDOW
 from . import data as data_mod
-from .loop import CheckpointError, TrainConfig, train
+from .loop import COMPILE_MODES, CheckpointError, TrainConfig, train
 from .model import ATTENTIONS, GPT
 
 PROG = "python -m sparseflash.train"
@@ -61,6 +61,8 @@ HELP = {
     "grad_clip": "clip the gradients' global norm at this (0: no clipping)",
     "device": "auto: cuda (cuda:<LOCAL_RANK> under torchrun) if available, else cpu",
     "compile": "torch.compile the model",
+    "compile_mode": "torch.compile mode with --compile: reduce-overhead replays the step's forward and backward "
+                    "as CUDA graphs (one process only; fastest when the host is the bottleneck)",
     "seed": "seed of the initial weights, of the batches' order and of the random query/key dropping",
     "eval_every": "validate every this many steps (and at step 0 and at the end)",
     "eval_windows": "validation windows of seq_len bytes",
@@ -70,7 +72,7 @@ HELP = {
     "time_budget": "seconds; then checkpoint and stop, to --resume later (default: no limit)",
     "progress": "show a progress bar",
 }
-CHOICES = {"attention": ATTENTIONS, "qk_gate": ("topk", "random")}
+CHOICES = {"attention": ATTENTIONS, "qk_gate": ("topk", "random"), "compile_mode": COMPILE_MODES}
 EPILOG = """\
 examples:
   a tiny run on the CPU, under a minute (Triton's interpreter runs the kernels; any text

@@ -54,7 +54,7 @@ import torch
 
 from . import data as data_mod
 from .density import pair_density
-from .loop import Stepper, TrainConfig, build, device_name, setup, sync, train, train_time
+from .loop import COMPILE_MODES, Stepper, TrainConfig, build, device_name, setup, sync, train, train_time
 from .model import GPTConfig, flops_per_token
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -270,9 +270,20 @@ def time_steps(cfg: TrainConfig, data, *, warmup: int = 3, timed: int = 10, trai
                 "pair_density": density, "tflops": flops_per_token(model.cfg, cfg.seq_len) * tokens / ms / 1e9}
     finally:
         del model, opt, wrapped, stepper
+        if cfg.compile:
+            # Each configuration compiles its own model; without a reset their guards pile up
+            # on GPT.forward until Dynamo's recompile limit makes later ones run uncompiled.
+            torch._dynamo.reset()
         gc.collect()
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def compile_field(args) -> bool | str:
+    """A row's ``compile``: False (eager), True (``torch.compile``'s default mode) or the mode."""
+    if not args.compile:
+        return False
+    return True if args.compile_mode == "default" else args.compile_mode
 
 
 def run_speed(args, results: Results, data, deadline: float) -> bool:
@@ -282,7 +293,7 @@ def run_speed(args, results: Results, data, deadline: float) -> bool:
         batch = max(1, args.speed_tokens // seq_len)
         for name in args.speed_configs:
             shape = args.speed_model
-            key = ("speed", name, seq_len, shape, batch * seq_len, args.compile, None)
+            key = ("speed", name, seq_len, shape, batch * seq_len, compile_field(args), None)
             if results.done(key):
                 print(f"speed T={seq_len} {name}: done, skipped")
                 continue
@@ -290,11 +301,12 @@ def run_speed(args, results: Results, data, deadline: float) -> bool:
                 print("time budget spent: stopping (run again with --resume)")
                 return False
             cfg = TrainConfig(data=args.data, seq_len=seq_len, batch_size=batch, device=args.device,
-                              compile=args.compile, max_steps=1000, progress=False, **model, **parse_config(name))
+                              compile=args.compile, compile_mode=args.compile_mode, max_steps=1000, progress=False,
+                              **model, **parse_config(name))
             c = parse_config(name)
             learns = c["attention"] in ("hash", "qk")  # its pattern changes as the model trains
             row = {"phase": "speed", "name": name, "seq_len": seq_len, "model": shape, "batch_size": batch,
-                   "batch": batch, "tokens_per_step": batch * seq_len, "compile": args.compile, "max_steps": None,
+                   "batch": batch, "tokens_per_step": batch * seq_len, "compile": compile_field(args), "max_steps": None,
                    "warmup_steps": args.warmup, "timed_steps": args.timed, **c, **pattern_fields(name),
                    "status": "ok", "error": None, "measured_at": results.meta["date"]}
             t0 = time.time()
@@ -331,7 +343,7 @@ def loss_row(name: str, args, log: dict, is_reference: bool) -> dict:
     every = max(1, len(log["steps"]) // 200)
     final = curve[-1] if curve else None
     return {"phase": "loss", "name": name, "seq_len": args.loss_seq_len, "model": args.loss_model,
-            "batch_size": args.loss_batch, "tokens_per_step": log["tokens_per_step"], "compile": args.compile,
+            "batch_size": args.loss_batch, "tokens_per_step": log["tokens_per_step"], "compile": compile_field(args),
             "max_steps": args.loss_steps, **parse_config(name), "is_reference": is_reference,
             "status": "ok" if log["status"] == "done" else "partial", "error": None,
             "steps_done": log.get("steps_done"), "n_params": log["n_params"], "lr": log["config"]["lr"],
@@ -347,7 +359,7 @@ def loss_row(name: str, args, log: dict, is_reference: bool) -> dict:
 def run_loss(args, results: Results, data, deadline: float) -> bool:
     model = parse_model(args.loss_model)
     for i, name in enumerate(args.loss_configs):
-        key = ("loss", name, args.loss_seq_len, args.loss_model, args.loss_batch * args.loss_seq_len, args.compile,
+        key = ("loss", name, args.loss_seq_len, args.loss_model, args.loss_batch * args.loss_seq_len, compile_field(args),
                args.loss_steps)
         if results.done(key):
             print(f"loss T={args.loss_seq_len} {name}: done, skipped")
@@ -357,7 +369,7 @@ def run_loss(args, results: Results, data, deadline: float) -> bool:
             print("time budget spent: stopping (run again with --resume)")
             return False
         cfg = TrainConfig(data=args.data, seq_len=args.loss_seq_len, batch_size=args.loss_batch, device=args.device,
-                          compile=args.compile, max_steps=args.loss_steps, lr=args.lr, eval_every=args.eval_every,
+                          compile=args.compile, compile_mode=args.compile_mode, max_steps=args.loss_steps, lr=args.lr, eval_every=args.eval_every,
                           eval_windows=args.eval_windows, ckpt_every=args.ckpt_every,
                           out_dir=str(Path(args.work_dir) / f"loss_T{args.loss_seq_len}_{name}"), resume=True,
                           time_budget=left if math.isfinite(left) else None, progress=args.progress,
@@ -392,6 +404,8 @@ def parser() -> argparse.ArgumentParser:
                    help="corpus for both phases (speed: random bytes if it is not there)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is not timed)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode; anything but default implies --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--work-dir", default="runs/experiment", help="loss runs' checkpoints and logs")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     g = p.add_argument_group("speed")
@@ -435,6 +449,9 @@ def make_meta(args, argv) -> dict:
         "validation window, mean over layers and heads; window: the sliding window the model uses (0: none).",
         "none: the attention removed (y = v, projections kept): attention_share = 1 - t(none)/t, and t/t(none) "
         "(amdahl_ceiling) is the most any faster attention could speed the step up.",
+        "compile: false (eager), true (torch.compile, default mode) or the mode, e.g. 'reduce-overhead' (the "
+        "compiled forward and backward replayed as CUDA graphs; the optimiser step stays eager); ratios compare "
+        "rows of the same compile setting. Every configuration compiles afresh (torch._dynamo.reset between them).",
         "loss rows: curve time_s is training time up to each validation (measured step times; the first steps of "
         "each process, which compile kernels, counted at the run's median step time), excluding validation and "
         "checkpoints; loss is the mean cross-entropy per byte (nats) on fixed validation windows, ppl = exp(loss).",
@@ -455,6 +472,7 @@ def make_meta(args, argv) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.compile = args.compile or args.compile_mode != "default"
     for name in (*args.speed_configs, *args.loss_configs):
         parse_config(name)
     start = time.time()

@@ -58,6 +58,13 @@ FRESH_STEPS = 2
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig))
 
 
+#: ``torch.compile`` modes a run may ask for (``--compile-mode``). "reduce-overhead" captures
+#: the compiled forward and backward in CUDA graphs and replays them: the host issues one
+#: replay instead of every kernel, which matters when the GPU work per kernel is short (the
+#: sparse attention calls at 4k-16k tokens are host-bound when eager or plainly compiled).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig(GPTConfig):
     """Everything a run depends on (the flags of ``python -m sparseflash.train``): the model's
@@ -81,6 +88,7 @@ class TrainConfig(GPTConfig):
     # runtime
     device: str = "auto"  # auto: cuda if available (cuda:<local rank> under torchrun), else cpu
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
     seed: int = 0
     # validation, checkpoints, log
     eval_every: int = 100
@@ -110,6 +118,8 @@ class TrainConfig(GPTConfig):
             _check(name, getattr(self, name), "in [0, 1)", lambda v: 0 <= v < 1)
         for name in ("weight_decay", "grad_clip"):
             _check(name, getattr(self, name), ">= 0", lambda v: v >= 0)
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -239,6 +249,10 @@ class Stepper:
         if d.device.type == "cuda":  # pinned: the copies below do not wait for the GPU
             x_all, y_all = x_all.pin_memory(), y_all.pin_memory()
         total = torch.zeros((), device=d.device)
+        if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+            # A new optimiser step: the CUDA graphs may reuse the memory of the last step's
+            # outputs (its loss and gradients were consumed by now).
+            torch.compiler.cudagraph_mark_step_begin()
         for m in range(cfg.grad_accum):
             rows = slice((m * d.world + d.rank) * cfg.batch_size, (m * d.world + d.rank + 1) * cfg.batch_size)
             x = x_all[rows].to(d.device, non_blocking=True)
@@ -417,7 +431,11 @@ def build(cfg: TrainConfig, d: Dist):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config()).to(d.device)
     opt = make_optimizer(model, cfg, d.device)
-    wrapped = torch.compile(model) if cfg.compile else model
+    if cfg.compile and d.ddp and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile_mode={cfg.compile_mode!r} (CUDA graphs) is for one process; with several "
+                         "use --compile-mode default or max-autotune-no-cudagraphs")
+    wrapped = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) \
+        if cfg.compile else model
     if d.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
