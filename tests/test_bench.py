@@ -73,7 +73,7 @@ def test_quick_files_and_keys(quick):
             assert key in r, (key, r)
         assert r["family"] in ("dense", "qk", "hash")
         assert r["window"] == 0  # --windows with no value: no window variants
-        assert r["pattern"] == "dense" if r["family"] == "dense" else r["variant"].endswith("_" + r["pattern"])
+        assert r["pattern"] == "dense" if r["family"] == "dense" else r["variant"].removesuffix("_default").endswith("_" + r["pattern"])
 
     by = {(r["variant"], r["seq_len"], r["mode"]): r for r in rows}
     for n in (64, 128):
@@ -189,7 +189,7 @@ def test_windows_flag_and_names():
     args = parse_args(["--buckets", "16"])
     assert args.windows == [256]
     got = names(["--buckets", "16", "--keep-rates", "0.3"])
-    assert got[-9:] == ["ours_hash_16", "flex_kernel_hash_16", "flex_e2e_hash_16",
+    assert got[-10:] == ["ours_hash_16", "ours_hash_16_default", "flex_kernel_hash_16", "flex_e2e_hash_16",
                         "ours_hash_16_w256", "flex_kernel_hash_16_w256", "flex_e2e_hash_16_w256",
                         "ours_window_256", "flex_kernel_window_256", "flex_e2e_window_256"]
     assert parse_args(["--quick"]).windows == [16] and parse_args(["--quick", "--windows", "64"]).windows == [64]
