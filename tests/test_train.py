@@ -255,6 +255,7 @@ def test_experiment_results_file(tmp_path, capsys, monkeypatch):
     h = rows[2]  # trained one step before timing; its own pair density (2 buckets ∪ 16 of 64 tokens)
     assert (h["attention"], h["n_buckets"], h["window"], h["batch"], h["train_steps"]) == ("hash", 2, 16, 2, 1)
     assert 16 * 17 / 2 / (64 * 65 / 2) < h["pair_density"] <= 1.0
+    assert {r["data"] for r in rows} == {"text.txt"}  # each row names what it trained on (random bytes learn no pattern)
     assert experiment.main(flags) == 2  # exists: refused
     assert "--resume" in capsys.readouterr().err
     loss = ["--phase", "loss", "--loss-configs", "dense", "sdpa", "--resume"]

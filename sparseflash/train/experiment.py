@@ -307,7 +307,7 @@ def run_speed(args, results: Results, data, deadline: float) -> bool:
             learns = c["attention"] in ("hash", "qk")  # its pattern changes as the model trains
             row = {"phase": "speed", "name": name, "seq_len": seq_len, "model": shape, "batch_size": batch,
                    "batch": batch, "tokens_per_step": batch * seq_len, "compile": compile_field(args), "max_steps": None,
-                   "warmup_steps": args.warmup, "timed_steps": args.timed, **c, **pattern_fields(name),
+                   "warmup_steps": args.warmup, "timed_steps": args.timed, "data": data.name, **c, **pattern_fields(name),
                    "status": "ok", "error": None, "measured_at": results.meta["date"]}
             t0 = time.time()
             try:
