@@ -71,15 +71,18 @@ def profile_one(name: str, mode: str, args, data) -> dict:
     attn = [e for e in kernels if any(s in e.name for s in ATTENTION_KERNELS)]
     attn_ms = sum(e.time_range.end - e.time_range.start for e in attn) / args.steps / 1e3
     top: dict[str, float] = {}
-    for e in attn:
-        top[e.name[:60]] = top.get(e.name[:60], 0.0) + (e.time_range.end - e.time_range.start) / args.steps / 1e3
+    other: dict[str, float] = {}
+    for e in kernels:
+        into = top if any(s in e.name for s in ATTENTION_KERNELS) else other
+        into[e.name[:60]] = into.get(e.name[:60], 0.0) + (e.time_range.end - e.time_range.start) / args.steps / 1e3
     del m, opt, wrapped, stepper
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return {"name": name, "compile_mode": mode, "seq_len": args.seq_len, "batch": batch, "wall_ms": wall,
             "busy_ms": busy, "idle_ms": wall - busy, "gpu_busy_fraction": busy / wall, "attention_ms": attn_ms,
             "attention_share_of_busy": attn_ms / busy if busy else None, "kernels_per_step": len(kernels) / args.steps,
-            "attention_kernels": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])}
+            "attention_kernels": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8]),
+            "other_kernels": dict(sorted(other.items(), key=lambda kv: -kv[1])[:20])}
 
 
 def main() -> int:
