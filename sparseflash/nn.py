@@ -58,28 +58,13 @@ from .flash import flash_attention
 from .hash_sparse import hash_sparse_attention
 from .hashing import lsh_buckets, lsh_rotations
 from .qk_sparse import qk_sparse_attention, random_keep, topk_keep
+from .rotary import rotary
 
 MODES = ("dense", "hash", "qk")
 #: The sliding window each mode uses when ``window`` is not given: hash attention keeps an
 #: exact local path by default (see the module docstring), the others have none.
 DEFAULT_WINDOW = {"dense": 0, "hash": 128, "qk": 0}
 QK_GATES = ("topk", "random")
-
-
-def rotary(x: Tensor, base: float = 10000.0, *, offset: int = 0) -> Tensor:
-    """Rotary position embedding of ``x`` ``(B, H, N, D)`` (pairs of halves, as in GPT-NeoX).
-
-    ``offset``: position of the first of the ``N`` vectors (``offset`` to ``offset + N - 1``);
-    0 by default.  There is no largest position.
-    """
-    N, D = x.shape[-2], x.shape[-1]
-    half = D // 2
-    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = torch.arange(offset, offset + N, device=x.device, dtype=torch.float32)[:, None] * freq
-    cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half:].float()], dim=-1)
-    return out.to(x.dtype)
 
 
 class KVCache:
