@@ -32,13 +32,13 @@ def test_matches_float64(N, D, offset):
                                rtol=1e-4)
 
 
-def test_offset_continues_the_full_sequence():
+def test_offset_continues_the_full_sequence(seed):
     x = torch.randn(1, 2, 20, 16)
     full = rotary(x)
     assert torch.equal(rotary(x[:, :, 12:], offset=12), full[:, :, 12:])
 
 
-def test_bf16_and_grad():
+def test_bf16_and_grad(seed):
     x = torch.randn(2, 2, 33, 32, dtype=torch.bfloat16, requires_grad=True)
     y = rotary(x)
     assert y.dtype == torch.bfloat16
@@ -48,7 +48,7 @@ def test_bf16_and_grad():
     assert torch.isfinite(x.grad).all()
 
 
-def test_compiles_in_one_graph():
+def test_compiles_in_one_graph(seed):
     x = torch.randn(2, 3, 40, 16)
     f = torch.compile(lambda x: rotary(x, offset=5), fullgraph=True)
     torch.testing.assert_close(f(x), rotary(x, offset=5))

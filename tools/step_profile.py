@@ -68,13 +68,12 @@ def profile_one(name: str, mode: str, args, data) -> dict:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     busy = busy_us(spans) / args.steps / 1e3
-    attn = [e for e in kernels if any(s in e.name for s in ATTENTION_KERNELS)]
-    attn_ms = sum(e.time_range.end - e.time_range.start for e in attn) / args.steps / 1e3
-    top: dict[str, float] = {}
-    other: dict[str, float] = {}
+    top: dict[str, float] = {}  # ms per step by kernel name: attention kernels
+    other: dict[str, float] = {}  # and the rest
     for e in kernels:
         into = top if any(s in e.name for s in ATTENTION_KERNELS) else other
         into[e.name[:60]] = into.get(e.name[:60], 0.0) + (e.time_range.end - e.time_range.start) / args.steps / 1e3
+    attn_ms = sum(top.values())
     del m, opt, wrapped, stepper
     torch._dynamo.reset()
     torch.cuda.empty_cache()

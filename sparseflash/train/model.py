@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._runtime import check_window
-from ..nn import DEFAULT_WINDOW, KVCache, SparseCausalSelfAttention, rotary
+from ..nn import DEFAULT_WINDOW, KVCache, SparseCausalSelfAttention
+from ..rotary import rotary
 
 ATTENTIONS = ("dense", "sdpa", "sdpa_cudnn", "hash", "qk", "none")
 WINDOWED = ("dense", "hash", "qk")  #: attentions that take a sliding window (our kernels)
