@@ -49,9 +49,28 @@ def test_bf16_and_grad(seed):
 
 
 def test_compiles_in_one_graph(seed):
+    """One Dynamo graph in which the table is one registered op, not its formula inlined.
+
+    The backend is ``aot_eager`` behind a graph recorder: Inductor on CPU needs a C++ toolchain
+    that a CPU-only install may not have, and the property tested is the traced graph's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def recorder(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    counter = CompileCounterWithBackend(recorder)
     x = torch.randn(2, 3, 40, 16)
-    f = torch.compile(lambda x: rotary(x, offset=5), fullgraph=True)
+    f = torch.compile(lambda x: rotary(x, offset=5), backend=counter, fullgraph=True)
     torch.testing.assert_close(f(x), rotary(x, offset=5))
+    assert counter.frame_count == 1 and len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("rotary_table" in t for t in targets), f"table op not in the graph: {targets}"
+    assert not any(t.endswith("cos") or t.endswith("sin") for t in targets if "rotary_table" not in t), \
+        f"the table's formula was inlined: {targets}"
 
 
 def test_opcheck_table():
