@@ -8,6 +8,8 @@
 * Tests marked ``@pytest.mark.gpu`` are skipped when no CUDA device is present.
 * The ``seed`` fixture seeds torch with a fresh random seed per test and prints it;
   set ``SPARSEFLASH_SEED=<n>`` to replay a failing run.
+* Process-wide float32 precision flags (TF32, which the trainer turns on) are put back
+  after every test, so no test's tolerance depends on which tests ran before it.
 """
 from __future__ import annotations
 
@@ -44,3 +46,15 @@ def seed(request) -> int:
     print(f"seed: {value} (replay with SPARSEFLASH_SEED={value})")
     request.node.user_properties.append(("seed", value))
     return value
+
+
+@pytest.fixture(autouse=True)
+def _restore_precision_flags():
+    """Put TF32 and the float32 matmul precision back as they were before the test."""
+    import torch
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    yield
+    torch.set_float32_matmul_precision(saved[2])  # first: it sets matmul.allow_tf32 too
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
