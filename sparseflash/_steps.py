@@ -246,10 +246,12 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
     if bool(cfg["bwd_BLOCK"]) != bool(cfg["bwd_STEP"]):
         raise ValueError(f"set both bwd_BLOCK and bwd_STEP, or neither: got {cfg['bwd_BLOCK']}, {cfg['bwd_STEP']}")
     if device.type == "cuda" and 0 < cfg["bwd_STEP"] < 64 and cfg["bwd_num_stages"] > 1:
-        # Seen on an H100 with triton 3.6 (tools/dense_sweep.py): several such configurations
-        # computed wrong gradients (errors of 0.3 to 0.9), others not; refused rather than risked.
+        # Seen on an H100 and again on an H200 with triton 3.6 (tools/dense_sweep.py; results/logs/
+        # dense_sweep_h200.json): such configurations computed wrong gradients (errors of 0.3 to
+        # 1.1) at D 64 and 128, others not; refused rather than risked.
         raise ValueError(f"bwd_STEP={cfg['bwd_STEP']} (< 64) with bwd_num_stages={cfg['bwd_num_stages']} (> 1) "
-                         "gave wrong gradients on an H100 (triton 3.6): use bwd_num_stages=1 or bwd_STEP >= 64")
+                         "gave wrong gradients on an H100 and an H200 (triton 3.6): use bwd_num_stages=1 or "
+                         "bwd_STEP >= 64")
     return cfg
 
 
