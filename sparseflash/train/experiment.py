@@ -327,7 +327,7 @@ def run_speed(args, results: Results, data, deadline: float) -> bool:
             if r["status"] == "ok":
                 vs = f", {r['speedup_vs_sdpa']:.2f}x sdpa" if r.get("speedup_vs_sdpa") else ""
                 print(f"speed T={seq_len} {name}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
-                      f"{r['tflops']:.0f} TFLOP/s{vs} ({row['wall_s']:.0f} s)", flush=True)
+                      f"{r['tflops']:.0f} dense-equivalent TFLOP/s{vs} ({row['wall_s']:.0f} s)", flush=True)
             else:
                 print(f"speed T={seq_len} {name}: {r['error']}", flush=True)
     return True
@@ -452,6 +452,10 @@ def make_meta(args, argv) -> dict:
         "validation window, mean over layers and heads; window: the sliding window the model uses (0: none).",
         "none: the attention removed (y = v, projections kept): attention_share = 1 - t(none)/t, and t/t(none) "
         "(amdahl_ceiling) is the most any faster attention could speed the step up.",
+        "tflops: the dense causal model's FLOPs per token (6N + attention, PaLM appendix B) times tokens/s, for "
+        "every row alike: an effective rate, above the GPU's peak where attention is sparse or removed.",
+        "peak_mem_gb: torch.cuda.max_memory_allocated over the configuration's whole life (compilation and "
+        "CUDA-graph capture included).",
         "compile: false (eager), true (torch.compile, default mode) or the mode, e.g. 'reduce-overhead' (the "
         "compiled forward and backward replayed as CUDA graphs; the optimiser step stays eager); ratios compare "
         "rows of the same compile setting. Every configuration compiles afresh (torch._dynamo.reset between them).",
