@@ -18,7 +18,8 @@ by :mod:`sparseflash.tiles`, which the tests check against the kernels):
   ``cpu-wallclock``): interpreter timings are never drawn as GPU speed-ups.
 - ``quality_<device>.png``, for each ``results/quality_<device>.json`` of ``tools/quality_ablation.py``
   (see :func:`quality_figure`): validation loss of sparse patterns against dense.
-- ``train_speed.png`` and ``train_loss.png``, only when ``results/train_*.json`` hold rows of
+- ``train_speed.png`` and ``train_loss.png`` (of ``results/train_h200.json``; ``train_speed_<x>.png``,
+  ``train_loss_<x>.png`` of each other ``train_<x>.json``), only when ``results/train_*.json`` hold rows of
   ``python -m sparseflash.train.experiment`` (see :func:`train_speed_figure` and
   :func:`train_loss_figure`): training step throughput per attention and sequence length,
   with the no-attention ceiling, and validation loss against steps and training time.
@@ -67,7 +68,7 @@ TRAIN_GLOB = "train_*.json"
 QUALITY_GLOB = "quality_*.json"
 #: Training configurations in drawing order, with their colours.
 TRAIN_COLORS = {"sdpa": "C0", "sdpa_cudnn": "C1", "dense": "C2", "hash16": "C3", "hash32": "C4", "qk0.5": "C5",
-                "qk0.3": "C6", "none": "0.5"}
+                "qk0.3": "C6", "hash16w0": "C3", "hash16w128": "C9", "hash16w256": "C8", "none": "0.5"}
 
 def _pyplot():
     import matplotlib.pyplot as plt
@@ -135,7 +136,8 @@ def load_results(folder) -> list[dict]:
     writes; ``meta["device"]`` is copied into rows without one, and rows of a file with
     ``meta["interpreter"]`` true get ``_interpreter: True``), a dict with a
     ``"records"`` / ``"results"`` list, a list of records, or one record.  Unreadable
-    files are skipped with a note, and so are training results (:data:`TRAIN_GLOB`, read
+    files are skipped with a note, and so are decode timings (schema
+    ``sparseflash.bench.decode/1``), training results (:data:`TRAIN_GLOB`, read
     by :func:`load_train_results`) and quality results (:data:`QUALITY_GLOB`, drawn by
     :func:`quality_figure`).
     """
@@ -151,6 +153,8 @@ def load_results(folder) -> list[dict]:
         meta = {}
         if isinstance(data, dict):
             meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+            if str(meta.get("schema", "")).startswith("sparseflash.bench.decode"):
+                continue  # decode timings (results/decode_*.json): no kernel speed figure to draw
             for key in ("rows", "records", "results"):
                 if isinstance(data.get(key), list):
                     data = data[key]
@@ -471,16 +475,30 @@ def train_loss_figure(rows: list[dict], path=None):
     return fig
 
 
+#: The training result file whose figures keep the plain names (``train_speed.png``,
+#: ``train_loss.png``) when present; those of another file ``train_<x>.json`` are
+#: ``train_speed_<x>.png`` and ``train_loss_<x>.png``: one GPU kind per figure.
+PRIMARY_TRAIN_RESULTS = "train_h200"
+
+
 def train_figures(folder, out) -> list[Path]:
-    """``train_speed.png`` and ``train_loss.png`` in ``out`` from ``folder/train_*.json``; the paths written."""
+    """``train_speed*.png`` and ``train_loss*.png`` in ``out``, one of each per ``folder/train_*.json``
+    with such rows (plain names for :data:`PRIMARY_TRAIN_RESULTS`, or for the only or first file
+    when it is absent); the paths written."""
     plt = _pyplot()
-    rows = load_train_results(folder)
+    by_file: dict = {}
+    for r in load_train_results(folder):
+        by_file.setdefault(Path(str(r["_file"])).stem, []).append(r)
+    primary = PRIMARY_TRAIN_RESULTS if PRIMARY_TRAIN_RESULTS in by_file else next(iter(sorted(by_file)), None)
     written = []
-    for name, make in (("train_speed.png", train_speed_figure), ("train_loss.png", train_loss_figure)):
-        fig = make(rows, Path(out) / name) if rows else None
-        if fig is not None:
-            plt.close(fig)
-            written.append(Path(out) / name)
+    for stem in sorted(by_file, key=lambda s: (s != primary, s)):
+        suffix = "" if stem == primary else "_" + stem.removeprefix("train_")
+        for name, make in ((f"train_speed{suffix}.png", train_speed_figure),
+                           (f"train_loss{suffix}.png", train_loss_figure)):
+            fig = make(by_file[stem], Path(out) / name)
+            if fig is not None:
+                plt.close(fig)
+                written.append(Path(out) / name)
     return written
 
 
