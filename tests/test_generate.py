@@ -181,16 +181,9 @@ def test_gpu_decode_step_kernel_no_host_sync(attention):
     """On CUDA a cached step runs the kernel (equal to the PyTorch path) and never waits for the GPU.
 
     float32 products are exact here: the trainer turns TF32 on for the process (as nanoGPT does),
-    and with it the PyTorch path's einsums, not the kernel's float32 sums, would round to 10 bits."""
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    and with it the PyTorch path's einsums, not the kernel's float32 sums, would round to 10 bits.
+    (conftest's autouse fixture puts the flag back afterwards.)"""
     torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        _decode_kernel_no_host_sync(attention)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
-
-
-def _decode_kernel_no_host_sync(attention: str) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_embd=128, n_head=4, n_kv_heads=2, attention=attention, n_buckets=8,
                           window=16)).cuda().eval()
