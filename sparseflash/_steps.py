@@ -184,12 +184,31 @@ DENSE_CUDA_FORWARD = (
 DENSE_CUDA_BACKWARD = ((64, dict(bwd_num_stages=4)),)
 DENSE_CUDA_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3,
                           bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2)
+#: A narrow sliding window (``0 < window <= BAND_MAX_WINDOW``) gives each query tile only a few
+#: key tiles, so the dense kernel's long-loop settings do not fit it: 64 x 64 tiles and a
+#: two-stage pipeline both ways.  On an H200 (``tools/layout_sweep.py``,
+#: results/logs/layout_sweep_h200.json; window 128, N 8k and 16k) the band's forward took 0.065
+#: ms against 0.110 with the long-loop settings at D=64 (0.116 against 0.160 at D=128) and its
+#: backward 0.172 against 0.199 ms at D=64.  Windows from 129 to 512 were not measured (a query tile
+#: meets up to nine key tiles there); past 512 the long-loop settings take over.
+BAND_MAX_WINDOW = 512
+DENSE_CUDA_BAND = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2,
+                       bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2)
+#: The sparse kernels' launch defaults on CUDA (BLOCK_M and BLOCK_N are shared by both passes).
+#: A bucket's run gives a query tile ten or so key tiles, and at head dims up to 64 a two-stage
+#: forward pipeline beat three (hash ∪ window far part on an H200, N 16k: 0.169 against 0.210
+#: ms; ``layout_sweep_h200.json``); at D=128 three stages stay best (0.265 against 0.298).
+SPARSE_CUDA_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2,
+                           bwd_BLOCK=0, bwd_STEP=0)
+SPARSE_CUDA_SHORT_PIPELINE_MAX_D = 64
 
 
-def _dense_cuda(head_dim: int, seq_len: int | None, dtype: torch.dtype | None) -> dict:
+def _dense_cuda(head_dim: int, seq_len: int | None, dtype: torch.dtype | None, window: int = 0) -> dict:
     cfg = dict(DENSE_CUDA_DEFAULT)
     if seq_len is None or dtype not in (torch.float16, torch.bfloat16):  # float32 tiles twice the bytes
         return cfg
+    if 0 < window <= BAND_MAX_WINDOW:
+        return dict(DENSE_CUDA_BAND)
     for max_d, bwd in DENSE_CUDA_BACKWARD:
         if head_dim <= max_d:
             cfg.update(bwd)
@@ -201,7 +220,8 @@ def _dense_cuda(head_dim: int, seq_len: int | None, dtype: torch.dtype | None) -
 
 
 def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | None = None,
-                  dense: bool = False, seq_len: int | None = None, dtype: torch.dtype | None = None) -> dict:
+                  dense: bool = False, seq_len: int | None = None, dtype: torch.dtype | None = None,
+                  window: int = 0) -> dict:
     """Tile sizes and launch parameters of the forward and backward kernels.
 
     ``kernel_options`` (like FlexAttention's) may override ``BLOCK_M``, ``BLOCK_N``
@@ -210,15 +230,17 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
     ``bwd_num_stages``.  The dense backward (``dense=True``) may tile differently from its
     forward: ``bwd_BLOCK`` keys per dK/dV program and queries per dQ program, stepping
     ``bwd_STEP`` queries (dK/dV) or keys (dQ) at a time; 0 means the forward's tiles.
-    The CUDA defaults were measured on an H100 (the dense ones depend on ``seq_len`` and
-    ``dtype``: ``DENSE_CUDA_FORWARD``; ``NOTES.md``).  On the CPU
+    The CUDA defaults were measured on an H100 and an H200 (the dense ones depend on ``seq_len`` and
+    ``dtype``: ``DENSE_CUDA_FORWARD``; ``NOTES.md``; a narrow ``window``: ``DENSE_CUDA_BAND``;
+    the sparse ones on the head dim: ``SPARSE_CUDA_DEFAULT``).  On the CPU
     interpreter tiles default to 32 so that small inputs still span several tiles.
     """
     if device.type == "cuda":
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2,
-                   bwd_BLOCK=0, bwd_STEP=0)
+        cfg = dict(SPARSE_CUDA_DEFAULT)
         if dense:
-            cfg.update(_dense_cuda(head_dim, seq_len, dtype))
+            cfg.update(_dense_cuda(head_dim, seq_len, dtype, window))
+        elif head_dim <= SPARSE_CUDA_SHORT_PIPELINE_MAX_D:
+            cfg["num_stages"] = 2
     else:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1,
                    bwd_BLOCK=0, bwd_STEP=0)

@@ -498,7 +498,8 @@ def flash_attention(
     if window and not causal:
         raise ValueError(f"window={window} is a causal sliding window: use it with causal=True")
     sm_scale = _runtime.softmax_scale(sm_scale, q.shape[-1])
-    cfg = kernel_config(q.shape[-1], q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype)
+    cfg = kernel_config(q.shape[-1], q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype,
+                        window=window)
     if tile_record is not None:
         tile_record.start("flash", cfg)
     if tile_record is None:

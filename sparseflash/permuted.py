@@ -580,8 +580,8 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
     D = q.shape[-1]
     cfg = kernel_config(D, q.device, kernel_options)
     # The band runs on the dense kernel, with its own launch defaults for this shape.
-    window_cfg = kernel_config(D, q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype) \
-        if window else cfg
+    window_cfg = kernel_config(D, q.device, kernel_options, dense=True, seq_len=q.shape[2], dtype=q.dtype,
+                               window=window) if window else cfg
     B, H, n_q, _ = q.shape
     overflow = bool(overflow) and q_buckets is not None
     labels = (q_buckets.contiguous(), k_buckets.contiguous()) if overflow else (None, None)

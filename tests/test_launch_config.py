@@ -1,0 +1,41 @@
+"""Launch defaults of :func:`sparseflash._steps.kernel_config` (no GPU needed: the choice
+depends only on the device type, head dim, length, dtype and window)."""
+import pytest
+import torch
+
+from sparseflash._steps import BAND_MAX_WINDOW, DENSE_CUDA_BAND, kernel_config
+
+CUDA = torch.device("cuda")
+bf16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("window", [1, 128, BAND_MAX_WINDOW])
+def test_narrow_window_takes_the_band_settings(window):
+    cfg = kernel_config(64, CUDA, dense=True, seq_len=16384, dtype=bf16, window=window)
+    assert {k: cfg[k] for k in DENSE_CUDA_BAND} == DENSE_CUDA_BAND
+
+
+@pytest.mark.parametrize("window", [0, BAND_MAX_WINDOW + 1, 4096])
+def test_no_or_wide_window_keeps_the_long_loop_settings(window):
+    cfg = kernel_config(64, CUDA, dense=True, seq_len=16384, dtype=bf16, window=window)
+    assert (cfg["BLOCK_M"], cfg["num_warps"], cfg["bwd_num_stages"]) == (128, 8, 4)
+
+
+def test_band_settings_yield_to_kernel_options_and_float32():
+    cfg = kernel_config(64, CUDA, dict(BLOCK_M=128, num_warps=8), dense=True, seq_len=16384, dtype=bf16, window=128)
+    assert (cfg["BLOCK_M"], cfg["num_warps"], cfg["num_stages"]) == (128, 8, 2)
+    f32 = kernel_config(64, CUDA, dense=True, seq_len=16384, dtype=torch.float32, window=128)
+    assert f32["num_stages"] == 3  # float32 tiles keep the plain defaults
+
+
+@pytest.mark.parametrize("head_dim, stages", [(32, 2), (64, 2), (80, 3), (128, 3)])
+def test_sparse_forward_pipeline_depth_follows_the_head_dim(head_dim, stages):
+    cfg = kernel_config(head_dim, CUDA)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"], cfg["bwd_num_stages"]) == (64, 64, stages, 2)
+    assert kernel_config(head_dim, CUDA, dict(num_stages=4))["num_stages"] == 4
+
+
+def test_cpu_defaults_do_not_change_with_the_window():
+    cpu = torch.device("cpu")
+    assert kernel_config(64, cpu, dense=True, seq_len=100, dtype=bf16, window=16) == \
+        kernel_config(64, cpu, dense=True, seq_len=100, dtype=bf16)
