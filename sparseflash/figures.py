@@ -236,7 +236,7 @@ def _speed_panel(ax, rows, family):
             n, _, w = pat.partition("_w") if pat.startswith("hash") else ("", "", pat.split("_")[1])
             handles.append(Line2D([], [], color=color, label=f"{n.split('_')[1]} buckets ∪ window {w}"
                                   if n else f"window {w}"))
-        handles += [Line2D([], [], color="k", ls=ls, label=label) for ls, label in SPEED_STYLES.values()]
+        handles += _style_handles(rows, [f"{{impl}}_{p}" for p in pats])
         ax.legend(handles=handles, fontsize=9, loc="upper left", ncols=2, columnspacing=1, handlelength=2.2)
     else:
         _speed_line(ax, rows, "ours_dense", None, color="0.65", lw=1.2)
@@ -247,9 +247,17 @@ def _speed_panel(ax, rows, family):
             for impl, (ls, _) in SPEED_STYLES.items():
                 _speed_line(ax, rows, f"{impl}_{family}_{param}", notes, color=color, ls=ls)
             handles.append(Line2D([], [], color=color, label=("keep " if family == "qk" else "buckets ") + param))
-        handles += [Line2D([], [], color="k", ls=ls, label=label) for ls, label in SPEED_STYLES.values()]
+        handles += _style_handles(rows, [f"{{impl}}_{family}_{p}" for p in params])
         ax.legend(handles=handles, fontsize=9, loc="upper left", ncols=2, columnspacing=1, handlelength=2.2)
     _annotate(ax, notes)
+
+
+def _style_handles(rows, templates: list[str]) -> list:
+    """Legend entries of the line styles (ours, flex kernel, flex end to end) that some row of
+    ``templates`` (variant names with ``{impl}``) draws: no entry for a line that is not there."""
+    variants = {str(r["variant"]) for r in rows}
+    return [Line2D([], [], color="k", ls=ls, label=label) for impl, (ls, label) in SPEED_STYLES.items()
+            if any(t.format(impl=impl) in variants for t in templates)]
 
 
 def _n_label(n: int) -> str:

@@ -213,6 +213,19 @@ def test_speed_figure_window_column(tmp_path):
     plt.close(fig)
 
 
+def test_speed_legend_names_only_the_lines_drawn(tmp_path):
+    """A file without FlexAttention rows gets no "flex" entries in its legends."""
+    rows = [r for r in _bench_rows() if not str(r["variant"]).startswith("flex")]
+    fig = figures.speed_figure(rows, tmp_path / "speed.png")
+    for ax in np.array(fig.axes).reshape(2, 3)[:, 1:].flat:  # the sparse columns (the dense one has no styles)
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "ours" in labels and not any("flex" in x for x in labels), labels
+    plt.close(fig)
+    fig = figures.speed_figure(_bench_rows(), tmp_path / "speed.png")
+    assert "flex, kernel" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    plt.close(fig)
+
+
 def test_load_results_accepts_several_shapes(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"variant": "dense", "seq_len": 1, "ms": 1}]))
     (tmp_path / "b.json").write_text(json.dumps({"records": [{"variant": "qk", "seq_len": 1, "ms": 1}]}))
