@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import sys
 import time
 
@@ -29,6 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparseflash import flash
 from sparseflash._steps import kernel_config
+
+from _rows import row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 FWD = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
        for (bm, bn), w, s in itertools.product([(64, 64), (128, 64), (128, 128), (128, 32)], (4, 8), (2, 3, 4))]
@@ -65,13 +65,7 @@ def main() -> int:
                     "argv": sys.argv, "batch": args.batch, "heads": args.heads, "dtype": "bfloat16", "causal": True},
            "rows": []}
 
-    def put(row):
-        doc["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, args.out)
+    put = row_writer(doc, args.out)
 
     for D, N in itertools.product(args.head_dims, args.seq_lens):
         B, H = args.batch, args.heads

@@ -18,8 +18,6 @@ starting new ones.  ``--device cpu`` runs a tiny case through the interpreter (a
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -30,6 +28,8 @@ from sparseflash import flash, hashing
 from sparseflash._steps import kernel_config, softmax_delta
 from sparseflash.layout import bucket_budget
 from sparseflash.permuted import LayoutPlan, bucket_layouts, layout_backward, layout_forward, tile_plan
+
+from _rows import row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 # BLOCK_M x BLOCK_N x warps x stages; the backward's warps and stages follow the block shape.
 FWD = ["64x64x4x3", "64x64x4x2", "64x64x4x4", "64x64x8x3", "128x64x8x3", "128x64x8x2", "128x64x4x3", "128x64x8x4",
@@ -82,13 +82,7 @@ def main() -> int:
                     "triton": triton.__version__, "argv": sys.argv, "dtype": "bfloat16", "heads": args.heads,
                     "n_buckets": args.n_buckets, "window": args.window, "tokens": args.tokens}, "rows": []}
 
-    def put(row):
-        doc["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, args.out)
+    put = row_writer(doc, args.out)
 
     def over_budget(row) -> bool:
         if time.time() - t0 > args.time_budget:
@@ -138,8 +132,7 @@ def main() -> int:
                             row["max_err"] = max_err((o,), (o_ref,))
                             row["ms"] = bench(lambda: layout_forward(q, k, v, plan, sm, cfg), cpu)
                         else:
-                            o, lse = layout_forward(q, k, v, plan, sm, default if key == (64, 64) else
-                                                    {**default, **{x: cfg[x] for x in ("BLOCK_M", "BLOCK_N")}})
+                            o, lse = layout_forward(q, k, v, plan, sm, {**default, "BLOCK_M": key[0], "BLOCK_N": key[1]})
                             g = layout_backward(q, k, v, o, lse, do, plan, sm, cfg)
                             row["max_err"] = max_err(g, g_ref)
                             row["ms"] = bench(lambda: layout_backward(q, k, v, o, lse, do, plan, sm, cfg), cpu)
