@@ -63,8 +63,10 @@ from torch import Tensor
 from . import _runtime
 from ._steps import LOG2E, kv_head
 
-#: Largest ``num_splits``; the default aims at ``KEYS_PER_SPLIT`` keys per split.
-MAX_SPLITS = 64
+#: Largest ``num_splits``; the default aims at ``KEYS_PER_SPLIT`` keys per split.  256, not 64:
+#: at batch 1 (8 heads) 64 splits gave only 512 programs, about four per streaming multiprocessor,
+#: too few loads in flight for a memory-bound kernel.
+MAX_SPLITS = 256
 KEYS_PER_SPLIT = 256
 #: Programs per streaming multiprocessor the default splits aim at (decoding is memory-bound:
 #: more programs, more loads in flight).  H200, bf16, D=64, 131072 keys, B=8, H=8: 16 instead
@@ -72,10 +74,12 @@ KEYS_PER_SPLIT = 256
 PROGRAMS_PER_SM = 16
 #: Keys per block on CUDA: ``KEY_TILE // BLOCK_D`` (128 at D=64, 64 at D=128: the K and V tiles
 #: stay in registers), at most ``MAX_BLOCK_N``.  128 instead of 64 at D=64: dense 0.144 -> 0.114 ms,
-#: hash16 ∪ w256 0.17 -> 0.067 ms (H200, B=1, H=8, 131072 keys).  Warps per program: NUM_WARPS.
+#: hash16 ∪ w256 0.17 -> 0.067 ms (H200, B=1, H=8, 131072 keys).  Warps per program:
+#: ``NUM_WARPS``; software-pipelining stages of the key loop: ``NUM_STAGES``.
 KEY_TILE = 8192
 MAX_BLOCK_N = 128
 NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 @triton.jit
@@ -151,17 +155,18 @@ def _decode_split_kernel(
             # out-of-range entries, and rows of the contiguous part, are never read
             valid = valid | (in_list & (lkeys >= 0) & (lkeys < win_start))
         mask = valid[:, None] & col_ok[None, :]
-        k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], 1) * qk_scale
+        # K and V of the block are loaded before any arithmetic: both reads in flight at once
+        k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         # A split that has seen no allowed key keeps m = -inf: shift by 0, so it stays at 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_shift)
         alpha = tl.math.exp2(m_i - m_shift)
-        v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
 
     if SPLITS == 1:
@@ -380,11 +385,12 @@ def decode_attention(
         out.stride(0), out.stride(1),
         H, S, L, G, len_value, window, scale * LOG2E,
         SPARSE=sparse, LISTS=lists, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
-        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, num_warps=NUM_WARPS,
+        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
         _decode_merge_kernel[(B * H,)](
             part_m, part_l, part_acc, out, H, out.stride(0), out.stride(1),
-            SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if num_splits <= 64 else 8,
         )
     return out

@@ -70,11 +70,15 @@ ROW_FIELDS = {
     "context": "cached tokens the new query attends over (its own included)",
     "batch": "sequences decoded together",
     "ms_per_token": "median ms of one call (layer) or one decode step (model): the time per generated token "
-                    "of each sequence, all batch sequences at once",
+                    "of each sequence, all batch sequences at once; on CUDA the replay of the call captured in a "
+                    "CUDA graph (GPU time, no host launch cost; --no-graphs: eager calls)",
+    "ms_per_token_eager": "median ms of the same call made eagerly from Python, host launch cost included "
+                          "(CUDA; null when --no-graphs, where ms_per_token is that)",
     "speedup_vs_sdpa": "ms_per_token(sdpa) / ms_per_token, same scope, context and batch (>1: faster)",
     "status": "ok | error | skipped",
     "error": "why the row has no time; null when ok",
-    "timer": "triton.do_bench (CUDA) | interpreter-wallclock | cpu-wallclock (CPU: not GPU timings)",
+    "timer": "triton.do_bench, cuda-graph replay | triton.do_bench (eager, --no-graphs) | interpreter-wallclock | "
+             "cpu-wallclock (CPU: not GPU timings)",
     "check_rel_err": "layer rows: relative error of the first sequence's output against float64",
     "keys_read": "layer rows: keys a query attends to, averaged over (sequence, head)",
     "setup_s": "seconds to build the inputs, check and compile (first call)",
@@ -104,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-width", type=int, default=512)
     p.add_argument("--flex", action=argparse.BooleanOptionalAction, default=True,
                    help="FlexAttention rows (compiled; CUDA only; each (context, batch) compiles anew)")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: time each call as the replay of a captured CUDA graph (ms_per_token, the GPU's time, "
+                        "as a generation loop that replays its step pays) and also eagerly (ms_per_token_eager)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="check layer rows against float64 before timing them")
     p.add_argument("--tol", type=float, default=None, help="check tolerance (default 2e-2, 2e-3 for fp32)")
@@ -174,6 +181,14 @@ def _rel_err(got, want) -> float:
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
+def _time_row(row: dict, fn, args, device, interpreted: bool) -> None:
+    """``ms_per_token`` of ``fn`` (CUDA graph replay with ``--graphs`` on CUDA) and, with graphs,
+    ``ms_per_token_eager`` of the same call made from Python."""
+    graphs = args.graphs and device.type == "cuda"
+    row["ms_per_token"], row["timer"] = measure(fn, device, args.warmup, args.rep, None, interpreted, graph=graphs)
+    row["ms_per_token_eager"] = measure(fn, device, args.warmup, args.rep, None, interpreted)[0] if graphs else None
+
+
 def layer_rows(args, device, context: int, batch: int, emit) -> None:
     """Every selected attention at one (context, batch): build, check, time, ``emit(row)``."""
     from ..nn import KVCache
@@ -214,8 +229,8 @@ def layer_rows(args, device, context: int, batch: int, emit) -> None:
     for name, spec in fns.items():
         is_hash = name.endswith("hash")
         row = dict(scope="layer", attention=name, n_buckets=nb if is_hash else None, window=W if is_hash else 0,
-                   context=context, batch=batch, ms_per_token=None, status="ok", error=None, timer=None,
-                   check_rel_err=None, keys_read=None)
+                   context=context, batch=batch, ms_per_token=None, ms_per_token_eager=None, status="ok", error=None,
+                   timer=None, check_rel_err=None, keys_read=None)
         t1 = time.perf_counter()
         try:
             if spec is None:  # FlexAttention
@@ -253,7 +268,7 @@ def layer_rows(args, device, context: int, batch: int, emit) -> None:
                 row.update(status="error", error=f"check failed: rel err {row['check_rel_err']:.3g} >= tol {tol:g}")
             else:
                 with torch.no_grad():
-                    row["ms_per_token"], row["timer"] = measure(fn, device, args.warmup, args.rep, None, interp)
+                    _time_row(row, fn, args, device, interp)
         except Exception as e:  # noqa: BLE001  (one failing row, e.g. Flex, must not cost the others)
             row.update(status="error", error=_err(e), ms_per_token=None)
             _free(device)
@@ -279,7 +294,7 @@ def model_rows(args, device, context: int, batch: int, emit) -> None:
         is_hash = name == "hash"
         row = dict(scope="model", attention=name, n_buckets=args.buckets if is_hash else None,
                    window=args.window if is_hash else 0, context=context, batch=batch, ms_per_token=None,
-                   status="ok", error=None, timer=None)
+                   ms_per_token_eager=None, status="ok", error=None, timer=None)
         t0 = time.perf_counter()
         model = caches = None
         try:
@@ -323,8 +338,7 @@ def model_rows(args, device, context: int, batch: int, emit) -> None:
                 if not torch.isfinite(logits.float()).all():
                     raise RuntimeError("non-finite logits")
                 row["setup_s"] = round(time.perf_counter() - t0, 2)
-                row["ms_per_token"], row["timer"] = measure(step, device, args.warmup, args.rep, None,
-                                                            interpreted and name != "sdpa")
+                _time_row(row, step, args, device, interpreted and name != "sdpa")
         except Exception as e:  # noqa: BLE001
             row.update(status="error", error=_err(e), ms_per_token=None)
         model = caches = step = None

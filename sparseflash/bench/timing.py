@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 GPU_TIMER = "triton.do_bench"
+GRAPH_TIMER = "triton.do_bench, cuda-graph replay"
 CPU_TIMER = "cpu-wallclock"
 INTERPRETER_TIMER = "interpreter-wallclock"  # (sparseflash.figures leaves rows of the two CPU timers out)
 
@@ -60,14 +61,36 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def cuda_graph_of(step: Callable, device: torch.device) -> "torch.cuda.CUDAGraph":
+    """``step`` captured in a CUDA graph (after two warm-up calls on a side stream, as
+    PyTorch's capture requires); ``graph.replay()`` then re-runs its kernels with one launch."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize(device)
+    return graph
+
+
 def measure(step: Callable, device: torch.device, warmup: float, rep: float, grads,
-            interpreted: bool = False) -> tuple[float, str]:
-    """Median ms of ``step`` and the timer's name: triton's do_bench on CUDA, wall clock on CPU."""
+            interpreted: bool = False, graph: bool = False) -> tuple[float, str]:
+    """Median ms of ``step`` and the timer's name: triton's do_bench on CUDA, wall clock on CPU.
+
+    ``graph=True`` (CUDA): ``step`` is captured once in a CUDA graph and its replays are timed,
+    so the time is the GPU's, without the host's launch and Python time (what a generation loop
+    that replays a captured step pays); the L2 cache is flushed before each replay as before
+    each eager call."""
     if device.type == "cuda":
         import triton.testing
 
-        ms = triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
-        return float(ms), GPU_TIMER
+        fn = cuda_graph_of(step, device).replay if graph else step
+        ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
+        return float(ms), GRAPH_TIMER if graph else GPU_TIMER
     # CPU: for smoke tests only.  Warm up for `warmup` ms, then time at least 3 and at
     # most 50 calls or until `rep` ms have passed.
     t_end = time.perf_counter() + warmup / 1e3
