@@ -95,11 +95,24 @@ class KVCache:
     :func:`sparseflash.decode_attention` on CUDA, plain PyTorch (float32, a mask) elsewhere;
     ``True``: the kernel everywhere (on CPU tensors through Triton's interpreter: slow, for
     tests at tiny sizes); ``False``: plain PyTorch.
+
+    ``device_position=True``: the cache also keeps its length on the device, :attr:`position`
+    (a ``(1,)`` int64 tensor), and a one-token step reads only that: the new row is written
+    at ``position`` (``index_copy_``), the bucket index appends ``position``, the kernel reads
+    the length from it and the layer's rotary embedding its offset; then ``position`` grows by
+    one, on the device.  Nothing in such a step depends on a Python number that changes from
+    token to token, so the step can be captured once in a CUDA graph and replayed for every
+    new token (:meth:`~sparseflash.train.model.GPT.generate` with ``cuda_graph=True``).  The
+    storage must not grow after capture: give ``capacity`` for the whole generation.  Attends
+    with the kernel only (the PyTorch path slices by the Python length).
     """
 
-    def __init__(self, capacity: int = 0, *, kernel: bool | None = None):
+    def __init__(self, capacity: int = 0, *, kernel: bool | None = None, device_position: bool = False):
         self.capacity = capacity
         self.kernel = kernel
+        self.device_position = device_position
+        #: ``(1,)`` int64 on the cache's device: the length, with ``device_position=True`` (else None)
+        self.position: Tensor | None = None
         self.length = 0
         self.k: Tensor | None = None
         self.v: Tensor | None = None
@@ -138,11 +151,24 @@ class KVCache:
                 else:
                     self.bucket_count = buckets.new_zeros((*k.shape[:2], self.n_buckets), dtype=torch.int32)
                 self.bucket_rows = rows
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        if buckets is not None:
-            self.buckets[:, :, start:end] = buckets
-            self._index(buckets.long(), start)
+        if self.device_position and self.position is None:
+            self.position = torch.zeros(1, dtype=torch.long, device=k.device)
+        if self.device_position and k.shape[2] == 1:  # a step: the row at the device position
+            at = self.position
+            self.k.index_copy_(2, at, k)
+            self.v.index_copy_(2, at, v)
+            if buckets is not None:
+                self.buckets.index_copy_(2, at, buckets.to(torch.int32))
+                self._index(buckets.long(), at.to(torch.int32))
+            self.position += 1
+        else:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+            if buckets is not None:
+                self.buckets[:, :, start:end] = buckets
+                self._index(buckets.long(), start)
+            if self.position is not None:
+                self.position.fill_(end)
         self.length = end
 
     def _grow(self, old: Tensor | None, new: Tensor, size: int) -> Tensor:
@@ -151,14 +177,17 @@ class KVCache:
             out[:, :, :self.length] = old[:, :, :self.length]
         return out
 
-    def _index(self, kb: Tensor, start: int) -> None:
+    def _index(self, kb: Tensor, start) -> None:
         """Append rows ``start + t`` (bucket ``kb[..., t]``, ``kb`` ``(B, Hkv, N)`` int64) to their
-        buckets' row lists: the entry at slot ``bucket_count`` of each, then the counts."""
+        buckets' row lists: the entry at slot ``bucket_count`` of each, then the counts.
+        ``start``: an int, or (one token) a one-element int32 tensor, the device position."""
         B, Hkv, N = kb.shape
         cap = self.bucket_rows.shape[-1]
         flat = self.bucket_rows.view(B, Hkv, -1)  # list u of (b, j) is flat[b, j, u·cap : (u+1)·cap]
         if N == 1:  # a decode step: two scatters
             slot = self.bucket_count.gather(-1, kb)
+            if isinstance(start, Tensor):
+                start = start.expand(slot.shape)
             flat.scatter_(-1, kb * cap + slot, start)
             self.bucket_count.scatter_(-1, kb, slot + 1)
             return
@@ -217,15 +246,19 @@ class KVCache:
         """
         use_kernel = self.kernel if kernel is None else kernel
         if use_kernel is None:
-            use_kernel = q.is_cuda
+            use_kernel = q.is_cuda or self.position is not None
         if q_buckets is not None and self.bucket_rows is None:
             raise ValueError("q_buckets given, but this cache holds no bucket index (append keys with buckets)")
+        if self.position is not None and not use_kernel:
+            raise ValueError("a cache with device_position=True attends with the kernel only (kernel=False given)")
         if use_kernel:
             from .decode import decode_attention  # (decode imports nothing from here; kept lazy all the same)
 
+            # the length the kernel reads: the device position (read on the device) or the Python int
+            length = self.position.expand(q.shape[0]) if self.position is not None else self.length
             if q_buckets is None:
-                return decode_attention(q, self.k, self.v, self.length, window=window)
-            return decode_attention(q, self.k, self.v, self.length, key_index=self.bucket_rows,
+                return decode_attention(q, self.k, self.v, length, window=window)
+            return decode_attention(q, self.k, self.v, length, key_index=self.bucket_rows,
                                     n_keys=self.bucket_count, list_id=q_buckets, window=window)
         return _decode_attend(q, self.k, self.v, self.length, self.allowed(q.shape[1], window, q_buckets))
 
@@ -399,7 +432,9 @@ class SparseCausalSelfAttention(nn.Module):
             raise ValueError(f"with a filled cache, x must be one token (batch, 1, {C}), got {tuple(x.shape)}")
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, 1, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
-        pos = len(cache)
+        # the new token's position: the cache's device position if it keeps one (a step that a
+        # CUDA graph can replay), else its Python length
+        pos = cache.position if cache.position is not None else len(cache)
         if self.mode == "hash":
             with torch.no_grad():
                 q_buckets, k_buckets = self._decode_buckets(q, k)

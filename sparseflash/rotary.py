@@ -39,11 +39,19 @@ def _(positions, half, base):
     return (positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32))
 
 
-def rotary_table(n: int, half: int, *, base: float = 10000.0, offset: int = 0,
+def rotary_table(n: int, half: int, *, base: float = 10000.0, offset: int | Tensor = 0,
                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """``(cos, sin)``, each ``(n, half)`` float32: the angles ``p θ_i`` of positions
-    ``offset`` to ``offset + n - 1``."""
-    positions = torch.arange(offset, offset + n, device=device)
+    ``offset`` to ``offset + n - 1``.  ``offset`` may be a one-element integer tensor (read on
+    the device, never on the host: a step captured in a CUDA graph replays at the position
+    the tensor holds then)."""
+    if isinstance(offset, Tensor):
+        if offset.numel() != 1 or offset.is_floating_point() or offset.dtype == torch.bool:
+            raise ValueError(f"offset must be an int or a one-element integer tensor, got {offset.dtype} "
+                             f"of shape {tuple(offset.shape)}")
+        positions = offset.reshape(1).long() + torch.arange(n, device=offset.device)
+    else:
+        positions = torch.arange(offset, offset + n, device=device)
     return _table_op(positions, half, float(base))
 
 
@@ -51,7 +59,7 @@ def rotary(x: Tensor, base: float = 10000.0, *, offset: int = 0) -> Tensor:
     """Rotary position embedding of ``x`` ``(B, H, N, D)`` (pairs of halves, as in GPT-NeoX).
 
     ``offset``: position of the first of the ``N`` vectors (``offset`` to ``offset + N - 1``);
-    0 by default.  There is no largest position.  Returns a tensor like ``x``, computed in
+    0 by default; an int or a one-element integer tensor on ``x``'s device.  There is no largest position.  Returns a tensor like ``x``, computed in
     float32.
     """
     if x.dim() < 2:

@@ -26,6 +26,7 @@ and its bucket's row list, no mask over the cache), with no host synchronisation
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -241,7 +242,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 max_context: int | None = None, decode_kernel: bool | None = None) -> Tensor:
+                 max_context: int | None = None, decode_kernel: bool | None = None,
+                 cuda_graph: bool = False) -> Tensor:
         """Continue ``idx`` ``(B, T)`` (int64 bytes) by ``max_new_tokens`` sampled tokens; returns
         ``(B, T + max_new_tokens)``.  As nanoGPT's, one token at a time.
 
@@ -272,18 +274,27 @@ class GPT(nn.Module):
                 (:func:`sparseflash.decode_attention`) on CUDA, plain PyTorch in float32 on the
                 CPU; True: the kernel on the CPU too (Triton's interpreter: slow, tiny models
                 only); False: PyTorch everywhere.  ``sdpa`` decodes with SDPA whatever this says.
+            cuda_graph: (CUDA, ``dense`` and ``hash`` attention, with the cache) capture one decode
+                step of the whole model in a CUDA graph after the prompt, and replay it for every
+                new token: the caches keep their length on the device
+                (:class:`~sparseflash.nn.KVCache` ``device_position=True``), so the same kernels
+                serve every position, and a token costs the GPU's time of one step instead of the
+                host's time to launch its few hundred kernels.  The same tokens as without it
+                (the same kernels run).  The caches are sized for ``prompt + max_new_tokens``;
+                with ``max_context`` that must fit in it.
 
         The model's mode (train/eval) is left as it is; no gradients are recorded.
         :meth:`generate_iter` yields the new tokens one by one instead (to stream them).
         """
         new = list(self.generate_iter(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                       use_cache=use_cache, generator=generator, max_context=max_context,
-                                      decode_kernel=decode_kernel))
+                                      decode_kernel=decode_kernel, cuda_graph=cuda_graph))
         return torch.cat([idx, *new], dim=1)
 
     def generate_iter(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                       use_cache: bool = True, generator: torch.Generator | None = None,
-                      max_context: int | None = None, decode_kernel: bool | None = None):
+                      max_context: int | None = None, decode_kernel: bool | None = None,
+                      cuda_graph: bool = False):
         """:meth:`generate`, yielding each new ``(B, 1)`` token as soon as it is sampled.  The
         arguments are checked at the call (``ValueError``), before the first token."""
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.long:
@@ -300,11 +311,48 @@ class GPT(nn.Module):
             raise ValueError(f"max_context must be a positive integer or None, got {max_context!r}")
         if decode_kernel is not None and not isinstance(decode_kernel, bool):
             raise ValueError(f"decode_kernel must be None, True or False, got {decode_kernel!r}")
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if cuda_graph:
+            why = None
+            if not use_cache:
+                why = "it replays cached decode steps: use_cache=False re-runs the whole forward instead"
+            elif self.cfg.attention not in ("dense", "hash"):
+                why = (f"attention {self.cfg.attention!r} does not decode with our kernel (dense and hash do)")
+            elif decode_kernel is False:
+                why = "it replays our decode kernel: decode_kernel=False asks for PyTorch"
+            elif max_context is not None and idx.shape[1] + int(max_new_tokens) > max_context:
+                why = (f"the caches must hold the prompt and every new token, but prompt ({idx.shape[1]}) + "
+                       f"max_new_tokens ({max_new_tokens}) > max_context ({max_context})")
+            elif idx.device.type != "cuda":
+                why = f"the model and idx must be on a CUDA device, got {idx.device}"
+            if why:
+                raise ValueError(f"cuda_graph=True cannot be used here: {why}")
         if use_cache and not self.can_cache:
             why = ("the top-k gate ranks all tokens of a sequence, later ones included" if self.cfg.qk_gate == "topk"
                    else "random dropping is redrawn over the whole sequence at every call")
             raise ValueError(f"attention {self.cfg.attention!r} cannot generate with a cache ({why}): pass "
                              "use_cache=False to re-run the forward over the context at every step")
+
+        @torch.no_grad()
+        def graphed_steps(idx):
+            n_new = int(max_new_tokens)
+            if n_new == 0:
+                return
+            caches = [KVCache(idx.shape[1] + n_new, kernel=True, device_position=True) for _ in self.blocks]
+            token = _sample(self._forward_cached(idx, caches).float(), temperature, top_k, generator)
+            yield token
+            if n_new == 1:
+                return
+            static_token = token.clone()
+            graph, static_logits = _capture_step(self, static_token, caches)
+            for _ in range(n_new - 1):
+                static_token.copy_(token)
+                graph.replay()
+                for c in caches:
+                    c.length += 1
+                token = _sample(static_logits.float(), temperature, top_k, generator)
+                yield token
 
         @torch.no_grad()
         def steps(idx):
@@ -327,7 +375,39 @@ class GPT(nn.Module):
                 idx = torch.cat([idx, token], dim=1)
                 yield token
 
-        return steps(idx)
+        return graphed_steps(idx) if cuda_graph else steps(idx)
+
+
+def _capture_step(model: "GPT", token: Tensor, caches: list[KVCache]):
+    """A CUDA graph of one decode step ``model._forward_cached(token, caches)`` and its logits
+    buffer.  The step runs once first on a side stream (compiling the kernels; PyTorch's
+    capture needs the warm-up), then every cache is put back as it was (device position,
+    bucket counts, Python length), so the rows that warm-up wrote are overwritten later."""
+    saved = [(c.length, c.position.clone(), None if c.bucket_count is None else c.bucket_count.clone())
+             for c in caches]
+
+    def restore():
+        for c, (length, position, counts) in zip(caches, saved):
+            c.length = length
+            c.position.copy_(position)
+            if counts is not None:
+                c.bucket_count.copy_(counts)
+
+    # Under autocast, no cast cache: a cached cast made outside the graph would be freed when the
+    # caller's autocast region ends, while the graph still reads it (PyTorch's CUDA-graph notes).
+    cast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+            if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+    stream = torch.cuda.Stream(token.device)
+    stream.wait_stream(torch.cuda.current_stream(token.device))
+    with torch.cuda.stream(stream), cast:
+        model._forward_cached(token, caches)
+        restore()
+    torch.cuda.current_stream(token.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), cast:
+        logits = model._forward_cached(token, caches)
+    restore()  # (capture ran no kernel; this puts back the Python lengths it advanced)
+    return graph, logits
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
