@@ -74,6 +74,8 @@ ROW_FIELDS = {
                     "CUDA graph (GPU time, no host launch cost; --no-graphs: eager calls)",
     "ms_per_token_eager": "median ms of the same call made eagerly from Python, host launch cost included "
                           "(CUDA; null when --no-graphs, where ms_per_token is that)",
+    "graph_error": "why the call could not be captured in a CUDA graph (then ms_per_token is the eager time and "
+                   "timer says so); absent when it could",
     "speedup_vs_sdpa": "ms_per_token(sdpa) / ms_per_token, same scope, context and batch (>1: faster)",
     "status": "ok | error | skipped",
     "error": "why the row has no time; null when ok",
@@ -185,8 +187,16 @@ def _time_row(row: dict, fn, args, device, interpreted: bool) -> None:
     """``ms_per_token`` of ``fn`` (CUDA graph replay with ``--graphs`` on CUDA) and, with graphs,
     ``ms_per_token_eager`` of the same call made from Python."""
     graphs = args.graphs and device.type == "cuda"
-    row["ms_per_token"], row["timer"] = measure(fn, device, args.warmup, args.rep, None, interpreted, graph=graphs)
-    row["ms_per_token_eager"] = measure(fn, device, args.warmup, args.rep, None, interpreted)[0] if graphs else None
+    eager = measure(fn, device, args.warmup, args.rep, None, interpreted)
+    row["ms_per_token"], row["timer"] = eager
+    if graphs:
+        row["ms_per_token_eager"] = eager[0]
+        try:
+            row["ms_per_token"], row["timer"] = measure(fn, device, args.warmup, args.rep, None, interpreted,
+                                                        graph=True)
+        except Exception as e:  # noqa: BLE001  (a call that cannot be captured keeps its eager time, labelled)
+            row["graph_error"] = _err(e)
+            torch.cuda.synchronize(device)
 
 
 def layer_rows(args, device, context: int, batch: int, emit) -> None:
