@@ -75,11 +75,12 @@ PROGRAMS_PER_SM = 16
 #: Keys per block on CUDA: ``KEY_TILE // BLOCK_D`` (128 at D=64, 64 at D=128: the K and V tiles
 #: stay in registers), at most ``MAX_BLOCK_N``.  128 instead of 64 at D=64: dense 0.144 -> 0.114 ms,
 #: hash16 ∪ w256 0.17 -> 0.067 ms (H200, B=1, H=8, 131072 keys).  Warps per program:
-#: ``NUM_WARPS``; software-pipelining stages of the key loop: ``NUM_STAGES``.
+#: ``NUM_WARPS``; software-pipelining stages of the key loop: ``NUM_STAGES`` (3, Triton's default, which
+#: the kernel had before it was a setting).
 KEY_TILE = 8192
 MAX_BLOCK_N = 128
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3
 
 
 @triton.jit
