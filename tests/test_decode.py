@@ -134,12 +134,13 @@ def test_full_index_list_equals_dense():
 
 
 def test_int_cache_len_and_many_splits():
-    """A Python-int ``cache_len``; more splits than key blocks (empty splits merge to nothing)."""
+    """A Python-int ``cache_len``; more splits than key blocks (empty splits merge to nothing),
+    and more than 64 (the merge's wider, 8-warp form)."""
     S, D = 7, 16
     q, k, v = _inputs(S, D, 4, seed=3)
     for n in (0, 1, 5, 7):
         want = ref.decode_attention(q, k, v, n)
-        for splits in (1, 2, 5):
+        for splits in (1, 2, 5) if n != 7 else (1, 2, 5, 65):
             got = decode_attention(q, k, v, n, num_splits=splits)
             _check(got, want, f32)
         if n == 0:
