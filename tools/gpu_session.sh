@@ -1,0 +1,111 @@
+#!/bin/bash
+# Device-run driver: one stage per call of the lent GPU (bash tools/gpu_session.sh STAGE [ARGS]); writes under $OUT.
+stage=$1
+export TRITON_CACHE_DIR=/tmp/tc
+CFGS="sdpa sdpa_cudnn hash16w128 none dense hash16w0 qk0.3"
+if [ "$stage" = 1 ]; then
+  nvidia-smi -L
+  timeout 170 python -m pytest -m gpu -q tests/test_train.py -k reduce_overhead -p no:cacheprovider > $OUT/gpu_test.log 2>&1; echo "rc=$?" >> $OUT/gpu_test.log
+  tail -3 $OUT/gpu_test.log
+  MODE=reduce-overhead; grep -q "2 passed" $OUT/gpu_test.log || MODE=default
+  echo MODE=$MODE
+  timeout 400 python -m sparseflash.train.experiment --phase speed --compile --compile-mode $MODE \
+    --speed-configs $CFGS --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_h200.json --time-budget 320 --no-progress > $OUT/train.log 2>&1
+  tail -30 $OUT/train.log
+elif [ "$stage" = 2 ]; then
+  MODE=$2
+  cp results/train_h200.json $OUT/train_h200.json
+  timeout 570 python -m sparseflash.train.experiment --phase speed --compile --compile-mode $MODE --resume \
+    --speed-configs $CFGS --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_h200.json --time-budget 480 --no-progress > $OUT/train2.log 2>&1
+  tail -30 $OUT/train2.log
+elif [ "$stage" = 3 ]; then
+  timeout 200 python -m sparseflash.bench.decode --contexts 8192 32768 65536 131072 --batches 1 8 --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+  tail -40 $OUT/decode.log
+  PYTHONPATH=. timeout 170 python tools/step_profile.py --configs sdpa hash16w128 none --modes default reduce-overhead --seq-len 8192 --out $OUT/step_profile_h200.json > $OUT/profile.log 2>&1
+  tail -30 $OUT/profile.log
+fi
+if [ "$stage" = 4 ]; then
+  nvidia-smi -L
+  PYTHONPATH=. timeout 200 python tools/step_profile.py --configs hash16w128 none sdpa --modes reduce-overhead --seq-len 8192 --out $OUT/step_profile_rotary_table_h200.json > $OUT/profile.log 2>&1
+  grep -v Warn $OUT/profile.log | tail -40
+  timeout 130 python -m pytest -m gpu -q -x tests/test_train.py tests/test_generate.py tests/test_decode.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log
+  tail -4 $OUT/gpu_tests.log
+  PYTHONPATH=. timeout 230 python tools/dense_sweep.py --head-dims 64 128 --seq-lens 16384 4096 --time-budget 210 --out $OUT/dense_sweep_h200.json > $OUT/sweep.log 2>&1
+  tail -40 $OUT/sweep.log
+fi
+if [ "$stage" = 5 ]; then
+  nvidia-smi -L
+  timeout 150 python -m pytest -m gpu -q tests/test_generate.py tests/test_decode.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log
+  tail -4 $OUT/gpu_tests.log
+  timeout 420 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead \
+    --speed-configs $CFGS --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_h200.json --time-budget 340 --no-progress > $OUT/train.log 2>&1
+  tail -20 $OUT/train.log
+fi
+if [ "$stage" = 6 ]; then
+  cp results/train_h200.json $OUT/train_h200.json
+  timeout $2 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead --resume \
+    --speed-configs $CFGS --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_h200.json --time-budget $3 --no-progress > $OUT/train2.log 2>&1
+  tail -20 $OUT/train2.log
+fi
+if [ "$stage" = 7 ]; then
+  PYTHONPATH=. timeout 200 python tools/step_profile.py --configs hash16w128 none sdpa_cudnn --modes reduce-overhead --seq-len 16384 --out $OUT/step_profile_16k_h200.json > $OUT/profile16k.log 2>&1
+  grep -v Warn $OUT/profile16k.log | tail -20
+  PYTHONPATH=. timeout 200 python tools/dense_sweep.py --head-dims 64 128 --seq-lens 16384 4096 --passes bwd --bwd 64x64x4x2 64x64x4x3 64x64x4x4 64x64x8x3 128x64x8x2 128x64x8x3 --time-budget 180 --out $OUT/dense_sweep_bwd_stages_h200.json > $OUT/sweep_bwd.log 2>&1
+  tail -30 $OUT/sweep_bwd.log
+fi
+if [ "$stage" = 8 ]; then
+  nvidia-smi -L
+  timeout 240 python -m pytest -m gpu -q tests/test_window.py tests/test_hash_sparse.py tests/test_qk_sparse.py tests/test_flash.py tests/test_layout.py tests/test_gqa.py -p no:cacheprovider > $OUT/gpu_tests_launch_defaults_h200.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_launch_defaults_h200.log
+  tail -4 $OUT/gpu_tests_launch_defaults_h200.log
+  for W in 256 512 1024; do
+    PYTHONPATH=. timeout 100 python tools/layout_sweep.py --head-dims 64 --seq-lens 16384 --window $W --fwd --bwd \
+      --band-fwd 128x64x8x3 64x64x4x2 64x64x4x3 --band-bwd 64x64x4x4 64x64x4x2 --time-budget 80 --out $OUT/band_sweep_w${W}_h200.json > $OUT/band_w$W.log 2>&1
+    grep -o '"kind": "band_[a-z]*", "config": "[0-9x]*".*"ms": [0-9.]*' $OUT/band_w$W.log | sed "s/^/W=$W /"
+  done
+fi
+if [ "$stage" = 9 ]; then
+  timeout 560 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead \
+    --speed-configs sdpa sdpa_cudnn hash16w128 hash16w0 --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_h200_launch_defaults.json --time-budget 480 --no-progress > $OUT/train_launch_defaults.log 2>&1
+  grep -v Warn $OUT/train_launch_defaults.log | tail -12
+fi
+if [ "$stage" = 10 ]; then
+  # $2: seconds this stage may take in all
+  END=$((SECONDS + $2))
+  left() { echo $((END - SECONDS - $1)); }
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  export SPARSEFLASH_DATA=$PWD/data
+  TB=$(( $2 * 30 / 100 ))
+  T="--seq-len 8192 --batch-size 4 --max-steps 600 --eval-every 200 --compile --no-progress --time-budget $TB"
+  python -m sparseflash.train --attention dense $T --out-dir runs/dense > $OUT/train_dense.log 2>&1 &
+  P1=$!
+  python -m sparseflash.train --attention hash --n-buckets 16 --window 128 $T --out-dir runs/hash16w128 > $OUT/train_hash.log 2>&1 &
+  P2=$!
+  timeout $((TB + 20)) python -m pytest -m gpu -q tests/test_decode_graph.py tests/test_decode.py tests/test_generate.py tests/test_window.py tests/test_hash_sparse.py tests/test_launch_config.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log
+  tail -3 $OUT/gpu_tests.log
+  wait $P1 $P2
+  grep -v Warn $OUT/train_dense.log | tail -2; grep -v Warn $OUT/train_hash.log | tail -2
+  PYTHONPATH=. timeout 80 python tools/samples.py --tokens 200 --ckpt dense=runs/dense/ckpt.pt --ckpt hash16w128=runs/hash16w128/ckpt.pt --out $OUT/samples_$KIND.json > $OUT/samples.log 2>&1
+  grep -- "^---" $OUT/samples.log
+  timeout $(left 5) python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --out $OUT/decode_$KIND.json --no-progress > $OUT/decode.log 2>&1
+  tail -12 $OUT/decode.log
+fi
+if [ "$stage" = 11 ]; then
+  timeout $2 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead \
+    --speed-configs hash16w128 sdpa --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_h200_launch_defaults.json --time-budget $3 --no-progress > $OUT/train_launch_defaults.log 2>&1
+  grep -v Warn $OUT/train_launch_defaults.log | tail -8
+fi
+if [ "$stage" = 12 ]; then
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout 130 python -m pytest -m gpu -q tests/test_decode_graph.py tests/test_decode.py tests/test_generate.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log
+  tail -3 $OUT/gpu_tests.log
+  timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 --batches 1 8 --no-flex --out $OUT/decode_$KIND.json --no-progress > $OUT/decode.log 2>&1
+  tail -12 $OUT/decode.log
+fi
