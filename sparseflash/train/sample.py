@@ -65,10 +65,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run the model over the whole context at every byte (slower, same text up to rounding)")
-    p.add_argument("--cuda-graph", action="store_true",
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay one captured decode step per byte (GPT.generate's cuda_graph=True: the same text, "
-                        "without the host's launch cost per byte); dense and hash models on CUDA, with prompt + "
-                        "tokens within the run's seq_len")
+                        "without the host's launch cost per byte). Default: on for dense and hash models on CUDA "
+                        "when prompt + tokens fit in the run's seq_len, else off")
     return p
 
 
@@ -104,10 +104,15 @@ def main(argv=None, out=None) -> int:
     idx = torch.tensor([list(prompt) or [0]], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     use_cache = model.can_cache and not args.no_cache
+    seq_len = config.get("seq_len")
+    cuda_graph = args.cuda_graph
+    if cuda_graph is None:  # the fast path wherever it applies
+        cuda_graph = (use_cache and device.type == "cuda" and config.get("attention") in ("dense", "hash")
+                      and (seq_len is None or idx.shape[1] + args.tokens <= seq_len))
     try:
         steps = model.generate_iter(idx, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                                    use_cache=use_cache, generator=generator, max_context=config.get("seq_len"),
-                                    cuda_graph=args.cuda_graph)
+                                    use_cache=use_cache, generator=generator, max_context=seq_len,
+                                    cuda_graph=cuda_graph)
     except ValueError as e:  # e.g. --cuda-graph where it cannot replay
         return _error(e)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
