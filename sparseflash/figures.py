@@ -137,7 +137,7 @@ def load_results(folder) -> list[dict]:
     ``meta["interpreter"]`` true get ``_interpreter: True``), a dict with a
     ``"records"`` / ``"results"`` list, a list of records, or one record.  Unreadable
     files are skipped with a note, and so are decode timings (schema
-    ``sparseflash.bench.decode/1``), training results (:data:`TRAIN_GLOB`, read
+    ``sparseflash.bench.decode/1``), generated samples (``sparseflash.samples/1``), training results (:data:`TRAIN_GLOB`, read
     by :func:`load_train_results`) and quality results (:data:`QUALITY_GLOB`, drawn by
     :func:`quality_figure`).
     """
@@ -153,8 +153,8 @@ def load_results(folder) -> list[dict]:
         meta = {}
         if isinstance(data, dict):
             meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
-            if str(meta.get("schema", "")).startswith("sparseflash.bench.decode"):
-                continue  # decode timings (results/decode_*.json): no kernel speed figure to draw
+            if str(meta.get("schema", "")).startswith(("sparseflash.bench.decode", "sparseflash.samples")):
+                continue  # decode timings (results/decode_*.json), text samples: no kernel speed figure to draw
             for key in ("rows", "records", "results"):
                 if isinstance(data.get(key), list):
                     data = data[key]

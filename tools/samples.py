@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                       f"{ms.get(True, float('nan')):.2f} with a CUDA graph; same tokens: "
                       f"{rows[-1]['cuda_graph_same_tokens']})\n{text}\n", flush=True)
         del model
-    meta = dict(argv=sys.argv, torch=torch.__version__, device=torch.cuda.get_device_name() if
+    meta = dict(schema="sparseflash.samples/1", argv=sys.argv, torch=torch.__version__, device=torch.cuda.get_device_name() if
                 args.device.startswith("cuda") else "cpu", tokens=args.tokens, data=args.data)
     args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return 0
