@@ -137,9 +137,9 @@ def load_results(folder) -> list[dict]:
     ``meta["interpreter"]`` true get ``_interpreter: True``), a dict with a
     ``"records"`` / ``"results"`` list, a list of records, or one record.  Unreadable
     files are skipped with a note, and so are decode timings (schema
-    ``sparseflash.bench.decode/1``), generated samples (``sparseflash.samples/1``), training results (:data:`TRAIN_GLOB`, read
-    by :func:`load_train_results`) and quality results (:data:`QUALITY_GLOB`, drawn by
-    :func:`quality_figure`).
+    ``sparseflash.bench.decode/1``), generated text (``sparseflash.samples/1``), training
+    results (:data:`TRAIN_GLOB`, read by :func:`load_train_results`) and quality results
+    (:data:`QUALITY_GLOB`, drawn by :func:`quality_figure`).
     """
     records: list[dict] = []
     for path in sorted(Path(folder).glob("*.json")):
