@@ -19,6 +19,16 @@ import secrets
 os.environ["SPARSEFLASH_POISON"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
 
+# Under pytest-xdist (``-n N``) the workers share the machine's cores: each worker, and the
+# processes it starts (notebook kernels, the benchmark and figure CLIs, torchrun), gets its
+# share of the cores as its thread count instead of every one of them each (oversubscribed
+# OpenMP/BLAS pools spin against each other).  Set here, before torch or numpy is imported
+# in the worker; an explicit OMP_NUM_THREADS / MKL_NUM_THREADS / OPENBLAS_NUM_THREADS wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
+
 import pytest  # noqa: E402
 
 

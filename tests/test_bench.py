@@ -33,6 +33,16 @@ def _run(args, tmp_path):
     return proc
 
 
+#: Added to the CPU runs below (after --quick, whose presets give way to flags given): no timing
+#: beyond the minimum (warm-up 0 ms: no warm-up calls; rep 0 ms: the 3 timed calls every row
+#: takes), since these tests check the harness (rows, keys, statuses, the float64 check, the
+#: ratios), not the timings.  ``LEAN``: also one head instead of --quick's 2 where no assertion
+#: is about heads (the window run keeps 2: its window rows check that the first head's schedule
+#: is every head's).  The --quick run: 93 s -> 38 s of interpreter time alone on a 2-core box.
+NO_TIMING = ["--warmup", "0", "--rep", "0"]
+LEAN = ["--heads", "1", *NO_TIMING]
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """The --quick run without sliding windows (``--windows`` with no value: none; the window
@@ -40,7 +50,7 @@ def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "r.json"
     proc = _run(["--quick", "--device", "cpu", "--out", str(out), "--modes", "fwd", "fwd+bwd",
-                 "--no-progress", "--windows"], tmp)
+                 "--no-progress", "--windows", *LEAN], tmp)
     return out, proc
 
 
@@ -121,7 +131,7 @@ def test_quick_files_and_keys(quick):
 def test_variant_selection_and_resume(tmp_path):
     out = tmp_path / "sel.json"
     args = ["--quick", "--device", "cpu", "--out", str(out), "--modes", "fwd", "--no-progress",
-            "--variants", "ours_dense", "sdpa_*", "--seq-lens", "64"]
+            "--variants", "ours_dense", "sdpa_*", "--seq-lens", "64", *LEAN]
     _run(args, tmp_path)
     rows = json.loads(out.read_text())["rows"]
     assert {r["variant"] for r in rows} == {"ours_dense", "sdpa_flash", "sdpa_cudnn"}
@@ -148,7 +158,7 @@ def test_quick_windows(tmp_path):
     out = tmp_path / "w.json"
     _run(["--quick", "--device", "cpu", "--out", str(out), "--modes", "fwd", "fwd+bwd", "--no-progress",
           "--seq-lens", "64", "--buckets", "4", "--no-flex-compile",
-          "--variants", "ours_dense", "flex_dense", "*window*", "*_w*"], tmp_path)
+          "--variants", "ours_dense", "flex_dense", "*window*", "*_w*", *NO_TIMING], tmp_path)
     rows = _rows(out)
     assert {r["variant"] for r in rows} == WINDOW_NAMES
     by = {(r["variant"], r["mode"]): r for r in rows}

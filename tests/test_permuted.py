@@ -390,7 +390,7 @@ def _assert_record(rec, kind):
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)])
 @pytest.mark.parametrize("rate", [0.05, 0.5, 1.0])
 def test_record_qk(seed, blocks, rate):
-    B, H, N, D = 2, 2, 130, 16
+    B, H, N, D = 2, 1, 130, 16  # two (batch, head) layouts: two batches here, two heads in test_record_hash
     q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
     q_keep, k_keep = torch.rand(B, H, N) < rate, torch.rand(B, H, N) < rate
     rec = TileRecord()
@@ -403,7 +403,7 @@ def test_record_qk(seed, blocks, rate):
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)])
 @pytest.mark.parametrize("n_buckets", [1, 3, 16])
 def test_record_hash(seed, blocks, n_buckets):
-    B, H, N, D = 2, 2, 130, 16
+    B, H, N, D = 1, 2, 130, 16  # two (batch, head) layouts: two heads here, two batches in test_record_qk
     q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
     qb, kb = torch.randint(0, n_buckets, (B, H, N)), torch.randint(0, n_buckets, (B, H, N))
     rec = TileRecord()

@@ -71,7 +71,9 @@ def test_keep_rates_and_lengths(seed, N, rate):
     B, H, D = 1, 2, 64
     q_keep = torch.rand(B, H, N) < rate
     k_keep = torch.rand(B, H, N) < rate
-    _check(B, H, N, D, torch.float32, q_keep, k_keep, kernel_options=SMALL if N >= 100 else None)
+    # N = 100 on 16x16 tiles; N = 257 on the CPU default 32x32 (one token past a tile edge
+    # either way; 257 on 16x16 tiles: test_bf16_keep_rates)
+    _check(B, H, N, D, torch.float32, q_keep, k_keep, kernel_options=SMALL if N == 100 else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -90,7 +92,10 @@ def test_bf16_keep_rates(seed, N, rate):
     B, H, D = 1, 2, 64
     q_keep = torch.rand(B, H, N) < rate
     k_keep = torch.rand(B, H, N) < rate
-    _check(B, H, N, D, torch.bfloat16, q_keep, k_keep, kernel_options=SMALL)
+    # everything kept at N = 257: the CPU default 32x32 tiles (the causal triangle of 16x16
+    # tiles is the suite's costliest qk case; sparse N = 257 keeps 16x16 here)
+    kernel_options = None if (N, rate) == (257, 1.0) else SMALL
+    _check(B, H, N, D, torch.bfloat16, q_keep, k_keep, kernel_options=kernel_options)
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16), (32, 32)])
@@ -105,7 +110,7 @@ def test_tile_shapes_batch(seed, blocks):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_head_counts(seed, dtype):
     """Heads keep very different numbers of queries and keys (90% vs 5%)."""
-    B, H, N, D = 2, 2, 160, 32
+    B, H, N, D = 1, 2, 160, 32  # (two batches: test_tile_shapes_batch, test_non_contiguous, ...)
     q_keep = _exact_keep(B, H, N, [144, 8])
     k_keep = _exact_keep(B, H, N, [8, 144])
     q_keep2 = _exact_keep(B, H, N, [144, 8])
@@ -168,7 +173,7 @@ def test_strided_last_dim(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [1, 45, 100])
 def test_all_kept_equals_flash(seed, N, dtype):
-    B, H, D = 2, 2, 32
+    B, H, D = 1, 2, 32  # (two batches: test_tile_shapes_batch, test_non_contiguous, ...)
     q, k, v, do = _qkv(B, H, N, D, dtype)
     keep = torch.ones(B, H, N, dtype=torch.bool)
     got = _kernel(q, k, v, do, keep, keep, kernel_options=SMALL)

@@ -65,8 +65,9 @@ def test_matches_reference(seed, kind, N, W):
 @pytest.mark.parametrize("kind", ["flash", "hash", "qk"])
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 16)])
 def test_tile_shapes(seed, kind, blocks):
-    """Windows that are not a multiple of either tile size, two batches."""
-    _check(kind, 2, 2, 150, 16, 21, kernel_options=dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]))
+    """Windows that are not a multiple of either tile size, two batches (one head each: several
+    heads are in test_matches_reference and test_gqa)."""
+    _check(kind, 2, 1, 150, 16, 21, kernel_options=dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]))
 
 
 def test_dense_backward_tiles(seed):
@@ -77,12 +78,18 @@ def test_dense_backward_tiles(seed):
 @pytest.mark.parametrize("kind", ["flash", "hash", "qk"])
 @pytest.mark.parametrize("Hkv", [1, 2])
 def test_gqa(seed, kind, Hkv):
-    _check(kind, 1, 4, 90, 32, 13, Hkv=Hkv, kernel_options=SMALL)
+    """4 query heads on 1 or 2 kv heads; N = 50: 4 tiles of 16, the window of 13 crossing tile edges."""
+    _check(kind, 1, 4, 50, 32, 13, Hkv=Hkv, kernel_options=SMALL)
 
 
-@pytest.mark.parametrize("kind", ["flash", "hash"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [40, 128])
+# A covering set of (kind, dtype, head dim) rather than their product: every pair of values
+# of any two of them appears once (each kind in both dtypes and both head dims, each dtype
+# at both head dims).
+HALF_CASES = [("flash", torch.bfloat16, 40), ("flash", torch.float16, 128), ("hash", torch.bfloat16, 128),
+              ("hash", torch.float16, 40)]
+
+
+@pytest.mark.parametrize("kind,dtype,D", HALF_CASES, ids=[f"{k}-{str(t)[6:]}-D{d}" for k, t, d in HALF_CASES])
 def test_half_precision(seed, kind, dtype, D):
     _check(kind, 1, 2, 100, D, 24, dtype=dtype, kernel_options=SMALL)
 
@@ -152,7 +159,7 @@ def test_dense_window_visits_the_band(seed, N, W):
 def test_union_far_part_tiles(seed):
     """The layout part visits exactly the tiles holding a pair with ``i - j >= W``: none whose
     pairs all lie inside the band (the values tests show each pair is counted once)."""
-    B, H, N, D, W = 1, 2, 256, 16, 64
+    B, H, N, D, W = 1, 1, 256, 16, 64  # one head: the maps of head 0 are the ones checked
     q, k, v, do = _qkv(B, H, N, D, torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     buckets = torch.zeros(B, H, N, dtype=torch.long)  # one bucket: the far part is causal minus the band
