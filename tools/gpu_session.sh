@@ -74,26 +74,29 @@ if [ "$stage" = 9 ]; then
   grep -v Warn $OUT/train_launch_defaults.log | tail -12
 fi
 if [ "$stage" = 10 ]; then
-  # $2: seconds this stage may take in all
+  # $2: seconds this stage may take in all. Trains dense and hash16 ∪ w128 (6x512, T=8192, 1000 steps)
+  # side by side for the samples, runs the GPU tests meanwhile, then writes the samples.
   END=$((SECONDS + $2))
   left() { echo $((END - SECONDS - $1)); }
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   export SPARSEFLASH_DATA=$PWD/data
-  TB=$(( $2 * 30 / 100 ))
-  T="--seq-len 8192 --batch-size 4 --max-steps 600 --eval-every 200 --compile --no-progress --time-budget $TB"
+  TB=$(( $2 * 55 / 100 ))
+  T="--seq-len 8192 --batch-size 4 --max-steps 1000 --eval-every 250 --compile --no-progress --time-budget $TB"
   python -m sparseflash.train --attention dense $T --out-dir runs/dense > $OUT/train_dense.log 2>&1 &
   P1=$!
   python -m sparseflash.train --attention hash --n-buckets 16 --window 128 $T --out-dir runs/hash16w128 > $OUT/train_hash.log 2>&1 &
   P2=$!
-  timeout $((TB + 20)) python -m pytest -m gpu -q tests/test_decode_graph.py tests/test_decode.py tests/test_generate.py tests/test_window.py tests/test_hash_sparse.py tests/test_launch_config.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log
-  tail -3 $OUT/gpu_tests.log
+  timeout $((TB + 10)) python -m pytest -m gpu -q tests/test_decode_graph.py tests/test_decode.py tests/test_generate.py tests/test_window.py tests/test_hash_sparse.py tests/test_launch_config.py tests/test_qk_sparse.py tests/test_flash.py tests/test_layout.py tests/test_gqa.py -p no:cacheprovider > $OUT/gpu_tests_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_$KIND.log
+  tail -3 $OUT/gpu_tests_$KIND.log
   wait $P1 $P2
-  grep -v Warn $OUT/train_dense.log | tail -2; grep -v Warn $OUT/train_hash.log | tail -2
-  PYTHONPATH=. timeout 80 python tools/samples.py --tokens 200 --ckpt dense=runs/dense/ckpt.pt --ckpt hash16w128=runs/hash16w128/ckpt.pt --out $OUT/samples_$KIND.json > $OUT/samples.log 2>&1
-  grep -- "^---" $OUT/samples.log
-  timeout $(left 5) python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --out $OUT/decode_$KIND.json --no-progress > $OUT/decode.log 2>&1
-  tail -12 $OUT/decode.log
+  grep -v Warn $OUT/train_dense.log | tail -3; grep -v Warn $OUT/train_hash.log | tail -3
+  PYTHONPATH=. timeout $(left 5) python tools/samples.py --tokens 200 --ckpt dense=runs/dense/ckpt.pt --ckpt hash16w128=runs/hash16w128/ckpt.pt --out $OUT/samples_$KIND.json > $OUT/samples.log 2>&1
+  echo "samples rc=$?"; grep -- "^---" $OUT/samples.log | head; tail -3 $OUT/samples.log
+  for C in dense hash16w128; do
+    { time timeout 60 python -m sparseflash.train sample --ckpt runs/$C/ckpt.pt --prompt "Fellow-Citizens of the Senate" --tokens 300 --temperature 0.8 --top-k 40 --seed 0 ; } > $OUT/sample_cli_$C.log 2>&1
+    echo "sample $C rc=$?"; tail -c 600 $OUT/sample_cli_$C.log
+  done
 fi
 if [ "$stage" = 11 ]; then
   timeout $2 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead \
@@ -108,4 +111,16 @@ if [ "$stage" = 12 ]; then
   tail -3 $OUT/gpu_tests.log
   timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 --batches 1 8 --no-flex --out $OUT/decode_$KIND.json --no-progress > $OUT/decode.log 2>&1
   tail -12 $OUT/decode.log
+fi
+if [ "$stage" = 13 ]; then
+  # Probes, baselines in the same run: tensor-descriptor (TMA) loads in the dense forward and in dense
+  # decoding; a five-product backward (dQ by atomics). Args: the three timeouts.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout $2 python tools/dense_tma_probe.py --out $OUT/dense_tma_probe_$KIND.json > $OUT/dense_tma_probe.log 2>&1
+  grep -v Warn $OUT/dense_tma_probe.log | tail -8
+  PYTHONPATH=. timeout $3 python tools/decode_tma_probe.py --out $OUT/decode_tma_probe_$KIND.json > $OUT/decode_tma_probe.log 2>&1
+  grep -v Warn $OUT/decode_tma_probe.log | tail -6
+  PYTHONPATH=. timeout $4 python tools/dense_bwd_probe.py --out $OUT/dense_bwd_probe_$KIND.json > $OUT/dense_bwd_probe.log 2>&1
+  grep -v Warn $OUT/dense_bwd_probe.log | tail -8
 fi
