@@ -245,6 +245,39 @@ def test_window_and_bucket_lists_match_reference(window):
         _check(got, want, f32)
 
 
+@pytest.mark.parametrize("D", [64, 20])
+def test_descriptor_path(D, monkeypatch):
+    """2-byte caches aligned for the copy engine read their contiguous blocks through tensor
+    descriptors (whole boxes, rows past the cache as 0); the rest through pointers.  Both give
+    the reference's values, for dense, window and window ∪ lists, on a view into a longer
+    buffer whose rows past ``cache_len`` hold NaN (read by a box, never used)."""
+    import sparseflash.decode as dec
+
+    S, h_kv, G, window = 100, 2, 3, 8
+    q, k_buf, v_buf = _inputs(S + 28, D, h_kv, dtype=bf16, seed=D)
+    lens = torch.tensor([S, 37])
+    k_ref, v_ref = k_buf[:, :, :S].clone(), v_buf[:, :, :S].clone()  # the reference's p·v would read NaN
+    for t in (k_buf, v_buf):
+        t[0, :, S:] = float("nan")
+        t[1, :, 37:] = float("nan")
+    k, v = k_buf[:, :, :S], v_buf[:, :, :S]
+    assert dec._use_descriptors(k, v, 64) == (D % 8 == 0)  # D = 20: a 40-byte row stride, pointers
+    rows, count, _ = _bucket_lists(S, G, h_kv, seed=3)
+    list_id = torch.randint(0, G, (B, H), generator=torch.Generator().manual_seed(2))
+    idx, n = _union_list(lens, window, rows, count, list_id)
+    tail = torch.arange(S).expand(B, H, S)
+    start = (lens - window).clamp_min(0)[:, None, None]
+    cases = [(dict(), ref.decode_attention(q, k_ref, v_ref, lens)),
+             (dict(window=window), ref.decode_attention(q, k_ref, v_ref, lens, torch.where(tail >= start, tail, -1))),
+             (dict(key_index=rows, n_keys=count, list_id=list_id, window=window),
+              ref.decode_attention(q, k_ref, v_ref, lens, idx, n))]
+    for kw, want in cases:
+        for tma in (True, False):
+            monkeypatch.setattr(dec, "TMA", tma)
+            for splits in (1, 3):
+                _check(decode_attention(q, k, v, lens, num_splits=splits, **kw), want, bf16)
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------

@@ -290,3 +290,30 @@ def test_sample_mistakes_are_one_line(ckpt, tmp_path, capsys):
         assert main(["sample", *argv]) == 2
         captured = capsys.readouterr()
         assert len(captured.err.splitlines()) == 1 and re.search(said, captured.err) and captured.out == "", captured.err
+
+
+def test_samples_tool_writes_side_by_side_rows(ckpt, tmp_path):
+    """``tools/samples.py`` (what notebook 07 reads): one row per model, prompt and mode, with the
+    checkpoint's pattern (a dense model has no buckets and window 0) and seeded, repeatable text."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("samples_tool", ROOT / "tools" / "samples.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"samples_{i}.json"
+        assert tool.main(["--ckpt", f"dense={ckpt}", "--out", str(out), "--tokens", "6", "--long-prompt", "0",
+                          "--device", "cpu"]) == 0
+        outs.append(json.loads(out.read_text()))
+    doc = outs[0]
+    assert doc["meta"]["schema"] == "sparseflash.samples/1"
+    rows = doc["rows"]
+    assert [(r["prompt_name"], r["mode"]) for r in rows] == [(p, m) for p in tool.SHORT_PROMPTS
+                                                             for m in ("greedy", "topk")]
+    for r in rows:
+        assert (r["model"], r["attention"], r["n_buckets"], r["window"]) == ("dense", "dense", None, 0)
+        assert len(r["text"].encode("utf-8", errors="replace")) >= 1 and r["ms_per_token"] > 0
+        assert r["ms_per_token_cuda_graph"] is None  # graphs only on CUDA
+    assert [r["text"] for r in rows] == [r["text"] for r in outs[1]["rows"]]

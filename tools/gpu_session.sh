@@ -124,3 +124,21 @@ if [ "$stage" = 13 ]; then
   PYTHONPATH=. timeout $4 python tools/dense_bwd_probe.py --out $OUT/dense_bwd_probe_$KIND.json > $OUT/dense_bwd_probe.log 2>&1
   grep -v Warn $OUT/dense_bwd_probe.log | tail -8
 fi
+if [ "$stage" = 14 ]; then
+  # GPU tests of the kernels; decode with and without tensor-descriptor loads (same run); then training rows.
+  # Args: test timeout, decode timeout (each of two runs), training timeout, training budget.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout $2 python -m pytest -m gpu -q tests/test_decode.py tests/test_decode_graph.py tests/test_generate.py tests/test_window.py tests/test_hash_sparse.py tests/test_launch_config.py tests/test_qk_sparse.py tests/test_flash.py tests/test_layout.py tests/test_gqa.py -p no:cacheprovider > $OUT/gpu_tests_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_$KIND.log
+  tail -3 $OUT/gpu_tests_$KIND.log
+  D="--contexts 65536 131072 8192 32768 --batches 1 8 --scopes layer --no-flex --no-progress"
+  timeout $3 python -m sparseflash.bench.decode $D --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+  tail -12 $OUT/decode.log
+  timeout $3 python -c "import sys, sparseflash.decode as d; d.TMA = False; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" $D --out $OUT/decode_pointers_$KIND.json > $OUT/decode_pointers.log 2>&1
+  tail -12 $OUT/decode_pointers.log
+  export SPARSEFLASH_DATA=$PWD/data
+  timeout $4 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead \
+    --speed-configs hash16w128 sdpa --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_${KIND}_launch_defaults.json --time-budget $5 --no-progress > $OUT/train_launch_defaults.log 2>&1
+  grep -v Warn $OUT/train_launch_defaults.log | tail -8
+fi

@@ -11,7 +11,7 @@ model decodes under its own pattern (its layer's rotations, the bucket index, th
 The prompts are short openings and, for the long-context case, the first ``--long-prompt``
 bytes of a validation document of the corpus (text no model trained on).
 ``ms_per_token`` is the wall time of the whole generation (prompt included) over the bytes
-generated, batch 1, eager; ``ms_per_token_cuda_graph`` the same with ``cuda_graph=True``
+generated, batch 1, eager, after a short warm-up generation of each model; ``ms_per_token_cuda_graph`` the same with ``cuda_graph=True``
 (dense and hash on CUDA), and ``cuda_graph_same_tokens`` whether it gave the same bytes.
 """
 from __future__ import annotations
@@ -65,10 +65,15 @@ def main(argv=None) -> int:
         ckpt_meta = torch.load(path, map_location="cpu", weights_only=False)
         vals = (ckpt_meta.get("log") or {}).get("val") or [{}]
         val_loss = vals[-1].get("val_loss", vals[-1].get("loss"))
+        cuda = args.device.startswith("cuda")
+        graphs = (False, True) if cuda and cfg.get("attention") in ("dense", "hash") else (False,)
+        hashed = cfg.get("attention") == "hash"
+        for graph in graphs:  # warm-up: kernels compiled and caches filled before anything is timed
+            warm = torch.tensor([list(SHORT_PROMPTS["senate"].encode())], dtype=torch.long, device=args.device)
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+                model.generate(warm, 8, temperature=0.0, cuda_graph=graph)
         for pname, prompt in prompts.items():
             idx = torch.tensor([list(prompt.encode())], dtype=torch.long, device=args.device)
-            cuda = args.device.startswith("cuda")
-            graphs = (False, True) if cuda and cfg.get("attention") in ("dense", "hash") else (False,)
             for mode, temp, top_k in (("greedy", 0.0, None), ("topk", 0.8, 40)):
                 outs, ms = {}, {}
                 for graph in graphs:
@@ -84,8 +89,8 @@ def main(argv=None) -> int:
                     ms[graph] = 1e3 * (time.perf_counter() - t0) / args.tokens
                 out = outs[False]
                 text = bytes(out[0, idx.shape[1]:].tolist()).decode("utf-8", errors="replace")
-                rows.append(dict(model=name, attention=cfg.get("attention"), n_buckets=cfg.get("n_buckets"),
-                                 window=cfg.get("window"), seq_len=cfg.get("seq_len"), steps=cfg.get("max_steps"),
+                rows.append(dict(model=name, attention=cfg.get("attention"), n_buckets=cfg.get("n_buckets") if hashed else None,
+                                 window=cfg.get("window") or 0, seq_len=cfg.get("seq_len"), steps=cfg.get("max_steps"),
                                  val_loss=val_loss, prompt_name=pname, prompt_bytes=idx.shape[1],
                                  prompt_tail=prompt[-300:], mode=mode, temperature=temp, top_k=top_k, seed=0,
                                  text=text, ms_per_token=ms[False], ms_per_token_cuda_graph=ms.get(True),
