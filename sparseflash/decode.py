@@ -48,6 +48,13 @@ query's bucket``, ``window = W``: ``O(W + n_bucket)`` work per query and no ``O(
 Grouped-query attention: the cache has ``Hkv`` heads for ``H`` query heads; query head
 ``h`` reads kv head ``h // (H / Hkv)``, as SDPA's ``enable_gqa=True``.  Nothing is copied.
 
+Loads: a split walks its contiguous blocks (the window, or the whole cache) in one loop and its
+list blocks in a second, so neither pays for the other's test.  Dense and window-only calls
+on a Hopper (or newer) GPU fetch each ``(BLOCK_N, D)`` block of K and V whole through a tensor
+descriptor (the copy engine, TMA); list blocks are gathered row by row.  Cache rows past
+``cache_len`` may be read by a whole block but never reach the sums: their scores are -inf
+and their values are replaced by 0, so even NaN there is harmless.
+
 Nothing here reads a value back to the host: ``cache_len`` and ``n_keys`` tensors are read
 by the kernels, so a call can be captured in a CUDA graph and never waits for the GPU.
 """
@@ -81,17 +88,18 @@ KEYS_PER_SPLIT = 256
 #: more programs, more loads in flight).  H200, bf16, D=64, 131072 keys, B=8, H=8: 16 instead
 #: of 4 took the dense call from 1.00 to 0.66 ms (with 128-key blocks).
 PROGRAMS_PER_SM = 16
+#: Dense and sliding-window decoding (no index list) read their blocks through tensor
+#: descriptors where the hardware has a copy engine (Hopper and newer) and the cache is aligned
+#: for it.  H100, bf16, H=8, D=64, CUDA-graph replays, same run (results/logs/decode_h100_*.json):
+#: dense at 65536 keys 0.0623 -> 0.0630 ms at batch 1 (1% slower) but 0.382 -> 0.358 at batch 8, and
+#: 0.743 -> 0.691 ms at 131072 keys, batch 8.  Lists keep pointer loads: with descriptors for their
+#: window tail, hash16 ∪ w256 was 4-13% slower (0.0144 -> 0.0149 ms at 65536, batch 1).
+TMA = True
 #: Keys per block on CUDA: ``KEY_TILE // BLOCK_D`` (128 at D=64, 64 at D=128: the K and V tiles
 #: stay in registers), at most ``MAX_BLOCK_N``.  128 instead of 64 at D=64: dense 0.144 -> 0.114 ms,
 #: hash16 ∪ w256 0.17 -> 0.067 ms (H200, B=1, H=8, 131072 keys).  Warps per program:
 #: ``NUM_WARPS``; software-pipelining stages of the key loop: ``NUM_STAGES`` (3, Triton's default, which
 #: the kernel had before it was a setting).
-#: Read the contiguous part of the cache (the whole of it for dense decoding, the window's tail)
-#: through tensor descriptors where the hardware has a copy engine (Hopper and newer) and the
-#: cache is aligned for it.  H100, bf16, H=8, D=64, dense, 65536 / 131072 keys, CUDA-graph
-#: replay: batch 1 53.1 -> 51.4 and 98.3 -> 93.5 us; batch 8 384 -> 354 and 763 -> 686 us
-#: (``tools/decode_tma_probe.py``, results/logs/decode_tma_probe_h100.json).
-TMA = True
 KEY_TILE = 8192
 MAX_BLOCK_N = 128
 NUM_WARPS = 4
@@ -134,7 +142,8 @@ def _decode_split_kernel(
     without one), then the index-list entries below ``win_start``, so a row of the window that
     is listed too counts once.  A split's blocks of the first part are walked by one loop
     (with ``DESC``, each block's K and V come whole through the tensor descriptors ``KD``,
-    ``VD`` of the cache: the copy engine fetches them), those of the list by a second."""
+    ``VD`` of the cache: the copy engine fetches them; only without a list), those of the list
+    by a second (its own rows gathered by index)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -267,7 +276,7 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _use_descriptors(k_cache: Tensor, v_cache: Tensor, block_d: int) -> bool:
+def _use_descriptors(k_cache: Tensor, v_cache: Tensor) -> bool:
     """Whether the contiguous blocks are read through tensor descriptors (:data:`TMA`): the
     copy engine of a Hopper or newer GPU (or the interpreter, which emulates it), 2-byte
     elements, and what the engine requires of the cache: a 16-byte aligned start and strides."""
@@ -435,7 +444,7 @@ def decode_attention(
     sl = (lid.stride(0), lid.stride(1)) if lists else (0, 0)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = max(16, min(MAX_BLOCK_N, KEY_TILE // block_d)) if q.device.type == "cuda" else 16
-    desc = _use_descriptors(k_cache, v_cache, block_d)
+    desc = not sparse and _use_descriptors(k_cache, v_cache)
     kd, vd = ((_descriptor(k_cache, block_n, block_d), _descriptor(v_cache, block_n, block_d)) if desc
               else (k_cache, v_cache))
     _decode_split_kernel[(B * H, num_splits)](

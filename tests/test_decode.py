@@ -247,10 +247,10 @@ def test_window_and_bucket_lists_match_reference(window):
 
 @pytest.mark.parametrize("D", [64, 20])
 def test_descriptor_path(D, monkeypatch):
-    """2-byte caches aligned for the copy engine read their contiguous blocks through tensor
-    descriptors (whole boxes, rows past the cache as 0); the rest through pointers.  Both give
-    the reference's values, for dense, window and window ∪ lists, on a view into a longer
-    buffer whose rows past ``cache_len`` hold NaN (read by a box, never used)."""
+    """Dense and window decoding of 2-byte caches aligned for the copy engine read their blocks
+    through tensor descriptors (whole boxes, rows past the cache as 0); the rest (an odd head
+    dim, window ∪ lists) through pointers.  Both give the reference's values on a view into a
+    longer buffer whose rows past ``cache_len`` hold NaN (read by a box, never used)."""
     import sparseflash.decode as dec
 
     S, h_kv, G, window = 100, 2, 3, 8
@@ -261,7 +261,7 @@ def test_descriptor_path(D, monkeypatch):
         t[0, :, S:] = float("nan")
         t[1, :, 37:] = float("nan")
     k, v = k_buf[:, :, :S], v_buf[:, :, :S]
-    assert dec._use_descriptors(k, v, 64) == (D % 8 == 0)  # D = 20: a 40-byte row stride, pointers
+    assert dec._use_descriptors(k, v) == (D % 8 == 0)  # D = 20: a 40-byte row stride, pointers
     rows, count, _ = _bucket_lists(S, G, h_kv, seed=3)
     list_id = torch.randint(0, G, (B, H), generator=torch.Generator().manual_seed(2))
     idx, n = _union_list(lens, window, rows, count, list_id)
