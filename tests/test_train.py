@@ -367,6 +367,17 @@ def test_notebook_07_checkers(capsys):
     assert not exercises.check_time_to_reach(todo)
     assert "not attempted" in capsys.readouterr().out
 
+    assert exercises.check_decode_speedup_bound(ex07.decode_speedup_bound)
+    for wrong, said in ((lambda n, w, u: n / (min(w, n) + n / u), "counted twice"),
+                        (lambda n, w, u: u, "forgets the window"),
+                        (lambda n, w, u: 1 / ex07.decode_speedup_bound(n, w, u), "fraction"),
+                        (lambda n, w, u: n / (w + (n - w) / u) if w else u, "")):
+        capsys.readouterr()
+        assert not exercises.check_decode_speedup_bound(wrong, seed=0)
+        assert said in capsys.readouterr().out
+    assert not exercises.check_decode_speedup_bound(todo)
+    assert "not attempted" in capsys.readouterr().out
+
 
 # --------------------------------------------------------------------------------------
 # python -m sparseflash.train.scaling: its bookkeeping only (no torchrun launched here)

@@ -25,3 +25,14 @@ def time_to_reach(curve, target):
 # results/h100.json is an upper bound on the measured step speed-up: the sparse attentions
 # also compute bucket ids or gate scores, gather and scatter, and (eager mode) wait on the
 # host for small launches, none of which the kernel-only ratio sees.
+
+
+# Exercise 4 · keys a new token reads.  Dense: every cached key.  Hash ∪ window: the window's
+# min(window, context) most recent keys, and of the older ones those in the query's bucket
+# (1 / n_buckets of them when buckets are equal).  Decoding is memory-bound, so this ratio of
+# bytes read bounds the speed-up; the measured one is lower (gathered rows cost more per key
+# than a contiguous read, and a split walks its list blocks one after another).
+def decode_speedup_bound(context, window, n_buckets):
+    recent = min(window, context)
+    return context / (recent + (context - recent) / n_buckets)
+

@@ -13,7 +13,7 @@ import random
 from ..exercises._common import _as_number, _call, _Fail, _new_seed, _require_callable, _run
 from .experiment import reach
 
-__all__ = ["check_predicted_step_ms", "check_time_to_reach"]
+__all__ = ["check_predicted_step_ms", "check_time_to_reach", "check_decode_speedup_bound"]
 
 
 def _close(got: float, want: float, rel: float = 1e-6) -> bool:
@@ -86,3 +86,38 @@ def check_time_to_reach(fn, *, seed=None) -> bool:
         return f"{len(cases)} curves, interpolated, None when never reached"
 
     return _run("07 · exercise 2: time to reach a loss", body, seed)
+
+
+def check_decode_speedup_bound(fn, *, seed=None) -> bool:
+    """07 · exercise 4: ``decode_speedup_bound(context, window, n_buckets)``: how many times fewer
+    cached keys a new token of a hash ∪ window layer reads than a dense one, with buckets of equal
+    size: the ``min(window, context)`` most recent keys, and of the older ones the ``1 / n_buckets``
+    in the query's bucket."""
+    _require_callable(fn, "decode_speedup_bound", "check_decode_speedup_bound")
+    seed = _new_seed(seed)
+
+    def body():
+        rng = random.Random(seed)
+        cases = [(65536, 256, 16), (8192, 256, 16), (100, 256, 16), (4096, 0, 8), (1000, 1000, 4)] + [
+            (rng.randint(1, 1 << 18), rng.choice([0, 64, 128, 256, 1024]), rng.choice([2, 8, 16, 64]))
+            for _ in range(5)]
+        for n, w, u in cases:
+            what = f"decode_speedup_bound({n}, {w}, {u})"
+            got = _as_number(_call(fn, n, w, u, what=what), what, "a ratio (dense keys / hash ∪ window keys)")
+            recent = min(w, n)
+            want = n / (recent + (n - recent) / u)
+            if not _close(got, want, 1e-6):
+                hint = "count the window's keys, then 1/n_buckets of the keys older than the window"
+                if _close(got, n / (recent + n / u)):
+                    hint = "the window's keys are counted twice: only keys older than the window come from the bucket"
+                elif _close(got, float(u)):
+                    hint = "that forgets the window: every query also reads its window most recent keys"
+                elif _close(got, 1.0 / want):
+                    hint = "that is the fraction of keys read; the exercise asks for dense / hash ∪ window"
+                elif w > n and _close(got, n / (w + (n - w) / u)):
+                    hint = "a context shorter than the window holds only context keys: min(window, context)"
+                raise _Fail(f"{what} returned {got:.6g}, expected {want:.6g}", hint)
+        return f"{len(cases)} cases; at 65536 keys, window 256 and 16 buckets a new token reads 15x fewer keys"
+
+    return _run("07 · exercise 4: how much less a sparse decode step reads", body, seed)
+
