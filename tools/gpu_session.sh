@@ -129,7 +129,7 @@ if [ "$stage" = 14 ]; then
   # Args: test timeout, decode timeout (each of two runs), training timeout, training budget.
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  timeout $2 python -m pytest -m gpu -q tests/test_decode.py tests/test_decode_graph.py tests/test_generate.py tests/test_window.py tests/test_hash_sparse.py tests/test_launch_config.py tests/test_qk_sparse.py tests/test_flash.py tests/test_layout.py tests/test_gqa.py -p no:cacheprovider > $OUT/gpu_tests_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_$KIND.log
+  timeout $2 python -m pytest -m gpu -q -n 6 tests/test_decode.py tests/test_decode_graph.py tests/test_generate.py tests/test_window.py tests/test_hash_sparse.py tests/test_launch_config.py tests/test_qk_sparse.py tests/test_flash.py tests/test_layout.py tests/test_gqa.py -p no:cacheprovider > $OUT/gpu_tests_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_$KIND.log
   tail -3 $OUT/gpu_tests_$KIND.log
   D="--contexts 65536 131072 8192 32768 --batches 1 8 --scopes layer --no-flex --no-progress"
   timeout $3 python -m sparseflash.bench.decode $D --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
@@ -141,4 +141,14 @@ if [ "$stage" = 14 ]; then
     --speed-configs hash16w128 sdpa --speed-seq-lens 8192 16384 --speed-train-steps 100 \
     --out $OUT/train_${KIND}_launch_defaults.json --time-budget $5 --no-progress > $OUT/train_launch_defaults.log 2>&1
   grep -v Warn $OUT/train_launch_defaults.log | tail -8
+fi
+if [ "$stage" = 15 ]; then
+  # Every GPU test (6 xdist workers: Triton compiles in parallel), then the full decode bench with
+  # FlexAttention's rows under graph timing. Args: test timeout, bench timeout.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout $2 python -m pytest -m gpu -q -n 6 tests -p no:cacheprovider > $OUT/gpu_tests_all_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_all_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_all_$KIND.log | tail -5
+  timeout $3 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+  grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
 fi
