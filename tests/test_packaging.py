@@ -114,3 +114,27 @@ def test_every_package_is_in_the_wheel():
     found = {p for p in on_disk if any(fnmatchcase(p, pat) for pat in find["include"])
              and not any(fnmatchcase(p, pat) for pat in find.get("exclude", []))}
     assert on_disk - found == set()
+
+
+def test_git_commit_marks_an_edited_tree(monkeypatch):
+    """Result files name the commit that made them, with ``-dirty`` when tracked files were edited,
+    and None (not an error) where git is missing."""
+    import re
+    import subprocess
+
+    from sparseflash import _provenance
+
+    got = _provenance.git_commit()
+    if got is not None:  # a git checkout (a copy without .git gives None)
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", got), got
+    answers = iter(["a" * 40 + "\n", " M sparseflash/flash.py\n"])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, next(answers), ""))
+    assert _provenance.git_commit() == "a" * 40 + "-dirty"
+    answers = iter(["b" * 40 + "\n", ""])
+    assert _provenance.git_commit() == "b" * 40
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert _provenance.git_commit() is None

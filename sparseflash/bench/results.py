@@ -27,13 +27,13 @@ import os
 import platform
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from .. import _runtime
+from .._provenance import git_commit as _git_commit
 from .patterns import fmt_param
 from .timing import CPU_TIMER, GPU_TIMER, INTERPRETER_TIMER
 from .variants import KINDS
@@ -330,15 +330,6 @@ def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
         for r in clean_rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     os.replace(tmp, csv_path)
-
-
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent.parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def device_name(device: torch.device) -> str:

@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._provenance import git_commit as _git_commit
 from . import data as data_mod
 from .density import pair_density
 from .loop import COMPILE_MODES, Stepper, TrainConfig, build, device_name, setup, sync, train, train_time
@@ -102,14 +102,6 @@ def parse_model(shape: str) -> dict:
     """``"12x768x12"`` -> layers, width, heads."""
     n_layer, n_embd, n_head = (int(v) for v in shape.lower().split("x"))
     return {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _clean(x):
