@@ -1,4 +1,4 @@
-"""Launch settings of the decode kernel: keys per block, warps, pipeline stages, keys per split.
+"""Launch settings of the decode kernel: keys per block, warps, pipeline stages, keys per split, split cap.
 
     PYTHONPATH=. python tools/decode_sweep.py --out $OUT/decode_sweep.json
 
@@ -24,13 +24,18 @@ import sparseflash.decode as dec
 from sparseflash.bench.timing import cuda_graph_of
 from sparseflash.nn import KVCache
 
-DEFAULT = dict(block_n=dec.MAX_BLOCK_N, warps=dec.NUM_WARPS, stages=dec.NUM_STAGES, kps=dec.KEYS_PER_SPLIT)
+DEFAULT = dict(block_n=dec.MAX_BLOCK_N, warps=dec.NUM_WARPS, stages=dec.NUM_STAGES, kps=dec.KEYS_PER_SPLIT,
+               max_splits=dec.DEFAULT_MAX_SPLITS, tma=dec.TMA)
 
 
 def configs():
-    out = [dict(block_n=b, warps=w, stages=s, kps=DEFAULT["kps"])
-           for b, w, s in itertools.product((64, 128, 256), (4, 8), (1, 2, 3))]
+    """Block, warps and stages (with the descriptor loads of dense calls, where a block needs few
+    threads to be fetched: 2 warps too), then keys per split, the split cap and descriptors off."""
+    out = [dict(DEFAULT, block_n=b, warps=w, stages=s)
+           for b, w, s in itertools.product((64, 128, 256), (2, 4, 8), (2, 3, 4))]
     out += [dict(DEFAULT, kps=k) for k in (128, 512, 1024, 2048) if k != DEFAULT["kps"]]
+    out += [dict(DEFAULT, max_splits=m) for m in (32, 128, 256) if m != DEFAULT["max_splits"]]
+    out += [dict(DEFAULT, kps=128, max_splits=128), dict(DEFAULT, tma=not DEFAULT["tma"])]
     return out
 
 
@@ -38,6 +43,7 @@ def apply(cfg, D):
     dec.MAX_BLOCK_N = cfg["block_n"]
     dec.KEY_TILE = cfg["block_n"] * max(16, triton.next_power_of_2(D))
     dec.NUM_WARPS, dec.NUM_STAGES, dec.KEYS_PER_SPLIT = cfg["warps"], cfg["stages"], cfg["kps"]
+    dec.DEFAULT_MAX_SPLITS, dec.TMA = cfg["max_splits"], cfg["tma"]
 
 
 def bench(fn, warmup, rep):
@@ -55,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--warmup", type=float, default=10)
     p.add_argument("--rep", type=float, default=40)
+    p.add_argument("--kinds", nargs="+", choices=["dense", "hash"], default=["dense", "hash"])
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
         qb = torch.randint(0, nb, (B, H), device=dev, generator=g)
         sdpa = bench(lambda: F.scaled_dot_product_attention(q, cache.k, cache.v), args.warmup, args.rep)
         rows.append(dict(context=L, batch=B, kind="sdpa", ms=sdpa))
-        for kind in ("dense", "hash"):
+        for kind in args.kinds:
             call = (lambda: cache.attend(q)) if kind == "dense" else (lambda: cache.attend(q, window=W, q_buckets=qb))
             apply(DEFAULT, D)
             want = call().float()
