@@ -68,7 +68,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
-from ._steps import LOG2E, kv_head
+from ._steps import LOG2E, dot_precision, kv_head, mma
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -95,6 +95,11 @@ PROGRAMS_PER_SM = 16
 #: 0.743 -> 0.691 ms at 131072 keys, batch 8.  Lists keep pointer loads: with descriptors for their
 #: window tail, hash16 ∪ w256 was 4-13% slower (0.0144 -> 0.0149 ms at 65536, batch 1).
 TMA = True
+#: Fold each block in as two matrix products (:func:`_decode_fold_mma`) instead of elementwise
+#: sums, so that Triton's pipeliner keeps the next blocks' loads in flight (compiled for sm_90 the
+#: sums' loop has no asynchronous copies; the products' loop multi-buffers the list entries, K and
+#: V).  Off until measured on a GPU (``tools/decode_sweep.py``).
+MMA_FOLD = False
 #: Keys per block on CUDA: ``KEY_TILE // BLOCK_D`` (128 at D=64, 64 at D=128: the K and V tiles
 #: stay in registers), at most ``MAX_BLOCK_N``.  128 instead of 64 at D=64: dense 0.144 -> 0.114 ms,
 #: hash16 ∪ w256 0.17 -> 0.067 ms (H200, B=1, H=8, 131072 keys).  Warps per program:
@@ -125,6 +130,28 @@ def _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale):
 
 
 @triton.jit
+def _decode_fold_mma(acc, m_i, l_i, q16, k, v, valid, qk_scale, ZERO_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """:func:`_decode_fold` as two matrix products, for ``MMA``: the query is row 0 of ``q16``
+    ``(16, D)`` (the other rows are 0; a product needs 16 rows), and ``(acc, m, l)`` have 16 rows
+    of which row 0 is the query's.  The arithmetic is wasted on 15 rows, but decoding is bound
+    by memory, and loads that feed ``tl.dot`` are what Triton's software pipeliner multi-buffers
+    (with ``num_stages``): the next blocks' index entries and rows are in flight while this one
+    is folded.  ``ZERO_V``: zero the values of keys that are not ``valid`` (a whole-box load may
+    read rows past the cache length; masked pointer loads already read them as 0)."""
+    s = mma(q16, tl.trans(k), DOT_PRECISION) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if ZERO_V:
+        v = tl.where(valid[:, None], v, 0.0)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, KD, VD, LENS, IDX, NK, LIST, O, PM, PL, PACC,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, s_len,
@@ -132,7 +159,7 @@ def _decode_split_kernel(
     H, S, L, G, len_value, window, qk_scale,
     SPARSE: tl.constexpr, LISTS: tl.constexpr, LEN_TENSOR: tl.constexpr, SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-    DESC: tl.constexpr,
+    DESC: tl.constexpr, MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program ``(b·H + h, s)``: the online softmax of query head ``h`` over split ``s`` of
     its keys, cut into ``SPLITS`` contiguous ranges of ``BLOCK_N``-key blocks.
@@ -184,10 +211,17 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + per_split, n_blocks)
 
     q = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
-    # Running max, sum and output; m and l as scalar tensors (so that the loop carries tensors).
-    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
-    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    if MMA:  # the query as row 0 of 16 (see _decode_fold_mma), in the cache's dtype
+        r0 = tl.arange(0, 16) == 0
+        q16 = tl.where(r0[:, None], q[None, :], 0.0).to(K.dtype.element_ty)
+        m_i = tl.full([16], float("-inf"), tl.float32)
+        l_i = tl.zeros([16], tl.float32)
+        acc = tl.zeros([16, BLOCK_D], tl.float32)
+    else:
+        # Running max, sum and output; m and l as scalar tensors (so that the loop carries tensors).
+        m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
     # Contiguous part: blocks [lo, min(hi, n_win_blocks)), rows win_start + offs.
     for block in range(lo, tl.minimum(hi, n_win_blocks)):
         offs = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,7 +236,10 @@ def _decode_split_kernel(
             # K and V of the block are loaded before any arithmetic: both reads in flight at once
             k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
             v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
-        acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
+        if MMA:
+            acc, m_i, l_i = _decode_fold_mma(acc, m_i, l_i, q16, k, v, valid, qk_scale, DESC, DOT_PRECISION)
+        else:
+            acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
     if SPARSE:
         # List part: blocks [max(lo, n_win_blocks), hi), entries (block - n_win_blocks)·BLOCK_N + ...
         for block in range(tl.maximum(lo, n_win_blocks), hi):
@@ -214,8 +251,15 @@ def _decode_split_kernel(
             mask = valid[:, None] & col_ok[None, :]
             k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
             v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
-            acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
+            if MMA:
+                acc, m_i, l_i = _decode_fold_mma(acc, m_i, l_i, q16, k, v, valid, qk_scale, False, DOT_PRECISION)
+            else:
+                acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
 
+    if MMA:  # row 0 holds the query's softmax state
+        m_i = tl.max(tl.where(r0, m_i, float("-inf")), 0)
+        l_i = tl.sum(tl.where(r0, l_i, 0.0), 0)
+        acc = tl.sum(tl.where(r0[:, None], acc, 0.0), 0)
     if SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(O + b * so_b + h * so_h + cols, out.to(O.dtype.element_ty), mask=col_ok)
@@ -456,8 +500,8 @@ def decode_attention(
         out.stride(0), out.stride(1),
         H, S, L, G, len_value, window, scale * LOG2E,
         SPARSE=sparse, LISTS=lists, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
-        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, DESC=desc, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, DESC=desc, MMA=MMA_FOLD,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
         _decode_merge_kernel[(B * H,)](

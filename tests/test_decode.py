@@ -278,6 +278,40 @@ def test_descriptor_path(D, monkeypatch):
                 _check(decode_attention(q, k, v, lens, num_splits=splits, **kw), want, bf16)
 
 
+@pytest.mark.parametrize("D", [16, 20, 64])
+def test_mma_fold(D, monkeypatch):
+    """The fold as matrix products (``MMA_FOLD``, the query as row 0 of 16) gives the reference's
+    values: dense with GQA and ragged lengths, a window, window ∪ lists, an empty query, float32
+    and bfloat16 (whose descriptor path reads NaN rows past cache_len: they must not reach the sums)."""
+    import sparseflash.decode as dec
+
+    monkeypatch.setattr(dec, "MMA_FOLD", True)
+    S, h_kv, G, window = 100, 2, 3, 8
+    lens = torch.tensor([S, 37])
+    rows, count, _ = _bucket_lists(S, G, h_kv, seed=D)
+    list_id = torch.randint(0, G, (B, H), generator=torch.Generator().manual_seed(D))
+    idx, n = _union_list(lens, window, rows, count, list_id)
+    tail = torch.arange(S).expand(B, H, S)
+    start = (lens - window).clamp_min(0)[:, None, None]
+    for dtype in (f32, bf16):
+        q, k_buf, v_buf = _inputs(S + 28, D, h_kv, dtype=dtype, seed=D + 1)
+        k_ref, v_ref = k_buf[:, :, :S].clone(), v_buf[:, :, :S].clone()
+        for t in (k_buf, v_buf):
+            t[0, :, S:] = float("nan")
+            t[1, :, 37:] = float("nan")
+        k, v = k_buf[:, :, :S], v_buf[:, :, :S]
+        cases = [(dict(), ref.decode_attention(q, k_ref, v_ref, lens)),
+                 (dict(window=window), ref.decode_attention(q, k_ref, v_ref, lens, torch.where(tail >= start, tail, -1))),
+                 (dict(key_index=rows, n_keys=count, list_id=list_id, window=window),
+                  ref.decode_attention(q, k_ref, v_ref, lens, idx, n))]
+        for kw, want in cases:
+            for splits in (1, 3):
+                _check(decode_attention(q, k, v, lens, num_splits=splits, **kw), want, dtype)
+    q, k, v = _inputs(7, D, h_kv)
+    empty = decode_attention(q, k, v, torch.tensor([0, 0]), num_splits=3)
+    assert torch.isfinite(empty).all() and not empty.any()
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------

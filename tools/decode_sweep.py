@@ -1,4 +1,5 @@
-"""Launch settings of the decode kernel: keys per block, warps, pipeline stages, keys per split, split cap.
+"""Launch settings of the decode kernel: keys per block, warps, pipeline stages, keys per split, split cap,
+descriptor loads, and the fold as matrix products (``MMA_FOLD``).
 
     PYTHONPATH=. python tools/decode_sweep.py --out $OUT/decode_sweep.json
 
@@ -25,7 +26,7 @@ from sparseflash.bench.timing import cuda_graph_of
 from sparseflash.nn import KVCache
 
 DEFAULT = dict(block_n=dec.MAX_BLOCK_N, warps=dec.NUM_WARPS, stages=dec.NUM_STAGES, kps=dec.KEYS_PER_SPLIT,
-               max_splits=dec.DEFAULT_MAX_SPLITS, tma=dec.TMA)
+               max_splits=dec.DEFAULT_MAX_SPLITS, tma=dec.TMA, mma=dec.MMA_FOLD)
 
 
 def configs():
@@ -36,6 +37,9 @@ def configs():
     out += [dict(DEFAULT, kps=k) for k in (128, 512, 1024, 2048) if k != DEFAULT["kps"]]
     out += [dict(DEFAULT, max_splits=m) for m in (32, 128, 256) if m != DEFAULT["max_splits"]]
     out += [dict(DEFAULT, kps=128, max_splits=128), dict(DEFAULT, tma=not DEFAULT["tma"])]
+    # The fold as matrix products, whose loads Triton pipelines (the stages matter there).
+    out += [dict(DEFAULT, mma=not DEFAULT["mma"], block_n=b, warps=w, stages=st)
+            for b, w, st in itertools.product((64, 128), (4, 8), (2, 3, 4))]
     return out
 
 
@@ -43,7 +47,7 @@ def apply(cfg, D):
     dec.MAX_BLOCK_N = cfg["block_n"]
     dec.KEY_TILE = cfg["block_n"] * max(16, triton.next_power_of_2(D))
     dec.NUM_WARPS, dec.NUM_STAGES, dec.KEYS_PER_SPLIT = cfg["warps"], cfg["stages"], cfg["kps"]
-    dec.DEFAULT_MAX_SPLITS, dec.TMA = cfg["max_splits"], cfg["tma"]
+    dec.DEFAULT_MAX_SPLITS, dec.TMA, dec.MMA_FOLD = cfg["max_splits"], cfg["tma"], cfg["mma"]
 
 
 def bench(fn, warmup, rep):

@@ -153,9 +153,9 @@ if [ "$stage" = 15 ]; then
   grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
 fi
 if [ "$stage" = 16 ]; then
-  # Dense decode launch settings with descriptor loads (block, warps, stages, keys per split, split cap).
+  # Decode launch settings: block, warps, stages, keys per split, split cap, descriptors, the fold as products.
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  PYTHONPATH=. timeout $2 python tools/decode_sweep.py --contexts 65536 131072 --batches 1 8 --kinds dense --out $OUT/decode_sweep_tma_$KIND.json > $OUT/decode_sweep.log 2>&1
+  PYTHONPATH=. timeout $2 python tools/decode_sweep.py --contexts 65536 --batches 1 8 --out $OUT/decode_sweep_tma_$KIND.json > $OUT/decode_sweep.log 2>&1
   grep -v "Warn\|warn" $OUT/decode_sweep.log | tail -8
 fi
