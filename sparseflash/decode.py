@@ -98,7 +98,9 @@ TMA = True
 #: Fold each block in as two matrix products (:func:`_decode_fold_mma`) instead of elementwise
 #: sums, so that Triton's pipeliner keeps the next blocks' loads in flight (compiled for sm_90 the
 #: sums' loop has no asynchronous copies; the products' loop multi-buffers the list entries, K and
-#: V).  Off until measured on a GPU (``tools/decode_sweep.py``).
+#: V: ``tools/decode_ir.py``).  With grouped-query attention and no list, the rows of the products
+#: are then the query heads of one kv head, which reads the cache once for the whole group.  Off
+#: until measured on a GPU (``tools/decode_sweep.py``).
 MMA_FOLD = False
 #: Keys per block on CUDA: ``KEY_TILE // BLOCK_D`` (128 at D=64, 64 at D=128: the K and V tiles
 #: stay in registers), at most ``MAX_BLOCK_N``.  128 instead of 64 at D=64: dense 0.144 -> 0.114 ms,
@@ -159,10 +161,14 @@ def _decode_split_kernel(
     H, S, L, G, len_value, window, qk_scale,
     SPARSE: tl.constexpr, LISTS: tl.constexpr, LEN_TENSOR: tl.constexpr, SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-    DESC: tl.constexpr, MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DESC: tl.constexpr, MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPED: tl.constexpr,
+    QROWS: tl.constexpr,
 ):
     """Program ``(b·H + h, s)``: the online softmax of query head ``h`` over split ``s`` of
-    its keys, cut into ``SPLITS`` contiguous ranges of ``BLOCK_N``-key blocks.
+    its keys, cut into ``SPLITS`` contiguous ranges of ``BLOCK_N``-key blocks.  ``GROUPED``
+    (the products fold without a list, ``GROUP > 1``): program ``(b·Hkv + j, s)`` does the
+    ``GROUP`` query heads of kv head ``j`` at once, rows of one ``(QROWS, D)`` product, so the
+    cache is read once per kv head instead of once per query head.
 
     The keys are one virtual list: first the contiguous rows ``[win_start, cache_len)`` (the
     whole cache when dense without a window, the window tail with one, nothing when sparse
@@ -173,9 +179,14 @@ def _decode_split_kernel(
     by a second (its own rows gathered by index)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = kv_head(h, GROUP)
+    if GROUPED:  # bh = b·Hkv + hk; h is the group's first query head
+        b = (bh // (H // GROUP)).to(tl.int64)
+        hk = (bh % (H // GROUP)).to(tl.int64)
+        h = hk * GROUP
+    else:
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = kv_head(h, GROUP)
     K += b * sk_b + hk * sk_h
     V += b * sv_b + hk * sv_h
     cols = tl.arange(0, BLOCK_D)
@@ -211,12 +222,18 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + per_split, n_blocks)
 
     q = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if MMA:  # the query as row 0 of 16 (see _decode_fold_mma), in the cache's dtype
-        r0 = tl.arange(0, 16) == 0
-        q16 = tl.where(r0[:, None], q[None, :], 0.0).to(K.dtype.element_ty)
-        m_i = tl.full([16], float("-inf"), tl.float32)
-        l_i = tl.zeros([16], tl.float32)
-        acc = tl.zeros([16, BLOCK_D], tl.float32)
+    if MMA:  # the query as row 0 of QROWS (see _decode_fold_mma), or the group's queries; the cache's dtype
+        rows = tl.arange(0, QROWS)
+        r0 = rows == 0
+        if GROUPED:
+            in_group = rows < GROUP
+            q16 = tl.load(Q + b * sq_b + (h + rows)[:, None] * sq_h + cols[None, :],
+                          mask=in_group[:, None] & col_ok[None, :], other=0.0).to(K.dtype.element_ty)
+        else:
+            q16 = tl.where(r0[:, None], q[None, :], 0.0).to(K.dtype.element_ty)
+        m_i = tl.full([QROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([QROWS], tl.float32)
+        acc = tl.zeros([QROWS, BLOCK_D], tl.float32)
     else:
         # Running max, sum and output; m and l as scalar tensors (so that the loop carries tensors).
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
@@ -256,6 +273,18 @@ def _decode_split_kernel(
             else:
                 acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
 
+    if GROUPED:  # row r is query head h + r: write each of the group's rows
+        heads = h + rows
+        out_ok = in_group[:, None] & col_ok[None, :]
+        if SPLITS == 1:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(O + b * so_b + heads[:, None] * so_h + cols[None, :], out.to(O.dtype.element_ty), mask=out_ok)
+        else:
+            part = (b * H + heads) * SPLITS + split
+            tl.store(PM + part, m_i, mask=in_group)
+            tl.store(PL + part, l_i, mask=in_group)
+            tl.store(PACC + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=out_ok)
+        return
     if MMA:  # row 0 holds the query's softmax state
         m_i = tl.max(tl.where(r0, m_i, float("-inf")), 0)
         l_i = tl.sum(tl.where(r0, l_i, 0.0), 0)
@@ -459,8 +488,11 @@ def decode_attention(
     else:
         L, n_max = 0, (min(S, window) if window else S)
 
+    # The products fold reads a kv head's cache once for its whole group of query heads (not with
+    # lists: each query head walks its own).
+    grouped = MMA_FOLD and not sparse and H > Hkv
     if num_splits is None:
-        num_splits = default_num_splits(n_max, B * H, q.device)
+        num_splits = default_num_splits(n_max, B * (Hkv if grouped else H), q.device)
     else:
         value = _runtime.as_int(num_splits)
         if value is None or not 1 <= value <= MAX_SPLITS:
@@ -491,7 +523,7 @@ def decode_attention(
     desc = not sparse and _use_descriptors(k_cache, v_cache)
     kd, vd = ((_descriptor(k_cache, block_n, block_d), _descriptor(v_cache, block_n, block_d)) if desc
               else (k_cache, v_cache))
-    _decode_split_kernel[(B * H, num_splits)](
+    _decode_split_kernel[(B * (Hkv if grouped else H), num_splits)](
         q, k_cache, v_cache, kd, vd, lens, idx, nk, lid, out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -501,7 +533,8 @@ def decode_attention(
         H, S, L, G, len_value, window, scale * LOG2E,
         SPARSE=sparse, LISTS=lists, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, DESC=desc, MMA=MMA_FOLD,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION=dot_precision(q.dtype), GROUPED=grouped, QROWS=max(16, triton.next_power_of_2(H // Hkv)),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
         _decode_merge_kernel[(B * H,)](

@@ -312,6 +312,40 @@ def test_mma_fold(D, monkeypatch):
     assert torch.isfinite(empty).all() and not empty.any()
 
 
+@pytest.mark.parametrize("h_kv", [1, 2, 8])
+def test_mma_fold_groups_query_heads(h_kv, monkeypatch):
+    """With the products fold, the query heads of a kv head are rows of one product: one program
+    per (sequence, kv head, split) reads the cache once for all of them.  Values equal the
+    reference for dense and window decoding, int and tensor lengths, 1 and 3 splits."""
+    import sparseflash.decode as dec
+
+    monkeypatch.setattr(dec, "MMA_FOLD", True)
+    grids = []
+
+    class Spy:  # records the launch grid of the split kernel
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    kernel = dec._decode_split_kernel
+    monkeypatch.setattr(dec, "_decode_split_kernel", Spy())
+    nq, S, D = 8, 37, 16
+    g = torch.Generator().manual_seed(h_kv)
+    q = torch.randn(2, nq, 1, D, generator=g).to(bf16)
+    k, v = (torch.randn(2, h_kv, S, D, generator=g).to(bf16) for _ in range(2))
+    lens = torch.tensor([S, 20])
+    tail = torch.arange(S).expand(2, nq, S)
+    for window in (0, 5):
+        start = (lens - window).clamp_min(0)[:, None, None] if window else torch.zeros(2, 1, 1, dtype=torch.long)
+        want = ref.decode_attention(q, k, v, lens, torch.where(tail >= start, tail, -1))
+        for splits in (1, 3):
+            grids.clear()
+            _check(decode_attention(q, k, v, lens, window=window, num_splits=splits), want, bf16)
+            assert grids == [(2 * h_kv, splits)]
+    want = ref.decode_attention(q, k, v, 20)
+    _check(decode_attention(q, k, v, 20, num_splits=3), want, bf16)
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------

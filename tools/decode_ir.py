@@ -31,12 +31,13 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "KD": "*bf16
             "PACC": "*fp32", "qk_scale": "fp32"}
 
 
-def compile_variant(mode: str, fold: str, block_n: int, head_dim: int, stages: int, warps: int):
+def compile_variant(mode: str, fold: str, block_n: int, head_dim: int, stages: int, warps: int, group: int = 1):
     kernel = dec._decode_split_kernel
     names = kernel.arg_names
     const = dict(SPARSE=mode == "hash", LISTS=mode == "hash", LEN_TENSOR=True, SPLITS=64, HEAD_DIM=head_dim,
-                 BLOCK_D=head_dim, BLOCK_N=block_n, GROUP=1, DESC=mode == "dense_desc", MMA=fold == "mma",
-                 DOT_PRECISION="tf32")
+                 BLOCK_D=head_dim, BLOCK_N=block_n, GROUP=group, DESC=mode == "dense_desc", MMA=fold == "mma",
+                 DOT_PRECISION="tf32", GROUPED=fold == "mma" and mode != "hash" and group > 1,
+                 QROWS=max(16, triton.next_power_of_2(group)))
     sig = {n: POINTERS.get(n, "i32") for n in names}
     if const["DESC"]:
         sig["KD"] = sig["VD"] = f"tensordesc<bf16[1, 1, {block_n}, {head_dim}]>"
@@ -51,14 +52,15 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--stages", type=int, default=dec.NUM_STAGES)
     p.add_argument("--warps", type=int, default=dec.NUM_WARPS)
+    p.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA; > 1 groups them)")
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
     print(f"sm_90, triton {triton.__version__}, BLOCK_N={args.block_n}, D={args.head_dim}, "
-          f"{args.warps} warps, {args.stages} stages")
+          f"{args.warps} warps, {args.stages} stages, {args.group} query heads per kv head")
     print(f"{'variant':<22} {'async copies':>12} {'TMA loads':>10} {'shared KB':>10}")
     for mode in ("dense", "dense_desc", "hash"):
         for fold in ("sum", "mma"):
-            k = compile_variant(mode, fold, args.block_n, args.head_dim, args.stages, args.warps)
+            k = compile_variant(mode, fold, args.block_n, args.head_dim, args.stages, args.warps, args.group)
             ir = k.asm["ttgir"]
             n_async = ir.count("ttg.async_copy_global_to_local")
             n_tma = ir.count("async_tma_copy_global_to_local")

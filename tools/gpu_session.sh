@@ -158,4 +158,9 @@ if [ "$stage" = 16 ]; then
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   PYTHONPATH=. timeout $2 python tools/decode_sweep.py --contexts 65536 --batches 1 8 --out $OUT/decode_sweep_tma_$KIND.json > $OUT/decode_sweep.log 2>&1
   grep -v "Warn\|warn" $OUT/decode_sweep.log | tail -8
+  # GQA (8 query heads on 2 kv heads): the products fold reads a kv head once for its group.
+  G="--contexts 65536 131072 --batches 1 8 --scopes layer --no-flex --no-progress --kv-heads 2 --attentions sdpa dense"
+  for M in False True; do
+    timeout $3 python -c "import sys, sparseflash.decode as d; d.MMA_FOLD = $M; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" $G --out $OUT/decode_gqa_mma${M}_$KIND.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]"
+  done
 fi
