@@ -31,6 +31,10 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "KD": "*bf16
             "PACC": "*fp32", "qk_scale": "fp32"}
 
 
+DIVISIBLE = ("sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n", "si_b", "si_h", "si_g", "snk_b",
+             "so_b", "so_h", "S", "L")
+
+
 def compile_variant(mode: str, fold: str, block_n: int, head_dim: int, stages: int, warps: int, group: int = 1):
     kernel = dec._decode_split_kernel
     names = kernel.arg_names
@@ -42,7 +46,13 @@ def compile_variant(mode: str, fold: str, block_n: int, head_dim: int, stages: i
     if const["DESC"]:
         sig["KD"] = sig["VD"] = f"tensordesc<bf16[1, 1, {block_n}, {head_dim}]>"
     sig.update({k: "constexpr" for k in const})
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    # What a launch tells the compiler: pointers 16-byte aligned, strides and sizes divisible by 16
+    # (a contiguous cache of 65536 rows of 64): without it, loads are not known to be aligned and
+    # the pipeliner cannot turn them into asynchronous copies.
+    div16 = [n for n in names if sig[n].startswith("*") or n in DIVISIBLE]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
