@@ -10,6 +10,9 @@ loads the software pipeliner multi-buffers), the tensor-descriptor (TMA) loads (
 when each iteration loads its own block; more when the pipeliner issues later blocks' ahead), and
 the shared memory a program takes.  No asynchronous copy means each block's loads are issued and
 waited for inside its own iteration: the loop's latency is exposed.  ``--out-dir`` keeps the IR.
+
+The device's Triton, not this machine's, is the one that matters: ``pip install --target
+/tmp/t36 triton==3.6.0 --no-deps`` and ``PYTHONPATH=/tmp/t36:.`` in front of the command.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ MMA (``wgmma``, asynchronous, operands in shared memory) or the older ``mma`` on
 asynchronous copies the software pipeliner made, shared memory, and what ``ptxas -v`` reports:
 registers per thread and bytes spilled to local memory (a spill in the inner loop is a memory
 round trip per tile).  ``--bwd BLOCKxSTEPxWARPSxSTAGES`` compiles other backward settings.
+
+The device's Triton, not this machine's, is the one that matters: ``pip install --target
+/tmp/t36 triton==3.6.0 --no-deps`` and ``PYTHONPATH=/tmp/t36:.`` in front of the command.
 """
 from __future__ import annotations
 
