@@ -68,7 +68,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
-from ._steps import LOG2E, dot_precision, kv_head, mma
+from ._steps import LOG2E, dot_precision, kv_head, online_softmax_step
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -95,7 +95,7 @@ PROGRAMS_PER_SM = 16
 #: 0.743 -> 0.691 ms at 131072 keys, batch 8.  Lists keep pointer loads: with descriptors for their
 #: window tail, hash16 ∪ w256 was 4-13% slower (0.0144 -> 0.0149 ms at 65536, batch 1).
 TMA = True
-#: Fold each block in as two matrix products (:func:`_decode_fold_mma`) instead of elementwise
+#: Fold each block in as two matrix products (:func:`_decode_fold_block`) instead of elementwise
 #: sums, so that Triton's pipeliner keeps the next blocks' loads in flight (compiled for sm_90 the
 #: sums' loop has no asynchronous copies; the products' loop multi-buffers the list entries, K and
 #: V: ``tools/decode_ir.py``).  With grouped-query attention and no list, the rows of the products
@@ -132,25 +132,33 @@ def _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale):
 
 
 @triton.jit
-def _decode_fold_mma(acc, m_i, l_i, q16, k, v, valid, qk_scale, ZERO_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """:func:`_decode_fold` as two matrix products, for ``MMA``: the query is row 0 of ``q16``
-    ``(16, D)`` (the other rows are 0; a product needs 16 rows), and ``(acc, m, l)`` have 16 rows
-    of which row 0 is the query's.  The arithmetic is wasted on 15 rows, but decoding is bound
-    by memory, and loads that feed ``tl.dot`` are what Triton's software pipeliner multi-buffers
-    (with ``num_stages``): the next blocks' index entries and rows are in flight while this one
-    is folded.  ``ZERO_V``: zero the values of keys that are not ``valid`` (a whole-box load may
-    read rows past the cache length; masked pointer loads already read them as 0)."""
-    s = mma(q16, tl.trans(k), DOT_PRECISION) * qk_scale
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if ZERO_V:
-        v = tl.where(valid[:, None], v, 0.0)
-    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION)
-    return acc, m_new, l_i
+def _decode_fold_block(acc, m_i, l_i, q, q16, k, v, valid, qk_scale, ZERO_V: tl.constexpr, MMA: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Fold one block of keys in: as elementwise sums (:func:`_decode_fold`), or with ``MMA`` as
+    the two matrix products of the shared :func:`~sparseflash._steps.online_softmax_step`, the
+    query being row 0 of ``q16`` ``(QROWS, D)`` (or the rows its group's query heads) and
+    ``(acc, m, l)`` having a row each.  The arithmetic is wasted on the padding rows, but decoding
+    is bound by memory, and loads that feed ``tl.dot`` are what Triton's software pipeliner
+    multi-buffers (with ``num_stages``): the next blocks' index entries and rows are in flight
+    while this one is folded.  ``ZERO_V``: zero the values of keys that are not ``valid`` first
+    (a whole-box load may read rows past the cache length; masked pointer loads read them as 0;
+    the sums zero them always)."""
+    if MMA:
+        if ZERO_V:
+            v = tl.where(valid[:, None], v, 0.0)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q16, k, v, valid[None, :], qk_scale, True, DOT_PRECISION)
+    else:
+        acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _gather_rows(K, V, keys, mask, cols, sk_n, sv_n):
+    """The K and V rows ``keys`` of a block (where ``mask``, else 0), both loads issued before
+    any arithmetic so that the two reads are in flight at once."""
+    k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
+    v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -222,7 +230,7 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + per_split, n_blocks)
 
     q = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if MMA:  # the query as row 0 of QROWS (see _decode_fold_mma), or the group's queries; the cache's dtype
+    if MMA:  # the query as row 0 of QROWS (see _decode_fold_block), or the group's queries; the cache's dtype
         rows = tl.arange(0, QROWS)
         r0 = rows == 0
         if GROUPED:
@@ -235,6 +243,7 @@ def _decode_split_kernel(
         l_i = tl.zeros([QROWS], tl.float32)
         acc = tl.zeros([QROWS, BLOCK_D], tl.float32)
     else:
+        q16 = q  # (unused: the sums fold reads q)
         # Running max, sum and output; m and l as scalar tensors (so that the loop carries tensors).
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
@@ -248,15 +257,9 @@ def _decode_split_kernel(
             k = KD.load([b.to(tl.int32), hk.to(tl.int32), start, 0]).reshape(BLOCK_N, BLOCK_D)
             v = VD.load([b.to(tl.int32), hk.to(tl.int32), start, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
-            keys = (win_start + offs).to(tl.int64)
-            mask = valid[:, None] & col_ok[None, :]
-            # K and V of the block are loaded before any arithmetic: both reads in flight at once
-            k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
-            v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
-        if MMA:
-            acc, m_i, l_i = _decode_fold_mma(acc, m_i, l_i, q16, k, v, valid, qk_scale, DESC, DOT_PRECISION)
-        else:
-            acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
+            k, v = _gather_rows(K, V, (win_start + offs).to(tl.int64), valid[:, None] & col_ok[None, :], cols,
+                                sk_n, sv_n)
+        acc, m_i, l_i = _decode_fold_block(acc, m_i, l_i, q, q16, k, v, valid, qk_scale, DESC, MMA, DOT_PRECISION)
     if SPARSE:
         # List part: blocks [max(lo, n_win_blocks), hi), entries (block - n_win_blocks)·BLOCK_N + ...
         for block in range(tl.maximum(lo, n_win_blocks), hi):
@@ -265,13 +268,9 @@ def _decode_split_kernel(
             keys = tl.load(IDX + loffs * si_l, mask=in_list, other=0).to(tl.int64)
             # out-of-range entries, and rows of the contiguous part, are never read
             valid = in_list & (keys >= 0) & (keys < win_start)
-            mask = valid[:, None] & col_ok[None, :]
-            k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
-            v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
-            if MMA:
-                acc, m_i, l_i = _decode_fold_mma(acc, m_i, l_i, q16, k, v, valid, qk_scale, False, DOT_PRECISION)
-            else:
-                acc, m_i, l_i = _decode_fold(acc, m_i, l_i, q, k, v, valid, qk_scale)
+            k, v = _gather_rows(K, V, keys, valid[:, None] & col_ok[None, :], cols, sk_n, sv_n)
+            acc, m_i, l_i = _decode_fold_block(acc, m_i, l_i, q, q16, k, v, valid, qk_scale, False, MMA,
+                                               DOT_PRECISION)
 
     if GROUPED:  # row r is query head h + r: write each of the group's rows
         heads = h + rows
