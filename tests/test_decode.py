@@ -245,6 +245,30 @@ def test_window_and_bucket_lists_match_reference(window):
         _check(got, want, f32)
 
 
+def _nan_tail_cases(D, dtype, seed, list_seed, id_seed):
+    """Inputs whose cache is a view into a longer buffer with NaN in every row past ``cache_len``
+    (a whole-box load reads them; they must never reach the sums), and ``(kwargs, want)`` for
+    dense, window and window ∪ per-kv-head lists, the reference run on a NaN-free copy (its
+    masked p·v would read the NaN)."""
+    S, h_kv, G, window = 100, 2, 3, 8
+    q, k_buf, v_buf = _inputs(S + 28, D, h_kv, dtype=dtype, seed=seed)
+    lens = torch.tensor([S, 37])
+    k_ref, v_ref = k_buf[:, :, :S].clone(), v_buf[:, :, :S].clone()
+    for t in (k_buf, v_buf):
+        t[0, :, S:] = float("nan")
+        t[1, :, 37:] = float("nan")
+    rows, count, _ = _bucket_lists(S, G, h_kv, seed=list_seed)
+    list_id = torch.randint(0, G, (B, H), generator=torch.Generator().manual_seed(id_seed))
+    idx, n = _union_list(lens, window, rows, count, list_id)
+    tail = torch.arange(S).expand(B, H, S)
+    start = (lens - window).clamp_min(0)[:, None, None]
+    cases = [(dict(), ref.decode_attention(q, k_ref, v_ref, lens)),
+             (dict(window=window), ref.decode_attention(q, k_ref, v_ref, lens, torch.where(tail >= start, tail, -1))),
+             (dict(key_index=rows, n_keys=count, list_id=list_id, window=window),
+              ref.decode_attention(q, k_ref, v_ref, lens, idx, n))]
+    return q, k_buf[:, :, :S], v_buf[:, :, :S], lens, cases
+
+
 @pytest.mark.parametrize("D", [64, 20])
 def test_descriptor_path(D, monkeypatch):
     """Dense and window decoding of 2-byte caches aligned for the copy engine read their blocks
@@ -253,24 +277,8 @@ def test_descriptor_path(D, monkeypatch):
     longer buffer whose rows past ``cache_len`` hold NaN (read by a box, never used)."""
     import sparseflash.decode as dec
 
-    S, h_kv, G, window = 100, 2, 3, 8
-    q, k_buf, v_buf = _inputs(S + 28, D, h_kv, dtype=bf16, seed=D)
-    lens = torch.tensor([S, 37])
-    k_ref, v_ref = k_buf[:, :, :S].clone(), v_buf[:, :, :S].clone()  # the reference's p·v would read NaN
-    for t in (k_buf, v_buf):
-        t[0, :, S:] = float("nan")
-        t[1, :, 37:] = float("nan")
-    k, v = k_buf[:, :, :S], v_buf[:, :, :S]
+    q, k, v, lens, cases = _nan_tail_cases(D, bf16, seed=D, list_seed=3, id_seed=2)
     assert dec._use_descriptors(k, v) == (D % 8 == 0)  # D = 20: a 40-byte row stride, pointers
-    rows, count, _ = _bucket_lists(S, G, h_kv, seed=3)
-    list_id = torch.randint(0, G, (B, H), generator=torch.Generator().manual_seed(2))
-    idx, n = _union_list(lens, window, rows, count, list_id)
-    tail = torch.arange(S).expand(B, H, S)
-    start = (lens - window).clamp_min(0)[:, None, None]
-    cases = [(dict(), ref.decode_attention(q, k_ref, v_ref, lens)),
-             (dict(window=window), ref.decode_attention(q, k_ref, v_ref, lens, torch.where(tail >= start, tail, -1))),
-             (dict(key_index=rows, n_keys=count, list_id=list_id, window=window),
-              ref.decode_attention(q, k_ref, v_ref, lens, idx, n))]
     for kw, want in cases:
         for tma in (True, False):
             monkeypatch.setattr(dec, "TMA", tma)
@@ -286,28 +294,12 @@ def test_mma_fold(D, monkeypatch):
     import sparseflash.decode as dec
 
     monkeypatch.setattr(dec, "MMA_FOLD", True)
-    S, h_kv, G, window = 100, 2, 3, 8
-    lens = torch.tensor([S, 37])
-    rows, count, _ = _bucket_lists(S, G, h_kv, seed=D)
-    list_id = torch.randint(0, G, (B, H), generator=torch.Generator().manual_seed(D))
-    idx, n = _union_list(lens, window, rows, count, list_id)
-    tail = torch.arange(S).expand(B, H, S)
-    start = (lens - window).clamp_min(0)[:, None, None]
     for dtype in (f32, bf16):
-        q, k_buf, v_buf = _inputs(S + 28, D, h_kv, dtype=dtype, seed=D + 1)
-        k_ref, v_ref = k_buf[:, :, :S].clone(), v_buf[:, :, :S].clone()
-        for t in (k_buf, v_buf):
-            t[0, :, S:] = float("nan")
-            t[1, :, 37:] = float("nan")
-        k, v = k_buf[:, :, :S], v_buf[:, :, :S]
-        cases = [(dict(), ref.decode_attention(q, k_ref, v_ref, lens)),
-                 (dict(window=window), ref.decode_attention(q, k_ref, v_ref, lens, torch.where(tail >= start, tail, -1))),
-                 (dict(key_index=rows, n_keys=count, list_id=list_id, window=window),
-                  ref.decode_attention(q, k_ref, v_ref, lens, idx, n))]
+        q, k, v, lens, cases = _nan_tail_cases(D, dtype, seed=D + 1, list_seed=D, id_seed=D)
         for kw, want in cases:
             for splits in (1, 3):
                 _check(decode_attention(q, k, v, lens, num_splits=splits, **kw), want, dtype)
-    q, k, v = _inputs(7, D, h_kv)
+    q, k, v = _inputs(7, D, 2)
     empty = decode_attention(q, k, v, torch.tensor([0, 0]), num_splits=3)
     assert torch.isfinite(empty).all() and not empty.any()
 
