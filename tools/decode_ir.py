@@ -24,8 +24,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU target even where there is none
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from sm90_compile import compile_sm90  # noqa: E402
 
 import sparseflash.decode as dec  # noqa: E402
 
@@ -40,23 +39,15 @@ DIVISIBLE = ("sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n", "si
 
 def compile_variant(mode: str, fold: str, block_n: int, head_dim: int, stages: int, warps: int, group: int = 1):
     kernel = dec._decode_split_kernel
-    names = kernel.arg_names
     const = dict(SPARSE=mode == "hash", LISTS=mode == "hash", LEN_TENSOR=True, SPLITS=64, HEAD_DIM=head_dim,
                  BLOCK_D=head_dim, BLOCK_N=block_n, GROUP=group, DESC=mode == "dense_desc", MMA=fold == "mma",
                  DOT_PRECISION="tf32", GROUPED=fold == "mma" and mode != "hash" and group > 1,
                  QROWS=max(16, triton.next_power_of_2(group)))
-    sig = {n: POINTERS.get(n, "i32") for n in names}
+    types = dict(POINTERS)
     if const["DESC"]:
-        sig["KD"] = sig["VD"] = f"tensordesc<bf16[1, 1, {block_n}, {head_dim}]>"
-    sig.update({k: "constexpr" for k in const})
-    # What a launch tells the compiler: pointers 16-byte aligned, strides and sizes divisible by 16
-    # (a contiguous cache of 65536 rows of 64): without it, loads are not known to be aligned and
-    # the pipeliner cannot turn them into asynchronous copies.
-    div16 = [n for n in names if sig[n].startswith("*") or n in DIVISIBLE]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        types["KD"] = types["VD"] = f"tensordesc<bf16[1, 1, {block_n}, {head_dim}]>"
+    # As launched on a contiguous cache of 65536 rows of 64 (strides and sizes divisible by 16).
+    return compile_sm90(kernel, types, const, DIVISIBLE, warps, stages)
 
 
 def main(argv=None) -> int:

@@ -28,8 +28,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU target even where th
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from sm90_compile import compile_sm90  # noqa: E402
 
 import sparseflash.flash as flash  # noqa: E402
 from sparseflash._steps import kernel_config  # noqa: E402
@@ -44,16 +43,8 @@ DIVISIBLE = ("sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv
 
 
 def compile_kernel(kernel, const: dict, warps: int, stages: int):
-    names = kernel.arg_names
-    sig = {n: PTRS.get(n, "i32") for n in names}
-    sig.update({k: "constexpr" for k in const})
-    # What a launch tells the compiler (B=2, H=12, N=16384, contiguous): pointers 16-byte aligned,
-    # strides and lengths divisible by 16; without it the pipeliner cannot make asynchronous copies.
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n].startswith("*") or n in DIVISIBLE}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    """The kernel as launched on B=2, H=12, N=16384 contiguous tensors (strides, lengths divisible by 16)."""
+    return compile_sm90(kernel, PTRS, const, DIVISIBLE, warps, stages)
 
 
 def ptxas_report(ptx: str) -> dict:
