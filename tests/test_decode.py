@@ -387,8 +387,14 @@ def test_bad_inputs_raise(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("dtype", [bf16, f16, f32])
-def test_gpu_long_cache(dtype):
+def test_gpu_long_cache(dtype, mma, monkeypatch):
+    """A 64k cache with GQA and ragged lengths, dense and with lists, for both folds
+    (elementwise, and as products with the query heads of a kv head as rows)."""
+    import sparseflash.decode as dec
+
+    monkeypatch.setattr(dec, "MMA_FOLD", mma)
     S, D = 65536, 128
     q, k, v = _inputs(S, D, 2, dtype=dtype, seed=7, device="cuda")
     lens = torch.tensor([S, 40000], device="cuda")
