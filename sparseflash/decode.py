@@ -50,8 +50,10 @@ Grouped-query attention: the cache has ``Hkv`` heads for ``H`` query heads; quer
 
 Loads: a split walks its contiguous blocks (the window, or the whole cache) in one loop and its
 list blocks in a second, so neither pays for the other's test.  Dense and window-only calls
-on a Hopper (or newer) GPU fetch each ``(BLOCK_N, D)`` block of K and V whole through a tensor
-descriptor (the copy engine, TMA); list blocks are gathered row by row.  Cache rows past
+on a Hopper (or newer) GPU whose splits walk many blocks fetch each ``(BLOCK_N, D)`` block of K
+and V whole through a tensor descriptor (the copy engine, TMA); other blocks are loaded through
+pointers (list blocks gathered row by row), with the hint that the rows are read once and may
+leave L2 first.  Cache rows past
 ``cache_len`` may be read by a whole block but never reach the sums: their scores are -inf
 and their values are replaced by 0, so even NaN there is harmless.
 
@@ -95,13 +97,32 @@ PROGRAMS_PER_SM = 16
 #: 0.743 -> 0.691 ms at 131072 keys, batch 8.  Lists keep pointer loads: with descriptors for their
 #: window tail, hash16 ∪ w256 was 4-13% slower (0.0144 -> 0.0149 ms at 65536, batch 1).
 TMA = True
+#: ... but only for splits that walk at least this many blocks (counted at the cache's capacity
+#: ``S``, the one length the host knows without reading ``cache_len`` back): a short walk does
+#: better with pointer loads and the evict-first hint.  H100, bf16, H=8, D=64, same run
+#: (``results/logs/decode_tma*_evict*_h100.json``): 8 blocks a split (65536 keys, batch 1) 63.1 us
+#: with descriptors against 58.3 with pointers; 2 blocks (8192 keys) 18.0 against 16.5 at batch 1
+#: and 62.2 against 59.3 at batch 8; 16 blocks (65536 keys, batch 8) 358 against 403; 16 blocks at
+#: batch 1 (131072 keys) 105.6 against 104.6.
+DESC_MIN_BLOCKS = 16
 #: Fold each block in as two matrix products (:func:`_decode_fold_block`) instead of elementwise
 #: sums, so that Triton's pipeliner keeps the next blocks' loads in flight (compiled for sm_90 the
 #: sums' loop has no asynchronous copies; the products' loop multi-buffers the list entries, K and
 #: V: ``tools/decode_ir.py``).  With grouped-query attention and no list, the rows of the products
-#: are then the query heads of one kv head, which reads the cache once for the whole group.  Off
-#: until measured on a GPU (``tools/decode_sweep.py``).
-MMA_FOLD = False
+#: are then the query heads of one kv head, which reads the cache once for the whole group.
+#: ``None`` (default): products exactly there, where they pay.  H100, bf16, 8 query heads on 2 kv
+#: heads, D=64, CUDA-graph replays, SDPA in the same run (``results/logs/decode_gqa_mma*_h100.json``):
+#: 65536 keys 0.0405 -> 0.0251 ms at batch 1 (0.64x -> 1.03x SDPA), 0.225 -> 0.107 ms at batch 8.
+#: Without groups the products bought nothing (dense, 65536 keys: 62.4 against 63.2 us at batch 1,
+#: 357.6 against 358.0 at batch 8) and cost 4-5% with lists (hash16 ∪ w256: 15.4 against 14.6 us,
+#: 46.5 against 45.2): ``results/logs/decode_sweep_mma_h100.json``.  ``True``/``False``: always/never.
+MMA_FOLD: bool | None = None
+#: Load the cache's rows with the hint that they are read once (``eviction_policy="evict_first"``
+#: on the pointer loads of K and V), so that they do not push other data out of L2.  H100, bf16,
+#: H=8, D=64, same run (``results/logs/decode_tma*_evict*_h100.json``): hash16 ∪ w256 0.0457 ->
+#: 0.0396 ms at 65536 keys, batch 8, and 0.0699 -> 0.0649 at 131072; dense with pointer loads
+#: 62.3 -> 58.3 us at 65536 keys, batch 1; no change elsewhere beyond 1%.
+EVICT_FIRST = True
 #: Keys per block on CUDA: ``KEY_TILE // BLOCK_D`` (128 at D=64, 64 at D=128: the K and V tiles
 #: stay in registers), at most ``MAX_BLOCK_N``.  128 instead of 64 at D=64: dense 0.144 -> 0.114 ms,
 #: hash16 ∪ w256 0.17 -> 0.067 ms (H200, B=1, H=8, 131072 keys).  Warps per program:
@@ -153,11 +174,16 @@ def _decode_fold_block(acc, m_i, l_i, q, q16, k, v, valid, qk_scale, ZERO_V: tl.
 
 
 @triton.jit
-def _gather_rows(K, V, keys, mask, cols, sk_n, sv_n):
+def _gather_rows(K, V, keys, mask, cols, sk_n, sv_n, EVICT: tl.constexpr):
     """The K and V rows ``keys`` of a block (where ``mask``, else 0), both loads issued before
-    any arithmetic so that the two reads are in flight at once."""
-    k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
-    v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
+    any arithmetic so that the two reads are in flight at once (``EVICT``: as rows read once,
+    :data:`EVICT_FIRST`)."""
+    if EVICT:
+        k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        k = tl.load(K + keys[:, None] * sk_n + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(V + keys[:, None] * sv_n + cols[None, :], mask=mask, other=0.0)
     return k, v
 
 
@@ -170,7 +196,7 @@ def _decode_split_kernel(
     SPARSE: tl.constexpr, LISTS: tl.constexpr, LEN_TENSOR: tl.constexpr, SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
     DESC: tl.constexpr, MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPED: tl.constexpr,
-    QROWS: tl.constexpr,
+    QROWS: tl.constexpr, EVICT: tl.constexpr,
 ):
     """Program ``(b·H + h, s)``: the online softmax of query head ``h`` over split ``s`` of
     its keys, cut into ``SPLITS`` contiguous ranges of ``BLOCK_N``-key blocks.  ``GROUPED``
@@ -258,7 +284,7 @@ def _decode_split_kernel(
             v = VD.load([b.to(tl.int32), hk.to(tl.int32), start, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
             k, v = _gather_rows(K, V, (win_start + offs).to(tl.int64), valid[:, None] & col_ok[None, :], cols,
-                                sk_n, sv_n)
+                                sk_n, sv_n, EVICT)
         acc, m_i, l_i = _decode_fold_block(acc, m_i, l_i, q, q16, k, v, valid, qk_scale, DESC, MMA, DOT_PRECISION)
     if SPARSE:
         # List part: blocks [max(lo, n_win_blocks), hi), entries (block - n_win_blocks)·BLOCK_N + ...
@@ -268,7 +294,7 @@ def _decode_split_kernel(
             keys = tl.load(IDX + loffs * si_l, mask=in_list, other=0).to(tl.int64)
             # out-of-range entries, and rows of the contiguous part, are never read
             valid = in_list & (keys >= 0) & (keys < win_start)
-            k, v = _gather_rows(K, V, keys, valid[:, None] & col_ok[None, :], cols, sk_n, sv_n)
+            k, v = _gather_rows(K, V, keys, valid[:, None] & col_ok[None, :], cols, sk_n, sv_n, EVICT)
             acc, m_i, l_i = _decode_fold_block(acc, m_i, l_i, q, q16, k, v, valid, qk_scale, False, MMA,
                                                DOT_PRECISION)
 
@@ -489,7 +515,8 @@ def decode_attention(
 
     # The products fold reads a kv head's cache once for its whole group of query heads (not with
     # lists: each query head walks its own).
-    grouped = MMA_FOLD and not sparse and H > Hkv
+    mma = (not sparse and H > Hkv) if MMA_FOLD is None else MMA_FOLD
+    grouped = mma and not sparse and H > Hkv
     if num_splits is None:
         num_splits = default_num_splits(n_max, B * (Hkv if grouped else H), q.device)
     else:
@@ -519,7 +546,8 @@ def decode_attention(
     sl = (lid.stride(0), lid.stride(1)) if lists else (0, 0)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = max(16, min(MAX_BLOCK_N, KEY_TILE // block_d)) if q.device.type == "cuda" else 16
-    desc = not sparse and _use_descriptors(k_cache, v_cache)
+    walk = triton.cdiv(triton.cdiv(n_max, block_n), num_splits)  # blocks a split walks, at most
+    desc = not sparse and walk >= DESC_MIN_BLOCKS and _use_descriptors(k_cache, v_cache)
     kd, vd = ((_descriptor(k_cache, block_n, block_d), _descriptor(v_cache, block_n, block_d)) if desc
               else (k_cache, v_cache))
     _decode_split_kernel[(B * (Hkv if grouped else H), num_splits)](
@@ -531,7 +559,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         H, S, L, G, len_value, window, scale * LOG2E,
         SPARSE=sparse, LISTS=lists, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
-        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, DESC=desc, MMA=MMA_FOLD,
+        BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, DESC=desc, MMA=mma, EVICT=EVICT_FIRST,
         DOT_PRECISION=dot_precision(q.dtype), GROUPED=grouped, QROWS=max(16, triton.next_power_of_2(H // Hkv)),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

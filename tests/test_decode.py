@@ -16,6 +16,8 @@ and that a call with tensor lengths never synchronises with the host.
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -279,11 +281,36 @@ def test_descriptor_path(D, monkeypatch):
 
     q, k, v, lens, cases = _nan_tail_cases(D, bf16, seed=D, list_seed=3, id_seed=2)
     assert dec._use_descriptors(k, v) == (D % 8 == 0)  # D = 20: a 40-byte row stride, pointers
+    monkeypatch.setattr(dec, "DESC_MIN_BLOCKS", 0)  # (splits of these short caches walk few blocks)
     for kw, want in cases:
-        for tma in (True, False):
+        for tma, evict in ((True, False), (False, True), (False, False)):
             monkeypatch.setattr(dec, "TMA", tma)
+            monkeypatch.setattr(dec, "EVICT_FIRST", evict)
             for splits in (1, 3):
                 _check(decode_attention(q, k, v, lens, num_splits=splits, **kw), want, bf16)
+
+
+def test_descriptors_only_for_long_walks(monkeypatch):
+    """Descriptors are used by splits that walk at least ``DESC_MIN_BLOCKS`` blocks of the
+    cache's capacity (short walks load through pointers), never with a list."""
+    import sparseflash.decode as dec
+
+    seen = []
+
+    class Spy:  # records whether the split kernel was launched with descriptor loads
+        def __getitem__(self, grid):
+            return lambda *a, **kw: (seen.append(kw["DESC"]), kernel[grid](*a, **kw))
+
+    kernel = dec._decode_split_kernel
+    monkeypatch.setattr(dec, "_decode_split_kernel", Spy())
+    q, k, v = _inputs(100, 64, 2, dtype=bf16)  # 7 blocks of 16 rows on the interpreter
+    rows, count = _index_list(100, 20)
+    for min_blocks, splits, want in ((0, 1, True), (7, 1, True), (8, 1, False), (5, 2, False), (4, 2, True)):
+        monkeypatch.setattr(dec, "DESC_MIN_BLOCKS", min_blocks)
+        seen.clear()
+        decode_attention(q, k, v, 90, num_splits=splits)
+        decode_attention(q, k, v, 90, num_splits=splits, key_index=rows, n_keys=count)
+        assert seen == [want, False]
 
 
 @pytest.mark.parametrize("D", [16, 20, 64])
@@ -294,6 +321,7 @@ def test_mma_fold(D, monkeypatch):
     import sparseflash.decode as dec
 
     monkeypatch.setattr(dec, "MMA_FOLD", True)
+    monkeypatch.setattr(dec, "DESC_MIN_BLOCKS", 0)
     for dtype in (f32, bf16):
         q, k, v, lens, cases = _nan_tail_cases(D, dtype, seed=D + 1, list_seed=D, id_seed=D)
         for kw, want in cases:
@@ -306,12 +334,12 @@ def test_mma_fold(D, monkeypatch):
 
 @pytest.mark.parametrize("h_kv", [1, 2, 8])
 def test_mma_fold_groups_query_heads(h_kv, monkeypatch):
-    """With the products fold, the query heads of a kv head are rows of one product: one program
+    """With the products fold (forced, or by default where there are groups), the query heads of a
+    kv head are rows of one product: one program
     per (sequence, kv head, split) reads the cache once for all of them.  Values equal the
     reference for dense and window decoding, int and tensor lengths, 1 and 3 splits."""
     import sparseflash.decode as dec
 
-    monkeypatch.setattr(dec, "MMA_FOLD", True)
     grids = []
 
     class Spy:  # records the launch grid of the split kernel
@@ -327,7 +355,8 @@ def test_mma_fold_groups_query_heads(h_kv, monkeypatch):
     k, v = (torch.randn(2, h_kv, S, D, generator=g).to(bf16) for _ in range(2))
     lens = torch.tensor([S, 20])
     tail = torch.arange(S).expand(2, nq, S)
-    for window in (0, 5):
+    for mma, window in itertools.product((True, None), (0, 5)):  # None: the default, products where grouped
+        monkeypatch.setattr(dec, "MMA_FOLD", mma)
         start = (lens - window).clamp_min(0)[:, None, None] if window else torch.zeros(2, 1, 1, dtype=torch.long)
         want = ref.decode_attention(q, k, v, lens, torch.where(tail >= start, tail, -1))
         for splits in (1, 3):

@@ -164,3 +164,30 @@ if [ "$stage" = 16 ]; then
     timeout $3 python -c "import sys, sparseflash.decode as d; d.MMA_FOLD = $M; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" $G --out $OUT/decode_gqa_mma${M}_$KIND.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]"
   done
 fi
+if [ "$stage" = 17 ]; then
+  # Decode loads: descriptors on/off x the evict-first hint on/off (same warm machine, one after the other),
+  # then GQA with the default fold (products where grouped). Arg: timeout of each bench run.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  D="--contexts 65536 131072 8192 --batches 1 8 --scopes layer --no-flex --no-progress"
+  for T in True False; do for E in False True; do
+    timeout $2 python -c "import sys, sparseflash.decode as d; d.TMA = $T; d.EVICT_FIRST = $E; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" $D --out $OUT/decode_tma${T}_evict${E}_$KIND.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/tma=$T evict=$E /"
+  done; done
+  timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 --batches 1 8 --scopes layer --no-flex --no-progress --kv-heads 2 --attentions sdpa dense hash --out $OUT/decode_gqa_default_$KIND.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]"
+  timeout 120 python -m pytest -m gpu -q -n 4 tests/test_decode.py tests/test_generate.py tests/test_decode_graph.py -p no:cacheprovider 2>&1 | tail -2
+fi
+if [ "$stage" = 18 ]; then
+  # The decode defaults (descriptors only for long walks, evict-first pointer loads, products where grouped):
+  # GPU tests, the full decode bench, GQA with descriptors forced beside it, the products fold forced without
+  # groups. Arg: bench timeout.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout 120 python -m pytest -m gpu -q -n 4 tests/test_decode.py tests/test_generate.py tests/test_decode_graph.py -p no:cacheprovider 2>&1 | tail -1
+  timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+  grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
+  G="--contexts 65536 131072 --batches 1 8 --scopes layer --no-flex --no-progress --kv-heads 2 --attentions sdpa dense hash"
+  for M in 16 0; do
+    timeout 100 python -c "import sys, sparseflash.decode as d; d.DESC_MIN_BLOCKS = $M; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" $G --out $OUT/decode_gqa_desc$M.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/gqa desc_min=$M /"
+  done
+  timeout 100 python -c "import sys, sparseflash.decode as d; d.MMA_FOLD = True; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" --contexts 65536 131072 8192 --batches 1 8 --scopes layer --no-flex --no-progress --out $OUT/decode_mma.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/mma=True /"
+fi

@@ -1,0 +1,92 @@
+"""Where one decode call's time goes (GPU only): each kernel's GPU time against the replayed graph.
+
+    PYTHONPATH=. python tools/decode_profile.py --out $OUT/decode_profile.json
+
+For each (context, batch) the layer rows of ``python -m sparseflash.bench.decode`` (random bf16
+cache, H=8, D=64, hash 16 ∪ w256 with uniform random buckets) are built; SDPA over the whole cache,
+our dense call and our hash ∪ window call are each captured in a CUDA graph and
+
+* ``graph_us``: the replay's ``do_bench`` median (L2 flushed before each replay), as the bench times it;
+* ``kernels``: every kernel of ``--reps`` replays under ``torch.profiler``, mean GPU time per call
+  (with the L2 flushed before each replay, as above);
+* ``busy_us``: the union of those kernels' intervals per call; ``graph_us - busy_us`` is what the
+  replay spends outside kernels (launch latency between graph nodes, event timing).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from sparseflash.bench.timing import cuda_graph_of
+from sparseflash.nn import KVCache
+
+sys.path.insert(0, "tools")
+from step_profile import busy_us  # noqa: E402
+
+
+def profile_graph(graph, reps: int) -> tuple[dict, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            flush.zero_()
+            graph.replay()
+        torch.cuda.synchronize()
+    per, intervals = collections.defaultdict(float), []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        if "elementwise" in e.name or "fill" in e.name.lower():  # the L2 flush
+            continue
+        per[e.name[:80]] += e.device_time / reps
+        intervals.append((float(e.time_range.start), float(e.time_range.end)))
+    busy = busy_us(intervals) / reps
+    return dict(per), busy
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 65536, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    H, D, nb, W = 8, 64, 16, 256
+    rows = []
+    for L, B in itertools.product(args.contexts, args.batches):
+        g = torch.Generator(device=dev).manual_seed(L + B)
+        q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
+        cache = KVCache(L, kernel=True)
+        cache.append(torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g),
+                     torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g),
+                     torch.randint(0, nb, (B, H, L), device=dev, generator=g), n_buckets=nb)
+        qb = torch.randint(0, nb, (B, H), device=dev, generator=g)
+        calls = dict(sdpa=lambda: F.scaled_dot_product_attention(q, cache.k, cache.v),
+                     dense=lambda: cache.attend(q), hash=lambda: cache.attend(q, window=W, q_buckets=qb))
+        for name, fn in calls.items():
+            graph = cuda_graph_of(fn, dev)
+            ms = triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
+            kernels, busy = profile_graph(graph, args.reps)
+            row = dict(context=L, batch=B, call=name, graph_us=ms * 1e3, busy_us=busy, kernels=kernels)
+            rows.append(row)
+            ks = " + ".join(f"{k.split('(')[0][:40]} {v:.1f}" for k, v in kernels.items())
+            print(f"ctx={L} B={B} {name}: graph {ms * 1e3:.1f} us, busy {busy:.1f} us | {ks}",
+                  flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    json.dump(dict(argv=sys.argv, device=torch.cuda.get_device_name(), rows=rows), open(args.out, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
