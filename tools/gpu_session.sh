@@ -191,3 +191,15 @@ if [ "$stage" = 18 ]; then
   done
   timeout 100 python -c "import sys, sparseflash.decode as d; d.MMA_FOLD = True; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" --contexts 65536 131072 8192 --batches 1 8 --scopes layer --no-flex --no-progress --out $OUT/decode_mma.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/mma=True /"
 fi
+if [ "$stage" = 19 ]; then
+  # Stage 18, then (on an H200 only) the training rows with the sparse launch defaults. Args: bench timeout,
+  # training timeout, training budget.
+  bash tools/gpu_session.sh 18 $2
+  if nvidia-smi -L | grep -q H200; then
+    export SPARSEFLASH_DATA=$PWD/data
+    timeout $3 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead \
+      --speed-configs hash16w128 sdpa --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+      --out $OUT/train_h200_launch_defaults.json --time-budget $4 --no-progress > $OUT/train_launch_defaults.log 2>&1
+    grep -v Warn $OUT/train_launch_defaults.log | tail -8
+  fi
+fi
