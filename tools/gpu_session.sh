@@ -187,9 +187,11 @@ if [ "$stage" = 18 ]; then
   grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
   G="--contexts 65536 131072 --batches 1 8 --scopes layer --no-flex --no-progress --kv-heads 2 --attentions sdpa dense hash"
   for M in 16 0; do
-    timeout 100 python -c "import sys, sparseflash.decode as d; d.DESC_MIN_BLOCKS = $M; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" $G --out $OUT/decode_gqa_desc$M.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/gqa desc_min=$M /"
+    timeout 100 python -c "import sys, sparseflash.decode as d; d.DESC_MIN_BLOCKS = $M; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" $G --out /tmp/decode_gqa_desc$M.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/gqa desc_min=$M /"
+    cp /tmp/decode_gqa_desc$M.json $OUT/decode_gqa_desc${M}_$KIND.json
   done
-  timeout 100 python -c "import sys, sparseflash.decode as d; d.MMA_FOLD = True; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" --contexts 65536 131072 8192 --batches 1 8 --scopes layer --no-flex --no-progress --out $OUT/decode_mma.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/mma=True /"
+  timeout 100 python -c "import sys, sparseflash.decode as d; d.MMA_FOLD = True; from sparseflash.bench.decode import main; sys.exit(main(sys.argv[1:]))" --contexts 65536 131072 8192 --batches 1 8 --scopes layer --no-flex --no-progress --out /tmp/decode_mma.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]" | sed "s/^/mma=True /"
+  cp /tmp/decode_mma.json $OUT/decode_mma_$KIND.json
 fi
 if [ "$stage" = 19 ]; then
   # Stage 18, then (on an H200 only) the training rows with the sparse launch defaults. Args: bench timeout,
