@@ -50,7 +50,7 @@ Grouped-query attention: the cache has ``Hkv`` heads for ``H`` query heads; quer
 
 Loads: a split walks its contiguous blocks (the window, or the whole cache) in one loop and its
 list blocks in a second, so neither pays for the other's test.  Dense and window-only calls
-on a Hopper (or newer) GPU whose splits walk many blocks fetch each ``(BLOCK_N, D)`` block of K
+on a Hopper (or newer) GPU that read many blocks fetch each ``(BLOCK_N, D)`` block of K
 and V whole through a tensor descriptor (the copy engine, TMA); other blocks are loaded through
 pointers (list blocks gathered row by row), with the hint that the rows are read once and may
 leave L2 first.  Cache rows past
@@ -97,14 +97,15 @@ PROGRAMS_PER_SM = 16
 #: 0.743 -> 0.691 ms at 131072 keys, batch 8.  Lists keep pointer loads: with descriptors for their
 #: window tail, hash16 ∪ w256 was 4-13% slower (0.0144 -> 0.0149 ms at 65536, batch 1).
 TMA = True
-#: ... but only for splits that walk at least this many blocks (counted at the cache's capacity
-#: ``S``, the one length the host knows without reading ``cache_len`` back): a short walk does
-#: better with pointer loads and the evict-first hint.  H100, bf16, H=8, D=64, same run
-#: (``results/logs/decode_tma*_evict*_h100.json``): 8 blocks a split (65536 keys, batch 1) 63.1 us
-#: with descriptors against 58.3 with pointers; 2 blocks (8192 keys) 18.0 against 16.5 at batch 1
-#: and 62.2 against 59.3 at batch 8; 16 blocks (65536 keys, batch 8) 358 against 403; 16 blocks at
-#: batch 1 (131072 keys) 105.6 against 104.6.
-DESC_MIN_BLOCKS = 16
+#: ... but only for calls that read at least this many blocks in all (``B·H`` rows, or ``B·Hkv``
+#: grouped, times the blocks of the cache's capacity ``S``, the one length the host knows without
+#: reading ``cache_len`` back): smaller reads do better with pointer loads and the evict-first hint.
+#: H100, bf16, H=8, D=64, 128-key blocks, CUDA-graph replays (``results/logs/decode_tma*_evict*_h100.json``,
+#: ``decode_h100_stage15_flex.json`` against ``decode_h100_walk16.json``), descriptors against
+#: pointers: 4096 blocks (65536 keys, batch 1; 8192 keys, batch 8) 63.1 against 58.3 us and 62.2
+#: against 59.3; 8192 (131072 keys, batch 1) 105.6 against 104.6; 16384 (32768 keys, batch 8) 190
+#: against 205; 32768 (65536 keys, batch 8) 358 against 403.
+DESC_MIN_BLOCKS = 8192
 #: Fold each block in as two matrix products (:func:`_decode_fold_block`) instead of elementwise
 #: sums, so that Triton's pipeliner keeps the next blocks' loads in flight (compiled for sm_90 the
 #: sums' loop has no asynchronous copies; the products' loop multi-buffers the list entries, K and
@@ -546,8 +547,8 @@ def decode_attention(
     sl = (lid.stride(0), lid.stride(1)) if lists else (0, 0)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = max(16, min(MAX_BLOCK_N, KEY_TILE // block_d)) if q.device.type == "cuda" else 16
-    walk = triton.cdiv(triton.cdiv(n_max, block_n), num_splits)  # blocks a split walks, at most
-    desc = not sparse and walk >= DESC_MIN_BLOCKS and _use_descriptors(k_cache, v_cache)
+    n_blocks = B * (Hkv if grouped else H) * triton.cdiv(n_max, block_n)  # at most, all rows together
+    desc = not sparse and n_blocks >= DESC_MIN_BLOCKS and _use_descriptors(k_cache, v_cache)
     kd, vd = ((_descriptor(k_cache, block_n, block_d), _descriptor(v_cache, block_n, block_d)) if desc
               else (k_cache, v_cache))
     _decode_split_kernel[(B * (Hkv if grouped else H), num_splits)](

@@ -290,9 +290,9 @@ def test_descriptor_path(D, monkeypatch):
                 _check(decode_attention(q, k, v, lens, num_splits=splits, **kw), want, bf16)
 
 
-def test_descriptors_only_for_long_walks(monkeypatch):
-    """Descriptors are used by splits that walk at least ``DESC_MIN_BLOCKS`` blocks of the
-    cache's capacity (short walks load through pointers), never with a list."""
+def test_descriptors_only_for_large_reads(monkeypatch):
+    """Descriptors are used by calls that read at least ``DESC_MIN_BLOCKS`` blocks of the
+    cache's capacity over all their rows (smaller ones load through pointers), never with a list."""
     import sparseflash.decode as dec
 
     seen = []
@@ -303,14 +303,16 @@ def test_descriptors_only_for_long_walks(monkeypatch):
 
     kernel = dec._decode_split_kernel
     monkeypatch.setattr(dec, "_decode_split_kernel", Spy())
-    q, k, v = _inputs(100, 64, 2, dtype=bf16)  # 7 blocks of 16 rows on the interpreter
+    q, k, v = _inputs(100, 64, 2, dtype=bf16)  # B·H = 8 rows of 7 blocks of 16 on the interpreter
     rows, count = _index_list(100, 20)
-    for min_blocks, splits, want in ((0, 1, True), (7, 1, True), (8, 1, False), (5, 2, False), (4, 2, True)):
+    for min_blocks, want in ((0, True), (56, True), (57, False)):
         monkeypatch.setattr(dec, "DESC_MIN_BLOCKS", min_blocks)
-        seen.clear()
-        decode_attention(q, k, v, 90, num_splits=splits)
-        decode_attention(q, k, v, 90, num_splits=splits, key_index=rows, n_keys=count)
-        assert seen == [want, False]
+        for mma in (False, True):  # grouped (products): B·Hkv = 4 rows, 28 blocks
+            monkeypatch.setattr(dec, "MMA_FOLD", mma)
+            seen.clear()
+            decode_attention(q, k, v, 90, num_splits=2)
+            decode_attention(q, k, v, 90, num_splits=2, key_index=rows, n_keys=count)
+            assert seen == [want and (not mma or min_blocks <= 28), False]
 
 
 @pytest.mark.parametrize("D", [16, 20, 64])
