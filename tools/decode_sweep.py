@@ -1,5 +1,6 @@
 """Launch settings of the decode kernel: keys per block, warps, pipeline stages, keys per split, split cap,
-descriptor loads, and the fold as matrix products (``MMA_FOLD``).
+descriptor loads (and the read size from which they are used), the evict-first hint, and the fold as
+matrix products (``MMA_FOLD``).
 
     PYTHONPATH=. python tools/decode_sweep.py --out $OUT/decode_sweep.json
 
@@ -26,7 +27,8 @@ from sparseflash.bench.timing import cuda_graph_of
 from sparseflash.nn import KVCache
 
 DEFAULT = dict(block_n=dec.MAX_BLOCK_N, warps=dec.NUM_WARPS, stages=dec.NUM_STAGES, kps=dec.KEYS_PER_SPLIT,
-               max_splits=dec.DEFAULT_MAX_SPLITS, tma=dec.TMA, mma=dec.MMA_FOLD)
+               max_splits=dec.DEFAULT_MAX_SPLITS, tma=dec.TMA, mma=dec.MMA_FOLD, evict=dec.EVICT_FIRST,
+               desc_min_blocks=dec.DESC_MIN_BLOCKS)
 
 
 def configs():
@@ -36,9 +38,11 @@ def configs():
            for b, w, s in itertools.product((64, 128, 256), (2, 4, 8), (2, 3, 4))]
     out += [dict(DEFAULT, kps=k) for k in (128, 512, 1024, 2048) if k != DEFAULT["kps"]]
     out += [dict(DEFAULT, max_splits=m) for m in (32, 128, 256) if m != DEFAULT["max_splits"]]
-    out += [dict(DEFAULT, kps=128, max_splits=128), dict(DEFAULT, tma=not DEFAULT["tma"])]
+    out += [dict(DEFAULT, kps=128, max_splits=128), dict(DEFAULT, tma=not DEFAULT["tma"]),
+            dict(DEFAULT, evict=not DEFAULT["evict"]), dict(DEFAULT, desc_min_blocks=0),
+            dict(DEFAULT, desc_min_blocks=1 << 30)]
     # The fold as matrix products, whose loads Triton pipelines (the stages matter there).
-    out += [dict(DEFAULT, mma=not DEFAULT["mma"], block_n=b, warps=w, stages=st)
+    out += [dict(DEFAULT, mma=True, block_n=b, warps=w, stages=st)
             for b, w, st in itertools.product((64, 128), (4, 8), (2, 3, 4))]
     return out
 
@@ -48,6 +52,7 @@ def apply(cfg, D):
     dec.KEY_TILE = cfg["block_n"] * max(16, triton.next_power_of_2(D))
     dec.NUM_WARPS, dec.NUM_STAGES, dec.KEYS_PER_SPLIT = cfg["warps"], cfg["stages"], cfg["kps"]
     dec.DEFAULT_MAX_SPLITS, dec.TMA, dec.MMA_FOLD = cfg["max_splits"], cfg["tma"], cfg["mma"]
+    dec.EVICT_FIRST, dec.DESC_MIN_BLOCKS = cfg["evict"], cfg["desc_min_blocks"]
 
 
 def bench(fn, warmup, rep):
