@@ -87,6 +87,8 @@ class KVCache:
 
     Appending one token writes one entry and one count per (sequence, kv head), on the
     device, no host synchronisation; a prompt is indexed at once (a stable sort by bucket).
+    Where the cache attends with the kernel, a layer's one-token step writes its rows, buckets
+    its new query and key and indexes the key in a single launch (:meth:`append_step`).
     Each bucket's row list is sized for the worst case (every row in one bucket), so it never
     overflows and needs no check: ``4 · n_buckets`` bytes per (row, kv head), against
     ``2 · D · 2`` for bfloat16 keys and values (25% more at ``n_buckets = 16``, ``D = 64``).
@@ -170,6 +172,31 @@ class KVCache:
             if self.position is not None:
                 self.position.fill_(end)
         self.length = end
+
+    def one_launch(self, q: Tensor, hashed: bool) -> bool:
+        """Whether the next one-token step can go through :meth:`append_step`: the cache attends
+        with the kernel (as :meth:`attend` decides for ``q``), its storage has room for the row
+        (it grows only in :meth:`append`), and it holds buckets exactly when ``hashed``."""
+        use_kernel = self.kernel if self.kernel is not None else (q.is_cuda or self.position is not None)
+        return bool(use_kernel) and self.k is not None and self.length < self.k.shape[2] \
+            and (self.bucket_rows is not None) == hashed and (self.position is not None) == self.device_position
+
+    def append_step(self, k: Tensor, v: Tensor, *, q_hash: Tensor | None = None, k_hash: Tensor | None = None,
+                    rotations: Tensor | None = None) -> Tensor | None:
+        """Append one token in one launch (:func:`sparseflash.decode_append.append_step`): ``k``,
+        ``v`` ``(B, Hkv, 1, D)`` at the next row and, with ``rotations`` ``(Hkv, D, n_buckets /
+        2)``, ``k_hash``'s LSH bucket for the index; returns the buckets ``(B, H)`` int32 of
+        ``q_hash`` ``(B, H, 1, D)`` (None without ``rotations``).  The same state as
+        :meth:`append` given those buckets.  Only where :meth:`one_launch` says so."""
+        from .decode_append import append_step
+
+        at = self.position if self.position is not None else self.length
+        q_buckets = append_step(k, v, self.k, self.v, at, q_hash=q_hash, k_hash=k_hash, rotations=rotations,
+                                buckets=self.buckets, bucket_rows=self.bucket_rows, bucket_count=self.bucket_count)
+        if self.position is not None:
+            self.position += 1
+        self.length += 1
+        return q_buckets
 
     def _grow(self, old: Tensor | None, new: Tensor, size: int) -> Tensor:
         out = new.new_zeros((*new.shape[:2], size, *new.shape[3:]))
@@ -435,12 +462,21 @@ class SparseCausalSelfAttention(nn.Module):
         # the new token's position: the cache's device position if it keeps one (a step that a
         # CUDA graph can replay), else its Python length
         pos = cache.position if cache.position is not None else len(cache)
-        if self.mode == "hash":
+        hashed = self.mode == "hash"
+        # With the kernel the cache's bookkeeping (LSH buckets, rows, bucket index) is one launch:
+        # the step is launch-bound at small batch.
+        one_launch = cache.one_launch(q, hashed)
+        q_raw, k_raw = q, k  # (buckets follow content: hashed before rotary)
+        if hashed and not one_launch:
             with torch.no_grad():
                 q_buckets, k_buckets = self._decode_buckets(q, k)
         if self.positional == "rotary":  # one call for both (same position): the step is launch-bound
             q, k = rotary(torch.cat([q, k], dim=1), offset=pos).split([H, Hkv], dim=1)
-        if self.mode == "hash":
+        if one_launch:
+            with torch.no_grad():
+                qb = cache.append_step(k, v, q_hash=q_raw, k_hash=k_raw, rotations=self.rotations if hashed else None)
+            y = cache.attend(q, window=self.window, q_buckets=qb)
+        elif hashed:
             cache.append(k, v, k_buckets, n_buckets=self.n_buckets)
             y = cache.attend(q, window=self.window, q_buckets=q_buckets[..., 0])
         else:

@@ -173,3 +173,35 @@ def decode_attention(
     probs = torch.softmax(scores.masked_fill(~valid, float("-inf")).masked_fill(~has_key, 0.0), dim=-1)
     probs = probs.masked_fill(~valid, 0.0)
     return (probs[..., None] * gather(v)).sum(2, keepdim=True)
+
+
+def decode_append(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, position: int, q_hash: Tensor,
+                  k_hash: Tensor, rotations: Tensor, buckets: Tensor, bucket_rows: Tensor,
+                  bucket_count: Tensor) -> tuple[Tensor, ...]:
+    """Float64 form of one decode step's cache bookkeeping (:mod:`sparseflash.decode_append`), on
+    copies: returns ``(q_buckets, k_cache, v_cache, buckets, bucket_rows, bucket_count)`` after
+    writing ``k``, ``v`` ``(B, Hkv, 1, D)`` at row ``position``, bucketing ``k_hash`` and
+    ``q_hash`` ``(B, H, 1, D)`` by ``argmax([x̂ R, -x̂ R])`` (``x̂`` the unit vector, ``R`` the kv
+    head's ``(D, n_buckets / 2)`` rotation; query head ``h`` uses kv head ``h // (H / Hkv)``'s)
+    and appending ``position`` to the key's bucket's row list."""
+    B, Hkv = k.shape[:2]
+    H = q_hash.shape[1]
+    k_cache, v_cache, buckets, bucket_rows, bucket_count = (
+        t.clone() for t in (k_cache, v_cache, buckets, bucket_rows, bucket_count))
+
+    def bucket(x, heads):
+        x = x[:, :, 0].double()
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        y = torch.einsum("bhd,hdr->bhr", x, repeat_kv(rotations[None].double(), heads)[0])
+        return torch.cat([y, -y], dim=-1).argmax(dim=-1)
+
+    kb, qb = bucket(k_hash, Hkv), bucket(q_hash, H)
+    k_cache[:, :, position] = k[:, :, 0]
+    v_cache[:, :, position] = v[:, :, 0]
+    for b in range(B):
+        for j in range(Hkv):
+            u = int(kb[b, j])
+            buckets[b, j, position] = u
+            bucket_rows[b, j, u, bucket_count[b, j, u]] = position
+            bucket_count[b, j, u] += 1
+    return qb, k_cache, v_cache, buckets, bucket_rows, bucket_count

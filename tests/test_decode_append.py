@@ -1,0 +1,154 @@
+"""One decode step's cache bookkeeping in one launch (:mod:`sparseflash.decode_append`) against its
+float64 reference, and :class:`~sparseflash.nn.KVCache` stepping through it.
+
+On the CPU interpreter: LSH buckets of the new query and key heads (GQA groups, odd head dims,
+2 to 64 buckets), the key and value rows written at an int or a device position, the bucket
+index appended, nothing written outside the cache; the cache's one-launch steps leave the same
+state as its general append; bad inputs raise ``ValueError``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparseflash import reference as ref
+from sparseflash.decode_append import append_step
+from sparseflash.hashing import lsh_rotations
+from sparseflash.nn import KVCache, SparseCausalSelfAttention
+
+bf16 = torch.bfloat16
+
+
+def _state(B, Hkv, S, D, nb, dtype):
+    return (torch.zeros(B, Hkv, S, D, dtype=dtype), torch.zeros(B, Hkv, S, D, dtype=dtype),
+            torch.zeros(B, Hkv, S, dtype=torch.int32), torch.zeros(B, Hkv, nb, S, dtype=torch.int32),
+            torch.zeros(B, Hkv, nb, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("B,H,Hkv,D,nb", [(2, 8, 2, 64, 16), (1, 3, 3, 20, 2), (2, 4, 1, 128, 64), (3, 2, 2, 16, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, bf16])
+def test_matches_reference(B, H, Hkv, D, nb, dtype):
+    S = 9
+    g = torch.Generator().manual_seed(D + nb)
+    rot = lsh_rotations(D, nb, heads=Hkv, seed=nb)
+    state = _state(B, Hkv, S, D, nb, dtype)
+    want = tuple(t.clone() for t in state)
+    for p in range(S):
+        q_hash, k_hash, k, v = (torch.randn(B, h, 1, D, generator=g).to(dtype) for h in (H, Hkv, Hkv, Hkv))
+        got_q = append_step(k, v, *state[:2], torch.tensor([p]) if p % 2 else p, q_hash=q_hash, k_hash=k_hash,
+                            rotations=rot, buckets=state[2], bucket_rows=state[3], bucket_count=state[4])
+        want_q, *want = ref.decode_append(k, v, *want[:2], p, q_hash, k_hash, rot, *want[2:])
+        assert got_q.dtype == torch.int32 and torch.equal(got_q.long(), want_q)
+        for got_t, want_t in zip(state, want):
+            assert torch.equal(got_t, want_t)
+
+
+def test_position_outside_writes_nothing_and_no_hash_form():
+    B, Hkv, S, D, nb = 2, 2, 5, 32, 8
+    state = _state(B, Hkv, S, D, nb, torch.float32)
+    k, v, q = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, 4, 1, D)
+    rot = lsh_rotations(D, nb, heads=Hkv)
+    for p in (S, torch.tensor([S + 3]), -1):
+        append_step(k, v, *state[:2], p, q_hash=q, k_hash=k, rotations=rot, buckets=state[2], bucket_rows=state[3],
+                    bucket_count=state[4])
+    assert not any(t.any() for t in state)
+    assert append_step(k, v, *state[:2], 3) is None  # no rotations: the rows only
+    assert torch.equal(state[0][:, :, 3], k[:, :, 0]) and torch.equal(state[1][:, :, 3], v[:, :, 0])
+    assert not state[0][:, :, :3].any() and not state[2].any()
+
+
+@pytest.mark.parametrize("device_position", [False, True])
+@pytest.mark.parametrize("mode,h_kv", [("hash", 2), ("hash", 4), ("dense", 2)])
+def test_cache_steps_in_one_launch_as_append(mode, h_kv, device_position, monkeypatch):
+    """A decode step of the attention module with the kernel goes through one launch and leaves
+    the cache, and gives the output, that the general append (and the module's own LSH) give."""
+    torch.manual_seed(0)
+    attn = SparseCausalSelfAttention(64, 4, mode=mode, n_kv_heads=h_kv, n_buckets=8, window=3, seed=1).eval()
+    x = torch.randn(2, 12, 64)
+    caches = {name: KVCache(16, kernel=True, device_position=device_position) for name in ("one", "general")}
+    launches = []
+    with torch.no_grad():
+        for name, cache in caches.items():
+            attn(x[:, :6], cache=cache)
+        outs = {"one": [], "general": []}
+        for t in range(6, 12):
+            for name, cache in caches.items():
+                if name == "general":  # the general path: refuse the one launch
+                    monkeypatch.setattr(KVCache, "one_launch", lambda self, q, hashed: False)
+                else:
+                    monkeypatch.setattr(KVCache, "one_launch", one_launch)
+                    monkeypatch.setattr(KVCache, "append", lambda *a, **kw: launches.append("append"))
+                outs[name].append(attn(x[:, t:t + 1], cache=cache))
+                monkeypatch.undo()
+    assert launches == []  # every step of "one" went through append_step
+    one, general = caches["one"], caches["general"]
+    assert one.length == general.length == 12
+    for a, b in zip(outs["one"], outs["general"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(one.k[:, :, :12], general.k[:, :, :12]) and torch.equal(one.v[:, :, :12], general.v[:, :, :12])
+    if mode == "hash":
+        assert torch.equal(one.buckets[:, :, :12], general.buckets[:, :, :12])
+        assert torch.equal(one.bucket_count, general.bucket_count)
+        for u in range(8):
+            n = one.bucket_count[..., u].max()
+            assert torch.equal(one.bucket_rows[:, :, u, :n], general.bucket_rows[:, :, u, :n])
+
+
+one_launch = KVCache.one_launch
+
+
+def test_one_launch_only_with_room_and_the_kernel():
+    q = torch.zeros(1, 2, 1, 16)
+    cache = KVCache(4, kernel=True)
+    assert not cache.one_launch(q, False)  # no storage yet: the first append sizes it
+    cache.append(torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16))
+    assert not cache.one_launch(q, False)  # full: append grows it
+    cache = KVCache(8, kernel=True)
+    cache.append(torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16))
+    assert cache.one_launch(q, False) and not cache.one_launch(q, True)  # (no bucket index here)
+    plain = KVCache(8, kernel=False)
+    plain.append(torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16))
+    assert not plain.one_launch(q, False)  # the PyTorch path keeps its own steps
+
+
+@pytest.mark.parametrize("case,match", [
+    (dict(k=torch.zeros(2, 2, 2, 16)), "k must be"),
+    (dict(position=torch.zeros(2, dtype=torch.long)), "position must be"),
+    (dict(position=torch.zeros(1)), "position must be"),
+    (dict(rotations=torch.zeros(2, 16, 4), q_hash=None), "give q_hash"),
+    (dict(rotations=torch.zeros(2, 16, 4), q_hash=torch.zeros(1, 3, 1, 16)), "multiple of 2"),
+    (dict(rotations=torch.zeros(2, 16, 3)), "rotations must be"),
+    (dict(rotations=torch.zeros(2, 16, 4), bucket_count=torch.zeros(1, 2, 8)), "bucket_count must be"),
+    (dict(v_cache=torch.zeros(1, 2, 6, 16)), "k_cache and v_cache"),
+])
+def test_bad_inputs_raise(case, match):
+    B, Hkv, S, D, nb = 1, 2, 5, 16, 8
+    k_cache, v_cache, buckets, rows, count = _state(B, Hkv, S, D, nb, torch.float32)
+    args = dict(k=torch.zeros(B, Hkv, 1, D), v=torch.zeros(B, Hkv, 1, D), k_cache=k_cache, v_cache=v_cache, position=0,
+                q_hash=torch.zeros(B, 4, 1, D), k_hash=torch.zeros(B, Hkv, 1, D), rotations=None, buckets=buckets,
+                bucket_rows=rows, bucket_count=count)
+    args.update(case)
+    with pytest.raises(ValueError, match=match):
+        append_step(args.pop("k"), args.pop("v"), args.pop("k_cache"), args.pop("v_cache"), args.pop("position"),
+                    **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_kv", [2, 8])
+def test_gpu_matches_reference(h_kv):
+    """On CUDA (bf16 rows, a device position), against the float64 reference."""
+    B, H, S, D, nb = 4, 8, 33, 64, 16
+    g = torch.Generator().manual_seed(h_kv)
+    rot = lsh_rotations(D, nb, heads=h_kv, seed=h_kv)
+    state = tuple(t.cuda() for t in _state(B, h_kv, S, D, nb, bf16))
+    want = tuple(t.clone() for t in state)
+    for p in range(S):
+        q_hash, k_hash, k, v = (torch.randn(B, h, 1, D, generator=g).to(bf16) for h in (H, h_kv, h_kv, h_kv))
+        got_q = append_step(k.cuda(), v.cuda(), *state[:2], torch.tensor([p], device="cuda"), q_hash=q_hash.cuda(),
+                            k_hash=k_hash.cuda(), rotations=rot.cuda(), buckets=state[2], bucket_rows=state[3],
+                            bucket_count=state[4])
+        want_q, *want = ref.decode_append(k.cuda(), v.cuda(), *want[:2], p, q_hash.cuda(), k_hash.cuda(), rot.cuda(),
+                                          *want[2:])
+        assert torch.equal(got_q.long(), want_q)
+    for got_t, want_t in zip(state, want):
+        assert torch.equal(got_t, want_t)
