@@ -58,7 +58,7 @@ from .flash import flash_attention
 from .hash_sparse import hash_sparse_attention
 from .hashing import lsh_buckets, lsh_rotations
 from .qk_sparse import qk_sparse_attention, random_keep, topk_keep
-from .rotary import rotary
+from .rotary import rotary, rotary_freq
 
 MODES = ("dense", "hash", "qk")
 #: The sliding window each mode uses when ``window`` is not given: hash attention keeps an
@@ -181,22 +181,24 @@ class KVCache:
         return bool(use_kernel) and self.k is not None and self.length < self.k.shape[2] \
             and (self.bucket_rows is not None) == hashed and (self.position is not None) == self.device_position
 
-    def append_step(self, k: Tensor, v: Tensor, *, q_hash: Tensor | None = None, k_hash: Tensor | None = None,
-                    rotations: Tensor | None = None) -> Tensor | None:
+    def append_step(self, q: Tensor, k: Tensor, v: Tensor, *, rotary_freq: Tensor | None = None,
+                    rotations: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Append one token in one launch (:func:`sparseflash.decode_append.append_step`): ``k``,
-        ``v`` ``(B, Hkv, 1, D)`` at the next row and, with ``rotations`` ``(Hkv, D, n_buckets /
-        2)``, ``k_hash``'s LSH bucket for the index; returns the buckets ``(B, H)`` int32 of
-        ``q_hash`` ``(B, H, 1, D)`` (None without ``rotations``).  The same state as
-        :meth:`append` given those buckets.  Only where :meth:`one_launch` says so."""
+        ``v`` ``(B, Hkv, 1, D)`` at the next row, ``k`` after the rotary embedding at that position
+        with ``rotary_freq`` (:func:`sparseflash.rotary.rotary_freq`), and with ``rotations``
+        ``(Hkv, D, n_buckets / 2)`` indexed under its LSH bucket (of ``k`` before rotary).
+        Returns ``q`` ``(B, H, 1, D)`` rotated (or as given) and its buckets ``(B, H)`` int32
+        (None without ``rotations``).  The same state as :meth:`append` given the rotated key and
+        those buckets.  Only where :meth:`one_launch` says so."""
         from .decode_append import append_step
 
         at = self.position if self.position is not None else self.length
-        q_buckets = append_step(k, v, self.k, self.v, at, q_hash=q_hash, k_hash=k_hash, rotations=rotations,
-                                buckets=self.buckets, bucket_rows=self.bucket_rows, bucket_count=self.bucket_count)
+        out = append_step(q, k, v, self.k, self.v, at, rotary_freq=rotary_freq, rotations=rotations,
+                          buckets=self.buckets, bucket_rows=self.bucket_rows, bucket_count=self.bucket_count)
         if self.position is not None:
             self.position += 1
         self.length += 1
-        return q_buckets
+        return out
 
     def _grow(self, old: Tensor | None, new: Tensor, size: int) -> Tensor:
         out = new.new_zeros((*new.shape[:2], size, *new.shape[3:]))
@@ -401,6 +403,16 @@ class SparseCausalSelfAttention(nn.Module):
         rot = self.rotations.repeat_interleave(group, dim=0)
         return lsh_buckets(nn.functional.normalize(x.float(), dim=-1), self.n_buckets, rotations=rot)
 
+    def _rotary_freq(self, device: torch.device) -> Tensor | None:
+        """The rotary frequencies (float32, whatever the module's dtype), kept per device; None
+        without rotary."""
+        if self.positional != "rotary":
+            return None
+        cached = getattr(self, "_freq", None)
+        if cached is None or cached.device != device:
+            self._freq = cached = rotary_freq(self.head_dim // 2, device=device)
+        return cached
+
     def _decode_buckets(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_buckets` of a decode step's ``q`` ``(B, H, 1, D)`` and ``k`` ``(B, Hkv, 1, D)``
         in one LSH call (one token: the step is launch-bound, so half the launches matter)."""
@@ -463,20 +475,20 @@ class SparseCausalSelfAttention(nn.Module):
         # CUDA graph can replay), else its Python length
         pos = cache.position if cache.position is not None else len(cache)
         hashed = self.mode == "hash"
-        # With the kernel the cache's bookkeeping (LSH buckets, rows, bucket index) is one launch:
-        # the step is launch-bound at small batch.
-        one_launch = cache.one_launch(q, hashed)
-        q_raw, k_raw = q, k  # (buckets follow content: hashed before rotary)
-        if hashed and not one_launch:
+        # With the kernel, rotary, the cache's rows, the LSH buckets and the bucket index are one
+        # launch: at small batch the step is bound by its launches, not by their work.
+        if cache.one_launch(q, hashed):
+            with torch.no_grad():
+                q, qb = cache.append_step(q, k, v, rotary_freq=self._rotary_freq(q.device),
+                                          rotations=self.rotations if hashed else None)
+            y = cache.attend(q, window=self.window, q_buckets=qb)
+            return self.proj(y.transpose(1, 2).reshape(B, 1, H * D))
+        if hashed:
             with torch.no_grad():
                 q_buckets, k_buckets = self._decode_buckets(q, k)
         if self.positional == "rotary":  # one call for both (same position): the step is launch-bound
             q, k = rotary(torch.cat([q, k], dim=1), offset=pos).split([H, Hkv], dim=1)
-        if one_launch:
-            with torch.no_grad():
-                qb = cache.append_step(k, v, q_hash=q_raw, k_hash=k_raw, rotations=self.rotations if hashed else None)
-            y = cache.attend(q, window=self.window, q_buckets=qb)
-        elif hashed:
+        if hashed:
             cache.append(k, v, k_buckets, n_buckets=self.n_buckets)
             y = cache.attend(q, window=self.window, q_buckets=q_buckets[..., 0])
         else:

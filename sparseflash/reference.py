@@ -175,19 +175,28 @@ def decode_attention(
     return (probs[..., None] * gather(v)).sum(2, keepdim=True)
 
 
-def decode_append(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, position: int, q_hash: Tensor,
-                  k_hash: Tensor, rotations: Tensor, buckets: Tensor, bucket_rows: Tensor,
-                  bucket_count: Tensor) -> tuple[Tensor, ...]:
-    """Float64 form of one decode step's cache bookkeeping (:mod:`sparseflash.decode_append`), on
-    copies: returns ``(q_buckets, k_cache, v_cache, buckets, bucket_rows, bucket_count)`` after
-    writing ``k``, ``v`` ``(B, Hkv, 1, D)`` at row ``position``, bucketing ``k_hash`` and
-    ``q_hash`` ``(B, H, 1, D)`` by ``argmax([x̂ R, -x̂ R])`` (``x̂`` the unit vector, ``R`` the kv
-    head's ``(D, n_buckets / 2)`` rotation; query head ``h`` uses kv head ``h // (H / Hkv)``'s)
-    and appending ``position`` to the key's bucket's row list."""
+def decode_append(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, position: int,
+                  rotary: bool, rotations: Tensor | None, buckets: Tensor | None = None,
+                  bucket_rows: Tensor | None = None, bucket_count: Tensor | None = None) -> tuple:
+    """One decode step around a layer's attention (:mod:`sparseflash.decode_append`), the obvious
+    way, on copies: returns ``(q_out, q_buckets, k_cache, v_cache, buckets, bucket_rows,
+    bucket_count)``.  ``q`` ``(B, H, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)``; with ``rotary``,
+    ``q_out`` and the cached key are :func:`sparseflash.rotary.rotary` at ``position`` (the
+    package's float32 embedding, which the full forward uses); ``v`` and the key go to row
+    ``position``; with ``rotations`` (``(Hkv, D, n_buckets / 2)``) the buckets of ``q`` and ``k``
+    (before rotary) are ``argmax([x̂ R, -x̂ R])`` in float64 (``x̂`` the unit vector, query head
+    ``h`` with kv head ``h // (H / Hkv)``'s ``R``) and ``position`` joins the key's bucket's list."""
+    from .rotary import rotary as rotary_embedding
+
     B, Hkv = k.shape[:2]
-    H = q_hash.shape[1]
-    k_cache, v_cache, buckets, bucket_rows, bucket_count = (
-        t.clone() for t in (k_cache, v_cache, buckets, bucket_rows, bucket_count))
+    H = q.shape[1]
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    q_out = rotary_embedding(q, offset=position) if rotary else q
+    k_cache[:, :, position] = (rotary_embedding(k, offset=position) if rotary else k)[:, :, 0]
+    v_cache[:, :, position] = v[:, :, 0]
+    if rotations is None:
+        return q_out, None, k_cache, v_cache, buckets, bucket_rows, bucket_count
+    buckets, bucket_rows, bucket_count = (t.clone() for t in (buckets, bucket_rows, bucket_count))
 
     def bucket(x, heads):
         x = x[:, :, 0].double()
@@ -195,13 +204,11 @@ def decode_append(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positi
         y = torch.einsum("bhd,hdr->bhr", x, repeat_kv(rotations[None].double(), heads)[0])
         return torch.cat([y, -y], dim=-1).argmax(dim=-1)
 
-    kb, qb = bucket(k_hash, Hkv), bucket(q_hash, H)
-    k_cache[:, :, position] = k[:, :, 0]
-    v_cache[:, :, position] = v[:, :, 0]
+    kb, qb = bucket(k, Hkv), bucket(q, H)
     for b in range(B):
         for j in range(Hkv):
             u = int(kb[b, j])
             buckets[b, j, position] = u
             bucket_rows[b, j, u, bucket_count[b, j, u]] = position
             bucket_count[b, j, u] += 1
-    return qb, k_cache, v_cache, buckets, bucket_rows, bucket_count
+    return q_out, qb, k_cache, v_cache, buckets, bucket_rows, bucket_count

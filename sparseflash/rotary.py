@@ -23,9 +23,15 @@ from torch import Tensor
 from .ops import LIB, define_op
 
 
+def rotary_freq(half: int, base: float = 10000.0, device: torch.device | str | None = None) -> Tensor:
+    """``(half,)`` float32: the frequencies ``θ_i = base^(-i / half)``, exactly as every table
+    here computes them (the one-launch decode step reads them too)."""
+    return base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
 def _table(positions: Tensor, half: int, base: float) -> tuple[Tensor, Tensor]:
     # float32 as the embedding has always been computed (decode steps and full forwards agree).
-    freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    freq = rotary_freq(half, base, positions.device)
     angle = positions.to(torch.float32)[:, None] * freq
     return angle.cos(), angle.sin()
 

@@ -15,6 +15,7 @@ from sparseflash import reference as ref
 from sparseflash.decode_append import append_step
 from sparseflash.hashing import lsh_rotations
 from sparseflash.nn import KVCache, SparseCausalSelfAttention
+from sparseflash.rotary import rotary_freq
 
 bf16 = torch.bfloat16
 
@@ -25,34 +26,49 @@ def _state(B, Hkv, S, D, nb, dtype):
             torch.zeros(B, Hkv, nb, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("B,H,Hkv,D,nb", [(2, 8, 2, 64, 16), (1, 3, 3, 20, 2), (2, 4, 1, 128, 64), (3, 2, 2, 16, 4)])
+def _check_rows(got, want, dtype):
+    """Rows computed in float32 by the kernel and by PyTorch: equal to rounding (cos and sin may
+    differ in their last bit between the two)."""
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("B,H,Hkv,D,nb", [(2, 8, 2, 64, 16), (1, 3, 3, 21, 2), (2, 4, 1, 128, 64), (3, 2, 2, 16, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, bf16])
 def test_matches_reference(B, H, Hkv, D, nb, dtype):
+    """Rotary at the position, rows, buckets of the query and key heads and the bucket index, at
+    int and device positions, against the reference step after step (an odd head dim's last
+    channel is not rotated)."""
     S = 9
     g = torch.Generator().manual_seed(D + nb)
     rot = lsh_rotations(D, nb, heads=Hkv, seed=nb)
+    freq = rotary_freq(D // 2)
     state = _state(B, Hkv, S, D, nb, dtype)
     want = tuple(t.clone() for t in state)
     for p in range(S):
-        q_hash, k_hash, k, v = (torch.randn(B, h, 1, D, generator=g).to(dtype) for h in (H, Hkv, Hkv, Hkv))
-        got_q = append_step(k, v, *state[:2], torch.tensor([p]) if p % 2 else p, q_hash=q_hash, k_hash=k_hash,
-                            rotations=rot, buckets=state[2], bucket_rows=state[3], bucket_count=state[4])
-        want_q, *want = ref.decode_append(k, v, *want[:2], p, q_hash, k_hash, rot, *want[2:])
-        assert got_q.dtype == torch.int32 and torch.equal(got_q.long(), want_q)
-        for got_t, want_t in zip(state, want):
+        q, k, v = (torch.randn(B, h, 1, D, generator=g).to(dtype) for h in (H, Hkv, Hkv))
+        q_out, q_buckets = append_step(q, k, v, *state[:2], torch.tensor([p]) if p % 2 else p, rotary_freq=freq,
+                                       rotations=rot, buckets=state[2], bucket_rows=state[3], bucket_count=state[4])
+        want_q, want_qb, *want = ref.decode_append(q, k, v, *want[:2], p, True, rot, *want[2:])
+        assert q_buckets.dtype == torch.int32 and torch.equal(q_buckets.long(), want_qb)
+        _check_rows(q_out, want_q, dtype)
+        _check_rows(state[0], want[0], dtype)
+        want[0] = state[0].clone()  # (carry the kernel's rows on: the next steps compare only new ones)
+        for got_t, want_t in zip(state[1:], want[1:]):
             assert torch.equal(got_t, want_t)
 
 
-def test_position_outside_writes_nothing_and_no_hash_form():
+def test_position_outside_writes_nothing_and_the_plain_form():
     B, Hkv, S, D, nb = 2, 2, 5, 32, 8
     state = _state(B, Hkv, S, D, nb, torch.float32)
     k, v, q = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, 4, 1, D)
     rot = lsh_rotations(D, nb, heads=Hkv)
     for p in (S, torch.tensor([S + 3]), -1):
-        append_step(k, v, *state[:2], p, q_hash=q, k_hash=k, rotations=rot, buckets=state[2], bucket_rows=state[3],
-                    bucket_count=state[4])
+        append_step(q, k, v, *state[:2], p, rotary_freq=rotary_freq(D // 2), rotations=rot, buckets=state[2],
+                    bucket_rows=state[3], bucket_count=state[4])
     assert not any(t.any() for t in state)
-    assert append_step(k, v, *state[:2], 3) is None  # no rotations: the rows only
+    q_out, q_buckets = append_step(q, k, v, *state[:2], 3)  # no rotary, no buckets: the rows only
+    assert q_out is q and q_buckets is None
     assert torch.equal(state[0][:, :, 3], k[:, :, 0]) and torch.equal(state[1][:, :, 3], v[:, :, 0])
     assert not state[0][:, :, :3].any() and not state[2].any()
 
@@ -85,7 +101,8 @@ def test_cache_steps_in_one_launch_as_append(mode, h_kv, device_position, monkey
     assert one.length == general.length == 12
     for a, b in zip(outs["one"], outs["general"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert torch.equal(one.k[:, :, :12], general.k[:, :, :12]) and torch.equal(one.v[:, :, :12], general.v[:, :, :12])
+    _check_rows(one.k[:, :, :12], general.k[:, :, :12], torch.float32)  # (rotary in the kernel, and in PyTorch)
+    assert torch.equal(one.v[:, :, :12], general.v[:, :, :12])
     if mode == "hash":
         assert torch.equal(one.buckets[:, :, :12], general.buckets[:, :, :12])
         assert torch.equal(one.bucket_count, general.bucket_count)
@@ -113,10 +130,11 @@ def test_one_launch_only_with_room_and_the_kernel():
 
 @pytest.mark.parametrize("case,match", [
     (dict(k=torch.zeros(2, 2, 2, 16)), "k must be"),
+    (dict(q=torch.zeros(1, 3, 1, 16)), "multiple of 2"),
     (dict(position=torch.zeros(2, dtype=torch.long)), "position must be"),
     (dict(position=torch.zeros(1)), "position must be"),
-    (dict(rotations=torch.zeros(2, 16, 4), q_hash=None), "give q_hash"),
-    (dict(rotations=torch.zeros(2, 16, 4), q_hash=torch.zeros(1, 3, 1, 16)), "multiple of 2"),
+    (dict(rotary_freq=torch.zeros(16)), "rotary_freq must be"),
+    (dict(rotations=torch.zeros(2, 16, 4), buckets=None), "give buckets"),
     (dict(rotations=torch.zeros(2, 16, 3)), "rotations must be"),
     (dict(rotations=torch.zeros(2, 16, 4), bucket_count=torch.zeros(1, 2, 8)), "bucket_count must be"),
     (dict(v_cache=torch.zeros(1, 2, 6, 16)), "k_cache and v_cache"),
@@ -124,31 +142,32 @@ def test_one_launch_only_with_room_and_the_kernel():
 def test_bad_inputs_raise(case, match):
     B, Hkv, S, D, nb = 1, 2, 5, 16, 8
     k_cache, v_cache, buckets, rows, count = _state(B, Hkv, S, D, nb, torch.float32)
-    args = dict(k=torch.zeros(B, Hkv, 1, D), v=torch.zeros(B, Hkv, 1, D), k_cache=k_cache, v_cache=v_cache, position=0,
-                q_hash=torch.zeros(B, 4, 1, D), k_hash=torch.zeros(B, Hkv, 1, D), rotations=None, buckets=buckets,
-                bucket_rows=rows, bucket_count=count)
+    args = dict(q=torch.zeros(B, 4, 1, D), k=torch.zeros(B, Hkv, 1, D), v=torch.zeros(B, Hkv, 1, D), k_cache=k_cache,
+                v_cache=v_cache, position=0, rotary_freq=None, rotations=None, buckets=buckets, bucket_rows=rows,
+                bucket_count=count)
     args.update(case)
+    positional = [args.pop(n) for n in ("q", "k", "v", "k_cache", "v_cache", "position")]
     with pytest.raises(ValueError, match=match):
-        append_step(args.pop("k"), args.pop("v"), args.pop("k_cache"), args.pop("v_cache"), args.pop("position"),
-                    **args)
+        append_step(*positional, **args)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("h_kv", [2, 8])
 def test_gpu_matches_reference(h_kv):
-    """On CUDA (bf16 rows, a device position), against the float64 reference."""
+    """On CUDA (bf16 rows, a device position, rotary and buckets), against the reference."""
     B, H, S, D, nb = 4, 8, 33, 64, 16
     g = torch.Generator().manual_seed(h_kv)
-    rot = lsh_rotations(D, nb, heads=h_kv, seed=h_kv)
+    rot, freq = lsh_rotations(D, nb, heads=h_kv, seed=h_kv).cuda(), rotary_freq(D // 2, device="cuda")
     state = tuple(t.cuda() for t in _state(B, h_kv, S, D, nb, bf16))
     want = tuple(t.clone() for t in state)
     for p in range(S):
-        q_hash, k_hash, k, v = (torch.randn(B, h, 1, D, generator=g).to(bf16) for h in (H, h_kv, h_kv, h_kv))
-        got_q = append_step(k.cuda(), v.cuda(), *state[:2], torch.tensor([p], device="cuda"), q_hash=q_hash.cuda(),
-                            k_hash=k_hash.cuda(), rotations=rot.cuda(), buckets=state[2], bucket_rows=state[3],
-                            bucket_count=state[4])
-        want_q, *want = ref.decode_append(k.cuda(), v.cuda(), *want[:2], p, q_hash.cuda(), k_hash.cuda(), rot.cuda(),
-                                          *want[2:])
-        assert torch.equal(got_q.long(), want_q)
-    for got_t, want_t in zip(state, want):
+        q, k, v = (torch.randn(B, h, 1, D, generator=g).to(bf16).cuda() for h in (H, h_kv, h_kv))
+        q_out, q_buckets = append_step(q, k, v, *state[:2], torch.tensor([p], device="cuda"), rotary_freq=freq,
+                                       rotations=rot, buckets=state[2], bucket_rows=state[3], bucket_count=state[4])
+        want_q, want_qb, *want = ref.decode_append(q, k, v, *want[:2], p, True, rot, *want[2:])
+        assert torch.equal(q_buckets.long(), want_qb)
+        _check_rows(q_out, want_q, bf16)
+        _check_rows(state[0], want[0], bf16)
+        want[0] = state[0].clone()
+    for got_t, want_t in zip(state[1:], want[1:]):
         assert torch.equal(got_t, want_t)

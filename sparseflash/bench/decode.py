@@ -421,6 +421,9 @@ def make_meta(args, device: torch.device, argv) -> dict:
         "model rows: GPT with random weights in the given dtype; caches filled with random keys and values (hash: "
         "bucketed by each layer's own LSH rotations), not by a prefill; each timed step resets the caches to "
         "`context` rows (hash: plus one copy of all layers' bucket counts, a few KB).",
+        "model rows, dense and hash: a layer's step rotates the new query and key, writes the cache's rows and (hash) "
+        "buckets and indexes the key in one launch (sparseflash.decode_append); the sdpa model does the same "
+        "work in PyTorch operations (rotary table and rotation, row copies).",
     ]
     if _runtime.INTERPRET:
         notes.insert(0, "INTERPRETER RUN: our kernels ran in Triton's interpreter on the CPU; not GPU timings.")
