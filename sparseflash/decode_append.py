@@ -196,6 +196,7 @@ def append_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tenso
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=H // Hkv,
         HALF=(bucket_count.shape[-1] // 2) if hashing else 1,
         BLOCK_R=max(16, triton.next_power_of_2(bucket_count.shape[-1] // 2)) if hashing else 16,
-        HASH=hashing, POS_TENSOR=pos_tensor, ROTARY=rotary, num_warps=1,
+        HASH=hashing, POS_TENSOR=pos_tensor, ROTARY=rotary,
+        num_warps=4 if hashing and D * (bucket_count.shape[-1] // 2) > 1024 else 1,  # (the rotation tile)
     )
     return q_out, q_buckets
