@@ -293,11 +293,56 @@ def layer_rows(args, device, context: int, batch: int, emit) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def model_rows(args, device, context: int, batch: int, emit) -> None:
-    """One decode step of a random-weight GPT per selected attention (sdpa, dense, hash)."""
+def model_step(name: str, *, context: int, batch: int, heads: int, kv_heads: int, width: int, layers: int,
+               buckets: int, window: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """One decode step of a random-weight GPT with attention ``name`` (sdpa, dense, hash) over
+    caches of ``context`` random keys and values (hash: bucketed by each layer's own LSH), as a
+    function that resets the caches to ``context`` rows and returns the step's logits (so it
+    can be called again and again, or captured in a CUDA graph)."""
     from ..nn import KVCache
     from ..train.model import GPT, GPTConfig
 
+    is_hash = name == "hash"
+    torch.manual_seed(seed)
+    cfg = GPTConfig(n_layer=layers, n_head=heads, n_embd=width, n_kv_heads=kv_heads, attention=name,
+                    n_buckets=buckets, window=window if is_hash else None)
+    model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    D = width // heads
+    g = torch.Generator(device=device).manual_seed(seed + context + batch)
+    caches = []
+    with torch.no_grad():
+        for block in model.blocks:
+            # kernel=True on the CPU too, so that --quick runs our kernels (interpreted) there
+            cache = KVCache(context + 1, kernel=True)
+            k = torch.randn(batch, kv_heads, context, D, device=device, dtype=dtype, generator=g)
+            v = torch.randn(batch, kv_heads, context, D, device=device, dtype=dtype, generator=g)
+            if is_hash:  # the layer's own LSH of the keys: its own bucket balance
+                cache.append(k, v, block.attn._buckets(k), n_buckets=buckets)
+            else:
+                cache.append(k, v)
+            caches.append(cache)
+            del k, v
+    counts = saved = None
+    if is_hash:  # one tensor of every layer's counts, so that one copy restores them all
+        counts = torch.stack([c.bucket_count for c in caches])
+        for i, c in enumerate(caches):
+            c.bucket_count = counts[i]
+        saved = counts.clone()
+    token = torch.randint(0, cfg.vocab_size, (batch, 1), device=device, generator=g)
+
+    @torch.no_grad()
+    def step():
+        for c in caches:
+            c.length = context
+        if counts is not None:
+            counts.copy_(saved)
+        return model._forward_cached(token, caches)
+
+    return step
+
+
+def model_rows(args, device, context: int, batch: int, emit) -> None:
+    """One decode step of a random-weight GPT per selected attention (sdpa, dense, hash)."""
     dtype = DTYPES[args.dtype]
     interpreted = device.type != "cuda" and bool(_runtime.INTERPRET)
     for name in (a for a in MODEL_ATTENTIONS if a in args.attentions):
@@ -306,52 +351,19 @@ def model_rows(args, device, context: int, batch: int, emit) -> None:
                    window=args.window if is_hash else 0, context=context, batch=batch, ms_per_token=None,
                    ms_per_token_eager=None, status="ok", error=None, timer=None)
         t0 = time.perf_counter()
-        model = caches = None
+        step = None
         try:
-            torch.manual_seed(args.seed)
-            cfg = GPTConfig(n_layer=args.model_layers, n_head=args.heads, n_embd=args.model_width,
-                            n_kv_heads=args.kv_heads, attention=name, n_buckets=args.buckets,
-                            window=args.window if is_hash else None)
-            model = GPT(cfg).to(device=device, dtype=dtype).eval()
-            D = args.model_width // args.heads
-            g = torch.Generator(device=device).manual_seed(args.seed + context + batch)
-            caches = []
-            with torch.no_grad():
-                for block in model.blocks:
-                    # kernel=True on the CPU too, so that --quick runs our kernels (interpreted) there
-                    cache = KVCache(context + 1, kernel=True)
-                    k = torch.randn(batch, args.kv_heads, context, D, device=device, dtype=dtype, generator=g)
-                    v = torch.randn(batch, args.kv_heads, context, D, device=device, dtype=dtype, generator=g)
-                    if is_hash:  # the layer's own LSH of the keys: its own bucket balance
-                        cache.append(k, v, block.attn._buckets(k), n_buckets=args.buckets)
-                    else:
-                        cache.append(k, v)
-                    caches.append(cache)
-                    del k, v
-            counts = saved = None
-            if is_hash:  # one tensor of every layer's counts, so that one copy restores them all
-                counts = torch.stack([c.bucket_count for c in caches])
-                for i, c in enumerate(caches):
-                    c.bucket_count = counts[i]
-                saved = counts.clone()
-            token = torch.randint(0, cfg.vocab_size, (batch, 1), device=device, generator=g)
-
-            def step():
-                for c in caches:
-                    c.length = context
-                if counts is not None:
-                    counts.copy_(saved)
-                return model._forward_cached(token, caches)
-
-            with torch.no_grad():
-                logits = step()
-                if not torch.isfinite(logits.float()).all():
-                    raise RuntimeError("non-finite logits")
-                row["setup_s"] = round(time.perf_counter() - t0, 2)
-                _time_row(row, step, args, device, interpreted and name != "sdpa")
+            step = model_step(name, context=context, batch=batch, heads=args.heads, kv_heads=args.kv_heads,
+                              width=args.model_width, layers=args.model_layers, buckets=args.buckets,
+                              window=args.window, dtype=dtype, device=device, seed=args.seed)
+            logits = step()
+            if not torch.isfinite(logits.float()).all():
+                raise RuntimeError("non-finite logits")
+            row["setup_s"] = round(time.perf_counter() - t0, 2)
+            _time_row(row, step, args, device, interpreted and name != "sdpa")
         except Exception as e:  # noqa: BLE001
             row.update(status="error", error=_err(e), ms_per_token=None)
-        model = caches = step = None
+        step = None
         _free(device)
         emit(row)
 
