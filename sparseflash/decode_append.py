@@ -109,8 +109,9 @@ def _append_step_kernel(
         head = b * Hkv + j  # (buckets, rows and counts are contiguous: made by the cache)
         tl.store(BUCKETS + head * S + p, u.to(tl.int32), mask=inside)
         count = tl.load(COUNT + head * 2 * HALF + u)
-        tl.store(ROWS + (head * 2 * HALF + u) * S + count, p.to(tl.int32), mask=inside)
-        tl.store(COUNT + head * 2 * HALF + u, count + 1, mask=inside)
+        room = inside & (count >= 0) & (count < S)  # (a list never holds more than S rows: never past its end)
+        tl.store(ROWS + (head * 2 * HALF + u) * S + count, p.to(tl.int32), mask=room)
+        tl.store(COUNT + head * 2 * HALF + u, count + 1, mask=room)
         for g in range(GROUP):  # the query heads of kv head j
             h = j * GROUP + g
             qh = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
