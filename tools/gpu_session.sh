@@ -207,8 +207,8 @@ if [ "$stage" = 19 ]; then
 fi
 if [ "$stage" = 20 ]; then
   # One layer at a context one past a multiple of the splits' blocks (the model rows' case), beside the
-  # round contexts; where a model's decode step goes (kernels and their count); the full decode bench; then (on an H200 only) the training rows with the sparse
-  # launch defaults. Args: bench timeout, training timeout, training budget.
+  # round contexts; where a model's decode step goes (kernels and their count); the full decode bench.
+  # Arg: bench timeout. (Training rows on an H200: stage 11, a call of its own.)
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   timeout 120 python -m sparseflash.bench.decode --contexts 65536 65537 131072 131073 --batches 1 8 --scopes layer --no-flex --no-progress --out /tmp/decode_plus1.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]"
@@ -216,11 +216,4 @@ if [ "$stage" = 20 ]; then
   PYTHONPATH=. timeout 150 python tools/decode_profile.py --scope model --contexts 8192 65536 --batches 1 8 --out $OUT/decode_profile_model_$KIND.json 2>&1 | grep "^model"
   timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
   grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
-  if [ "$KIND" = h200 ]; then
-    export SPARSEFLASH_DATA=$PWD/data
-    timeout $3 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead \
-      --speed-configs hash16w128 sdpa --speed-seq-lens 8192 16384 --speed-train-steps 100 \
-      --out $OUT/train_h200_launch_defaults.json --time-budget $4 --no-progress > $OUT/train_launch_defaults.log 2>&1
-    grep -v Warn $OUT/train_launch_defaults.log | tail -8
-  fi
 fi
