@@ -153,11 +153,11 @@ def test_uneven_splits():
     """Block counts that the splits do not divide (a block past a multiple, as at 65537 keys):
     each block is walked by exactly one split, dense and with a window ∪ list."""
     D = 16
-    for S in (129, 257):  # 9 and 17 blocks of 16 on the interpreter
+    for S in (65, 129):  # 5 and 9 blocks of 16 on the interpreter
         q, k, v = _inputs(S, D, 2, seed=S)
         rows, count = _index_list(S, 40, seed=S)
         want = ref.decode_attention(q, k, v, S)
-        for splits in (2, 4, 8, 16, 17):
+        for splits in (2, 4, 16):
             _check(decode_attention(q, k, v, S, num_splits=splits), want, f32)
         lens = torch.tensor([S, S - 100])
         union = torch.full((B, H, 20 + 40), -1)
@@ -167,7 +167,7 @@ def test_uneven_splits():
             keys = torch.cat([torch.arange(n - 20, n), listed[listed < n - 20]])
             union[b, h, :len(keys)] = keys
         want = ref.decode_attention(q, k, v, lens, union)
-        for splits in (3, 5, 8):
+        for splits in (3, 8):
             _check(decode_attention(q, k, v, lens, key_index=rows, n_keys=count, window=20, num_splits=splits),
                    want, f32)
 
