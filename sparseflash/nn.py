@@ -173,12 +173,17 @@ class KVCache:
                 self.position.fill_(end)
         self.length = end
 
+    def _uses_kernel(self, q: Tensor, kernel: bool | None = None) -> bool:
+        """Whether :meth:`attend` computes with the kernel: ``kernel`` if given, else the
+        cache's :attr:`kernel`, else on CUDA or with a device position."""
+        use_kernel = self.kernel if kernel is None else kernel
+        return bool(q.is_cuda or self.position is not None) if use_kernel is None else bool(use_kernel)
+
     def one_launch(self, q: Tensor, hashed: bool) -> bool:
         """Whether the next one-token step can go through :meth:`append_step`: the cache attends
         with the kernel (as :meth:`attend` decides for ``q``), its storage has room for the row
         (it grows only in :meth:`append`), and it holds buckets exactly when ``hashed``."""
-        use_kernel = self.kernel if self.kernel is not None else (q.is_cuda or self.position is not None)
-        return bool(use_kernel) and self.k is not None and self.length < self.k.shape[2] \
+        return self._uses_kernel(q) and self.k is not None and self.length < self.k.shape[2] \
             and (self.bucket_rows is not None) == hashed and (self.position is not None) == self.device_position
 
     def append_step(self, q: Tensor, k: Tensor, v: Tensor, *, rotary_freq: Tensor | None = None,
@@ -273,9 +278,7 @@ class KVCache:
         ``O(window + bucket size)`` work and no host synchronisation; without it, a mask from
         :meth:`allowed` and :func:`_decode_attend`.  Returns ``(B, H, 1, D)`` in q's dtype.
         """
-        use_kernel = self.kernel if kernel is None else kernel
-        if use_kernel is None:
-            use_kernel = q.is_cuda or self.position is not None
+        use_kernel = self._uses_kernel(q, kernel)
         if q_buckets is not None and self.bucket_rows is None:
             raise ValueError("q_buckets given, but this cache holds no bucket index (append keys with buckets)")
         if self.position is not None and not use_kernel:
