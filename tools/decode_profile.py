@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from sparseflash.bench.decode import model_step
+from sparseflash.bench.decode import layer_case, model_step
 from sparseflash.bench.timing import cuda_graph_of
-from sparseflash.nn import KVCache
 
 sys.path.insert(0, "tools")
 from step_profile import busy_us  # noqa: E402
@@ -71,13 +70,7 @@ def main(argv=None) -> int:
     H, D, nb, W = 8, 64, 16, 256
     rows = []
     for L, B in itertools.product(args.contexts, args.batches):
-        g = torch.Generator(device=dev).manual_seed(L + B)
-        q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
-        cache = KVCache(L, kernel=True)
-        cache.append(torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g),
-                     torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g),
-                     torch.randint(0, nb, (B, H, L), device=dev, generator=g), n_buckets=nb)
-        qb = torch.randint(0, nb, (B, H), device=dev, generator=g)
+        q, cache, qb = layer_case(L, B, heads=H, head_dim=D, buckets=nb, device=dev)
         calls = dict(sdpa=lambda: F.scaled_dot_product_attention(q, cache.k, cache.v),
                      dense=lambda: cache.attend(q), hash=lambda: cache.attend(q, window=W, q_buckets=qb))
         if args.scope == "model":

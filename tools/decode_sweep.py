@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import triton.testing
 
 import sparseflash.decode as dec
+from sparseflash.bench.decode import layer_case
 from sparseflash.bench.timing import cuda_graph_of
-from sparseflash.nn import KVCache
 
 DEFAULT = dict(block_n=dec.MAX_BLOCK_N, warps=dec.NUM_WARPS, stages=dec.NUM_STAGES, kps=dec.KEYS_PER_SPLIT,
                max_splits=dec.DEFAULT_MAX_SPLITS, tma=dec.TMA, mma=dec.MMA_FOLD, evict=dec.EVICT_FIRST,
@@ -77,13 +77,7 @@ def main(argv=None) -> int:
     H, D, nb, W = args.heads, args.head_dim, args.buckets, args.window
     rows = []
     for L, B in itertools.product(args.contexts, args.batches):
-        g = torch.Generator(device=dev).manual_seed(L + B)
-        q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
-        cache = KVCache(L, kernel=True)
-        cache.append(torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g),
-                     torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=g),
-                     torch.randint(0, nb, (B, H, L), device=dev, generator=g), n_buckets=nb)
-        qb = torch.randint(0, nb, (B, H), device=dev, generator=g)
+        q, cache, qb = layer_case(L, B, heads=H, head_dim=D, buckets=nb, device=dev)
         sdpa = bench(lambda: F.scaled_dot_product_attention(q, cache.k, cache.v), args.warmup, args.rep)
         rows.append(dict(context=L, batch=B, kind="sdpa", ms=sdpa))
         for kind in args.kinds:

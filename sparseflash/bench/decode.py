@@ -293,6 +293,24 @@ def layer_rows(args, device, context: int, batch: int, emit) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def layer_case(context: int, batch: int, *, heads: int, head_dim: int, buckets: int, device: torch.device,
+               dtype: torch.dtype = torch.bfloat16):
+    """The tools' one-layer case (``tools/decode_sweep.py``, ``tools/decode_profile.py``): a new
+    query ``(batch, heads, 1, head_dim)``, a full :class:`~sparseflash.nn.KVCache` of ``context``
+    random keys and values with uniform random buckets, and the query's buckets ``(batch, heads)``,
+    drawn from a generator seeded ``context + batch``.  Returns ``(q, cache, q_buckets)``."""
+    from ..nn import KVCache
+
+    B, H, D, L = batch, heads, head_dim, context
+    g = torch.Generator(device=device).manual_seed(L + B)
+    q = torch.randn(B, H, 1, D, device=device, dtype=dtype, generator=g)
+    cache = KVCache(L, kernel=True)
+    cache.append(torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g),
+                 torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g),
+                 torch.randint(0, buckets, (B, H, L), device=device, generator=g), n_buckets=buckets)
+    return q, cache, torch.randint(0, buckets, (B, H), device=device, generator=g)
+
+
 def model_step(name: str, *, context: int, batch: int, heads: int, kv_heads: int, width: int, layers: int,
                buckets: int, window: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """One decode step of a random-weight GPT with attention ``name`` (sdpa, dense, hash) over
