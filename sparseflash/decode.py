@@ -13,9 +13,8 @@ over the allowed keys ``j``; a query with no allowed key gets ``o = 0``.
 few programs to fill a GPU if each walked the whole cache alone.  So the key list is cut
 into ``num_splits`` contiguous ranges of key blocks (as even as whole blocks allow), and
 program ``(b·H + h, s)`` runs the online softmax over its range only, writing a partial
-``(m_s, l_s, acc_s)``: its running
-max, its sum ``Σ 2^(s'_j - m_s)`` and its unnormalised output ``Σ 2^(s'_j - m_s) v_j``, in
-float32.  A second small kernel merges the splits by log-sum-exp::
+``(m_s, l_s, acc_s)``: its running max, its sum ``Σ 2^(s'_j - m_s)`` and its unnormalised
+output ``Σ 2^(s'_j - m_s) v_j``, in float32.  A second small kernel merges the splits by log-sum-exp::
 
     m = max_s m_s,   w_s = 2^(m_s - m),   o = Σ_s w_s acc_s / Σ_s w_s l_s
 
@@ -54,9 +53,9 @@ list blocks in a second, so neither pays for the other's test.  Dense and window
 on a Hopper (or newer) GPU that read many blocks fetch each ``(BLOCK_N, D)`` block of K
 and V whole through a tensor descriptor (the copy engine, TMA); other blocks are loaded through
 pointers (list blocks gathered row by row), with the hint that the rows are read once and may
-leave L2 first.  Cache rows past
-``cache_len`` may be read by a whole block but never reach the sums: their scores are -inf
-and their values are replaced by 0, so even NaN there is harmless.
+leave L2 first.  Cache rows past ``cache_len`` may be read by a whole block but never reach
+the sums: their scores are -inf and their values are replaced by 0, so even NaN there is
+harmless.
 
 Nothing here reads a value back to the host: ``cache_len`` and ``n_keys`` tensors are read
 by the kernels, so a call can be captured in a CUDA graph and never waits for the GPU.
@@ -521,8 +520,9 @@ def decode_attention(
     # lists: each query head walks its own).
     mma = (not sparse and H > Hkv) if MMA_FOLD is None else MMA_FOLD
     grouped = mma and not sparse and H > Hkv
+    programs = B * (Hkv if grouped else H)  # (one per query head, or per kv head when grouped)
     if num_splits is None:
-        num_splits = default_num_splits(n_max, B * (Hkv if grouped else H), q.device)
+        num_splits = default_num_splits(n_max, programs, q.device)
     else:
         value = _runtime.as_int(num_splits)
         if value is None or not 1 <= value <= MAX_SPLITS:
@@ -550,11 +550,11 @@ def decode_attention(
     sl = (lid.stride(0), lid.stride(1)) if lists else (0, 0)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = max(16, min(MAX_BLOCK_N, KEY_TILE // block_d)) if q.device.type == "cuda" else 16
-    n_blocks = B * (Hkv if grouped else H) * triton.cdiv(n_max, block_n)  # at most, all rows together
+    n_blocks = programs * triton.cdiv(n_max, block_n)  # at most, all rows together
     desc = not sparse and n_blocks >= DESC_MIN_BLOCKS and _use_descriptors(k_cache, v_cache)
     kd, vd = ((_descriptor(k_cache, block_n, block_d), _descriptor(v_cache, block_n, block_d)) if desc
               else (k_cache, v_cache))
-    _decode_split_kernel[(B * (Hkv if grouped else H), num_splits)](
+    _decode_split_kernel[(programs, num_splits)](
         q, k_cache, v_cache, kd, vd, lens, idx, nk, lid, out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

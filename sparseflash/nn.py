@@ -474,9 +474,6 @@ class SparseCausalSelfAttention(nn.Module):
             raise ValueError(f"with a filled cache, x must be one token (batch, 1, {C}), got {tuple(x.shape)}")
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, 1, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
-        # the new token's position: the cache's device position if it keeps one (a step that a
-        # CUDA graph can replay), else its Python length
-        pos = cache.position if cache.position is not None else len(cache)
         hashed = self.mode == "hash"
         # With the kernel, rotary, the cache's rows, the LSH buckets and the bucket index are one
         # launch: at small batch the step is bound by its launches, not by their work.
@@ -489,6 +486,9 @@ class SparseCausalSelfAttention(nn.Module):
         if hashed:
             with torch.no_grad():
                 q_buckets, k_buckets = self._decode_buckets(q, k)
+        # the new token's position: the cache's device position if it keeps one (a step that a
+        # CUDA graph can replay), else its Python length
+        pos = cache.position if cache.position is not None else len(cache)
         if self.positional == "rotary":  # one call for both (same position): the step is launch-bound
             q, k = rotary(torch.cat([q, k], dim=1), offset=pos).split([H, Hkv], dim=1)
         if hashed:
