@@ -50,10 +50,9 @@ def _lsh_id(x, rot, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _rotate(X, cols, col_ok, cos, sin, HALF_D: tl.constexpr, ROTARY: tl.constexpr):
-    """The row at ``X`` (``cols``), float32, rotated by the angles whose ``cos``, ``sin`` are
-    given per column (each half reads its partner half; columns past ``2·HALF_D`` pass)."""
-    x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+def _rotate(X, x, cols, col_ok, cos, sin, HALF_D: tl.constexpr, ROTARY: tl.constexpr):
+    """``x``, the float32 row at ``X`` (``cols``), rotated by the angles whose ``cos``, ``sin``
+    are given per column (each half reads its partner half; columns past ``2·HALF_D`` pass)."""
     if ROTARY:
         first = cols < HALF_D
         paired = cols < 2 * HALF_D
@@ -91,31 +90,31 @@ def _append_step_kernel(
         angle = p.to(tl.float32) * tl.load(FREQ + fi, mask=col_ok & (cols < 2 * (HEAD_DIM // 2)), other=0.0)
         cos = tl.cos(angle)
         sin = tl.sin(angle)
-    k = _rotate(K + b * sk_b + j * sk_h, cols, col_ok, cos, sin, HEAD_DIM // 2, ROTARY)
+    kraw = tl.load(K + b * sk_b + j * sk_h + cols, mask=col_ok, other=0.0).to(tl.float32)
+    k = _rotate(K + b * sk_b + j * sk_h, kraw, cols, col_ok, cos, sin, HEAD_DIM // 2, ROTARY)
     v = tl.load(V + b * sv_b + j * sv_h + cols, mask=col_ok, other=0.0)
     tl.store(KC + b * skc_b + j * skc_h + p * skc_n + cols, k.to(KC.dtype.element_ty), mask=row_ok)
     tl.store(VC + b * svc_b + j * svc_h + p * svc_n + cols, v.to(VC.dtype.element_ty), mask=row_ok)
-    if ROTARY:
-        for g in range(GROUP):  # the query heads of kv head j, rotated
-            h = j * GROUP + g
-            qo = _rotate(Q + b * sq_b + h * sq_h, cols, col_ok, cos, sin, HEAD_DIM // 2, ROTARY)
-            tl.store(QO + b * sqo_b + h * sqo_h + cols, qo.to(QO.dtype.element_ty), mask=col_ok)
     if HASH:
         r = tl.arange(0, BLOCK_R)
         rot = tl.load(R + j * HEAD_DIM * HALF + cols[:, None] * HALF + r[None, :],
                       mask=col_ok[:, None] & (r < HALF)[None, :], other=0.0).to(tl.float32)
-        kh = tl.load(K + b * sk_b + j * sk_h + cols, mask=col_ok, other=0.0).to(tl.float32)
-        u = _lsh_id(kh, rot, HALF, BLOCK_R).to(tl.int64)
+        u = _lsh_id(kraw, rot, HALF, BLOCK_R).to(tl.int64)  # (the key before rotary)
         head = b * Hkv + j  # (buckets, rows and counts are contiguous: made by the cache)
         tl.store(BUCKETS + head * S + p, u.to(tl.int32), mask=inside)
         count = tl.load(COUNT + head * 2 * HALF + u)
         room = inside & (count >= 0) & (count < S)  # (a list never holds more than S rows: never past its end)
         tl.store(ROWS + (head * 2 * HALF + u) * S + count, p.to(tl.int32), mask=room)
         tl.store(COUNT + head * 2 * HALF + u, count + 1, mask=room)
-        for g in range(GROUP):  # the query heads of kv head j
+    if ROTARY or HASH:
+        for g in range(GROUP):  # the query heads of kv head j: rotated, bucketed (before rotary)
             h = j * GROUP + g
-            qh = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
-            tl.store(QB + b * Hkv * GROUP + h, _lsh_id(qh, rot, HALF, BLOCK_R).to(tl.int32))
+            qraw = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if ROTARY:
+                qo = _rotate(Q + b * sq_b + h * sq_h, qraw, cols, col_ok, cos, sin, HEAD_DIM // 2, ROTARY)
+                tl.store(QO + b * sqo_b + h * sqo_h + cols, qo.to(QO.dtype.element_ty), mask=col_ok)
+            if HASH:
+                tl.store(QB + b * Hkv * GROUP + h, _lsh_id(qraw, rot, HALF, BLOCK_R).to(tl.int32))
 
 
 def _rows(name: str, t: Tensor, B: int, heads: int, D: int) -> Tensor:
