@@ -73,6 +73,9 @@ def test_position_outside_writes_nothing_and_the_plain_form():
     assert not state[0][:, :, :3].any() and not state[2].any()
 
 
+one_launch = KVCache.one_launch  # (the method itself, put back where a test patched it)
+
+
 @pytest.mark.parametrize("device_position", [False, True])
 @pytest.mark.parametrize("mode,h_kv", [("hash", 2), ("hash", 4), ("dense", 2)])
 def test_cache_steps_in_one_launch_as_append(mode, h_kv, device_position, monkeypatch):
@@ -110,8 +113,6 @@ def test_cache_steps_in_one_launch_as_append(mode, h_kv, device_position, monkey
             n = one.bucket_count[..., u].max()
             assert torch.equal(one.bucket_rows[:, :, u, :n], general.bucket_rows[:, :, u, :n])
 
-
-one_launch = KVCache.one_launch
 
 
 def test_one_launch_only_with_room_and_the_kernel():
