@@ -73,9 +73,6 @@ def test_position_outside_writes_nothing_and_the_plain_form():
     assert not state[0][:, :, :3].any() and not state[2].any()
 
 
-one_launch = KVCache.one_launch  # (the method itself, put back where a test patched it)
-
-
 @pytest.mark.parametrize("device_position", [False, True])
 @pytest.mark.parametrize("mode,h_kv", [("hash", 2), ("hash", 4), ("dense", 2)])
 def test_cache_steps_in_one_launch_as_append(mode, h_kv, device_position, monkeypatch):
@@ -94,8 +91,7 @@ def test_cache_steps_in_one_launch_as_append(mode, h_kv, device_position, monkey
             for name, cache in caches.items():
                 if name == "general":  # the general path: refuse the one launch
                     monkeypatch.setattr(KVCache, "one_launch", lambda self, q, hashed: False)
-                else:
-                    monkeypatch.setattr(KVCache, "one_launch", one_launch)
+                else:  # the one launch: the general append must not be called
                     monkeypatch.setattr(KVCache, "append", lambda *a, **kw: launches.append("append"))
                 outs[name].append(attn(x[:, t:t + 1], cache=cache))
                 monkeypatch.undo()
