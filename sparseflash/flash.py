@@ -227,6 +227,7 @@ def _flash_bwd_kernel(
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, STEP_Q: tl.constexpr, BLOCK_Q: tl.constexpr,
     STEP_K: tl.constexpr, DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, GROUP: tl.constexpr,
+    PARTS: tl.constexpr = 3,
 ):
     """One launch for the whole backward: program ``(t, b·H + h)`` computes dK, dV of key
     tile ``t`` (``BLOCK_KV`` keys, walking the query tiles that see it ``STEP_Q`` queries at a
@@ -243,8 +244,14 @@ def _flash_bwd_kernel(
 
     ``ACCUMULATE``: add the gradients to those already in ``DQ``, ``DK``, ``DV`` (another
     kernel's, over other pairs of the same softmax) instead of overwriting them.
+
+    ``PARTS``: 3 does both parts; 1 only dK, dV and 2 only dQ, so that two launches can tile
+    them differently.  A dQ-only launch takes its tiles last first (under a causal mask the
+    last query tile sees the most keys: the longest programs start first).
     """
     tile = tl.program_id(0)
+    if PARTS == 2:
+        tile = tl.num_programs(0) - 1 - tile
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -265,51 +272,53 @@ def _flash_bwd_kernel(
     REC_Q += bh.to(tl.int64) * n_q_tiles * n_k_tiles
     cols = tl.arange(0, BLOCK_D)
 
-    # ---- dK, dV for key tile `tile` of kv head h // GROUP ----
-    if owns_kv_tile(tile, n_k_tiles, h, GROUP):
-        keys = tile * BLOCK_KV + tl.arange(0, BLOCK_KV)
-        k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
-        v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-        dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
-        if GROUP == 1:
-            dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q, DO, LSE, DELTA, REC_KV, sq_n, sdo_n, n_q, n_k,
-                                      n_k_tiles, qk_scale, window, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_Q,
-                                      BLOCK_KV, DOT_PRECISION, RECORD)
-        else:
-            # The group's query heads are h - h % GROUP + g; the pointers are at head h.
-            for g in range(GROUP):
-                d = g - h % GROUP
-                dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q,
-                                          DELTA + d * n_q, REC_KV + d * n_q_tiles * n_k_tiles, sq_n, sdo_n, n_q,
-                                          n_k, n_k_tiles, qk_scale, window, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D,
-                                          STEP_Q, BLOCK_KV, DOT_PRECISION, RECORD)
-        add_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D, ACCUMULATE)
-        add_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D, ACCUMULATE)
+    if PARTS & 1:
+        # ---- dK, dV for key tile `tile` of kv head h // GROUP ----
+        if owns_kv_tile(tile, n_k_tiles, h, GROUP):
+            keys = tile * BLOCK_KV + tl.arange(0, BLOCK_KV)
+            k = load_tile(K, keys, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
+            v = load_tile(V, keys, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+            dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+            if GROUP == 1:
+                dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q, DO, LSE, DELTA, REC_KV, sq_n, sdo_n, n_q, n_k,
+                                          n_k_tiles, qk_scale, window, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_Q,
+                                          BLOCK_KV, DOT_PRECISION, RECORD)
+            else:
+                # The group's query heads are h - h % GROUP + g; the pointers are at head h.
+                for g in range(GROUP):
+                    d = g - h % GROUP
+                    dk, dv = _dense_dkdv_head(dk, dv, k, v, keys, tile, Q + d * sq_h, DO + d * sdo_h, LSE + d * n_q,
+                                              DELTA + d * n_q, REC_KV + d * n_q_tiles * n_k_tiles, sq_n, sdo_n, n_q,
+                                              n_k, n_k_tiles, qk_scale, window, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D,
+                                              STEP_Q, BLOCK_KV, DOT_PRECISION, RECORD)
+            add_tile(DK, dk * sm_scale, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D, ACCUMULATE)
+            add_tile(DV, dv, keys, cols, HEAD_DIM, n_k, HEAD_DIM, BLOCK_D, ACCUMULATE)
 
-    # ---- dQ for query tile `tile` ----
-    if tile < tl.cdiv(n_q, BLOCK_Q):
-        rows = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
-        do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
-        delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
-        dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-        first, free_lo, free_hi, n_visit = _dense_key_range(tile, n_q, n_k, window, CAUSAL, WINDOWED, BLOCK_Q,
-                                                            STEP_K)
-        for k_tile in range(first, free_lo):
-            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
-                                True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
-            record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
-        for k_tile in range(free_lo, free_hi):
-            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
-                                False, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
-            record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
-        for k_tile in range(free_hi, n_visit):
-            dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
-                                True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
-            record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
-        add_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D, ACCUMULATE)
+    if PARTS & 2:
+        # ---- dQ for query tile `tile` ----
+        if tile < tl.cdiv(n_q, BLOCK_Q):
+            rows = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+            do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
+            lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
+            delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
+            dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+            first, free_lo, free_hi, n_visit = _dense_key_range(tile, n_q, n_k, window, CAUSAL, WINDOWED, BLOCK_Q,
+                                                                STEP_K)
+            for k_tile in range(first, free_lo):
+                dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                    True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
+                record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+            for k_tile in range(free_lo, free_hi):
+                dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                    False, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
+                record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+            for k_tile in range(free_hi, n_visit):
+                dq = _dense_dq_step(dq, q, do, lse2, delta, rows, k_tile, K, V, sk_n, sv_n, n_k, qk_scale, window,
+                                    True, CAUSAL, WINDOWED, HEAD_DIM, BLOCK_D, STEP_K, DOT_PRECISION)
+                record_tile(REC_Q, tile, k_tile, n_k_tiles, RECORD)
+            add_tile(DQ, dq * sm_scale, rows, cols, HEAD_DIM, n_q, HEAD_DIM, BLOCK_D, ACCUMULATE)
 
 
 @triton.jit
