@@ -189,9 +189,11 @@ DENSE_CUDA_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3,
 #: two-stage pipeline both ways.  On an H200 (``tools/layout_sweep.py``,
 #: results/logs/layout_sweep_h200.json; window 128, N 8k and 16k) the band's forward took 0.065
 #: ms against 0.110 with the long-loop settings at D=64 (0.116 against 0.160 at D=128) and its
-#: backward 0.172 against 0.199 ms at D=64.  Windows from 129 to 512 were not measured (a query tile
-#: meets up to nine key tiles there); past 512 the long-loop settings take over.
-BAND_MAX_WINDOW = 512
+#: backward 0.172 against 0.199 ms at D=64.  On an H100 at windows 256, 512 and 1024
+#: (results/logs/layout_sweep_band_w*_h100.json, N 8k and 16k) the band settings stayed within 7%
+#: of the best tried, and their forward took 6-35% less time than the long-loop one (128-row
+#: tiles, 8 warps; least at D=128, window 1024); past 1024 the long-loop settings take over.
+BAND_MAX_WINDOW = 1024
 DENSE_CUDA_BAND = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2,
                        bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2)
 #: The sparse kernels' launch defaults on CUDA (BLOCK_M and BLOCK_N are shared by both passes).
