@@ -418,14 +418,18 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None, *, window: int = 
 
 
 def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None, *, window: int = 0, delta=None,
-                   accumulate=None, record_prefix: str = ""):
+                   accumulate=None, record_prefix: str = "", parts: int = 3):
     """Run the dense backward kernel; returns contiguous ``(dq, dk, dv)``, dk and dv with k's
     ``Hkv`` heads (summed over each kv head's group of query heads).
 
     ``window`` as in :func:`flash_forward`; ``delta`` the softmax row term if already computed
     (:func:`softmax_delta` of ``o`` and ``do``); ``accumulate=(dq, dk, dv)``: contiguous
-    gradients to add to, in place (returned).
+    gradients to add to, in place (returned).  ``parts`` (the kernel's ``PARTS``): 3 computes
+    all three; 1 only dK, dV and 2 only dQ, leaving the others unwritten (for tools that time or
+    tile the two parts apart, ``tools/dense_bwd_split_probe.py``).
     """
+    if parts not in (1, 2, 3):
+        raise ValueError(f"parts must be 1 (dK, dV), 2 (dQ) or 3 (both), got {parts!r}")
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
@@ -452,7 +456,7 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None, *, 
         H, n_q, n_k, sm_scale * LOG2E, sm_scale, window,
         CAUSAL=causal, WINDOWED=window > 0, ACCUMULATE=accumulate is not None, HEAD_DIM=D,
         BLOCK_D=max(16, triton.next_power_of_2(D)), **tiles, DOT_PRECISION=dot_precision(q.dtype),
-        RECORD=record is not None, GROUP=H // h_kv, **launch_params(cfg, backward=True),
+        RECORD=record is not None, GROUP=H // h_kv, PARTS=parts, **launch_params(cfg, backward=True),
     )
     return dq, dk, dv
 

@@ -332,20 +332,18 @@ def test_backward_own_tiles(seed, n_q, n_k, D, h_kv, dtype, causal, ko):
     run_and_compare(q, k, v, causal, TOL[dtype], kernel_options=ko)
 
 
-def test_backward_in_two_launches(seed):
-    """The backward kernel's PARTS switch (dK/dV alone, then dQ alone with its tiles last
-    first), as tools/dense_bwd_split_probe.py launches it, each part with its own tiles:
-    the fused backward's gradients at an awkward length."""
-    import importlib.util
+def test_backward_in_two_launches(seed, monkeypatch):
+    """The backward kernel's two parts as two launches (``parts=1``: dK/dV alone, then
+    ``parts=2``: dQ alone with its tiles last first), as tools/dense_bwd_split_probe.py runs
+    them, each part with its own tiles: the fused backward's gradients at an awkward length."""
+    import importlib
     from pathlib import Path
 
     from sparseflash._steps import kernel_config
     from sparseflash.flash import flash_backward, flash_forward
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "dense_bwd_split_probe.py"
-    spec = importlib.util.spec_from_file_location("dense_bwd_split_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    probe = importlib.import_module("dense_bwd_split_probe")
     q, k, v, do = (torch.randn(1, 2, 100, 32) for _ in range(4))
     scale = 1 / math.sqrt(32)
     cfg = kernel_config(32, q.device, None, dense=True)
@@ -354,6 +352,15 @@ def test_backward_in_two_launches(seed):
     got = probe.split_backward(q, k, v, o, lse2, do, probe._parse("32x16x4x1"), probe._parse("16x32x4x1"))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_parts_must_be_known():
+    from sparseflash._steps import kernel_config
+    from sparseflash.flash import flash_backward
+
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="parts must be 1"):
+        flash_backward(q, q, q, q, q[..., 0], q, True, 0.25, kernel_config(16, q.device, None, dense=True), parts=0)
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,25 @@
-"""Shared by the sweep tools: rows written to a JSON file as they are measured."""
+"""Shared by the sweep and probe tools: rows written to a JSON file as they are measured, a row's
+time and its error text."""
 from __future__ import annotations
 
 import json
 import os
+
+
+def bench_ms(fn, device: str) -> float:
+    """``triton.testing.do_bench``'s median in ms on CUDA; on the CPU the call runs once and the
+    time is NaN (so a tool can be tried under the interpreter)."""
+    if device == "cpu":
+        fn()
+        return float("nan")
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def error_text(e: Exception) -> str:
+    """A row's ``error``: the exception's type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def row_writer(doc: dict, path: str):

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from _rows import error_text  # tools/_rows.py (the script's own folder is on sys.path)
 from sparseflash._steps import LOG2E
 from sparseflash.decode import _decode_merge_kernel, decode_attention, default_num_splits
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                 row["ms"] = bench(lambda: decode_tma(q, k, v, n, splits, bn, w, s))
                 row["tb_per_s"] = gbytes / row["ms"]
             except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                row["error"] = error_text(e)
             rows.append(row)
         line = {r.get("config", r["variant"]): round(r.get("ms", float("nan")) * 1e3, 1) for r in rows
                 if r["context"] == n and r["batch"] == B}

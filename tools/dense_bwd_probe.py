@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseflash._steps import (LOG2E, attention_grads_step, dot_precision, kernel_config, load_tile, mma,
-                                softmax_delta, store_tile)
-from sparseflash.flash import flash_backward, flash_forward
+from _backward_case import backward_case  # tools/_backward_case.py (the script's own folder is on sys.path)
+from _rows import bench_ms, error_text
+from sparseflash._steps import LOG2E, attention_grads_step, dot_precision, load_tile, mma, softmax_delta, store_tile
 
 
 @triton.jit
@@ -112,9 +112,6 @@ def main(argv=None) -> int:
                                                     "128x32x8x2", "64x32x4x2"],
                    help="keys per program (BLOCK_N) x query step (BLOCK_M) x warps x stages")
     args = p.parse_args(argv)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
                 triton=triton.__version__, argv=sys.argv, batch=args.batch, heads=args.heads, dtype="bfloat16",
@@ -123,47 +120,25 @@ def main(argv=None) -> int:
     rows = []
 
     def bench(fn):
-        if dev == "cpu":
-            fn()
-            return float("nan")
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
+        return bench_ms(fn, dev)
 
     for D, n in itertools.product(args.head_dims, args.seq_lens):
-        g = torch.Generator(device=dev).manual_seed(0)
-        q, k, v, do = (torch.randn(args.batch, args.heads, n, D, device=dev, generator=g, dtype=torch.bfloat16)
-                       for _ in range(4))
-        scale = 1.0 / math.sqrt(D)
-        flops_bwd = 2.5 * 4 * args.batch * args.heads * n * n * D / 2  # FA convention: bwd = 2.5 x fwd
-        cfg = kernel_config(D, q.device, None, dense=True, seq_len=n, dtype=q.dtype)
-        o, lse2 = flash_forward(q, k, v, True, scale, cfg)
-        ours = flash_backward(q, k, v, o, lse2, do, True, scale, cfg)
-        rows.append(dict(variant="ours_fwd", head_dim=D, seq_len=n, ms=bench(lambda: flash_forward(q, k, v, True,
-                                                                                                   scale, cfg))))
-        rows.append(dict(variant="ours_bwd", head_dim=D, seq_len=n,
-                         ms=bench(lambda: flash_backward(q, k, v, o, lse2, do, True, scale, cfg))))
-        rows[-1]["tflops"] = flops_bwd / rows[-1]["ms"] / 1e9
-        if dev == "cuda":
-            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                                  ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-                with sdpa_kernel(backend):
-                    def fb():
-                        sdpa(qg, kg, vg, is_causal=True).backward(do)
-                    rows.append(dict(variant=name, head_dim=D, seq_len=n, ms_fwd_bwd=bench(fb)))
+        case = backward_case(args.batch, args.heads, n, D, dev, bench)
+        rows += case.rows
         for c in args.configs:
             bn, bm, w, s = (int(x) for x in c.split("x"))
             c_ = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=s)
             row = dict(variant="atomic_dq", config=c, head_dim=D, seq_len=n)
             try:
-                got = bwd_atomic(q, k, v, o, lse2, do, c_)
-                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ours))
+                got = bwd_atomic(*case.args, c_)
+                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, case.ours))
                 row["max_diff_vs_ours"] = err
                 if not err < 0.1:
                     raise RuntimeError(f"wrong gradients (max difference {err})")
-                row["ms"] = bench(lambda: bwd_atomic(q, k, v, o, lse2, do, c_))
-                row["tflops"] = flops_bwd / row["ms"] / 1e9
+                row["ms"] = bench(lambda: bwd_atomic(*case.args, c_))
+                row["tflops"] = case.flops_bwd / row["ms"] / 1e9
             except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                row["error"] = error_text(e)
             rows.append(row)
         line = {r.get("config", r["variant"]): round(r.get("ms", r.get("ms_fwd_bwd", float("nan"))), 4)
                 for r in rows if r["head_dim"] == D and r["seq_len"] == n}

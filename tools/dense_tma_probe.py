@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from _rows import bench_ms, error_text  # tools/_rows.py (the script's own folder is on sys.path)
 from sparseflash._steps import LOG2E, finish_softmax, online_softmax_step
 
 
@@ -108,10 +109,7 @@ def main(argv=None) -> int:
                 triton=triton.__version__, argv=sys.argv, batch=args.batch, heads=args.heads, dtype="bfloat16")
 
     def bench(fn):
-        if dev == "cpu":
-            fn()
-            return float("nan")
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
+        return bench_ms(fn, dev)
 
     for D, n in itertools.product(args.head_dims, args.seq_lens):
         g = torch.Generator(device=dev).manual_seed(0)
@@ -145,7 +143,7 @@ def main(argv=None) -> int:
                 row["ms"] = bench(lambda: fwd_tma(q, k, v, cfg))
                 row["tflops"] = flops / row["ms"] / 1e9
             except Exception as e:  # a config that does not compile or run is a row too
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                row["error"] = error_text(e)
             rows.append(row)
         line = {r.get("config", r["variant"]): round(r.get("ms", float("nan")), 4) for r in rows
                 if r["head_dim"] == D and r["seq_len"] == n}
