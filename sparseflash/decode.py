@@ -11,7 +11,7 @@ over the allowed keys ``j``; a query with no allowed key gets ``o = 0``.
 
 **Split-KV.**  One query per (sequence, head) gives only ``B · H`` rows of work: far too
 few programs to fill a GPU if each walked the whole cache alone.  So the key list is cut
-into ``num_splits`` contiguous ranges of key blocks (as even as whole blocks allow), and
+into ``num_splits`` contiguous ranges of key blocks (``cdiv(blocks, num_splits)`` each), and
 program ``(b·H + h, s)`` runs the online softmax over its range only, writing a partial
 ``(m_s, l_s, acc_s)``: its running max, its sum ``Σ 2^(s'_j - m_s)`` and its unnormalised
 output ``Σ 2^(s'_j - m_s) v_j``, in float32.  A second small kernel merges the splits by log-sum-exp::
@@ -252,11 +252,13 @@ def _decode_split_kernel(
     n_win = n_valid - win_start
     n_win_blocks = tl.cdiv(n_win, BLOCK_N)
     n_blocks = n_win_blocks + tl.cdiv(n, BLOCK_N)
-    # Split s walks blocks [s·n/SPLITS, (s+1)·n/SPLITS): floor(n/SPLITS) or one more each.  (Not
-    # cdiv(n, SPLITS) blocks each: with one block past a multiple of SPLITS, 65537 keys say, that
-    # leaves splits idle and gives the others a block more.)
-    lo = split * n_blocks // SPLITS
-    hi = (split + 1) * n_blocks // SPLITS
+    # Split s walks cdiv(n, SPLITS) blocks from s·cdiv(n, SPLITS); the last splits may get fewer or
+    # none.  Spreading the blocks evenly instead (floor or one more each) keeps the longest split as
+    # long, and in an A/B on an H100 it made the hash ∪ window rows 3-8% slower (14.9 against 14.4 µs
+    # at 64k keys, batch 1; 44.0 against 40.5 at batch 8): the idle splits end at once.
+    per_split = tl.cdiv(n_blocks, SPLITS)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_blocks)
 
     q = tl.load(Q + b * sq_b + h * sq_h + cols, mask=col_ok, other=0.0).to(tl.float32)
     if MMA:  # the query as row 0 of QROWS (see _decode_fold_block), or the group's queries; the cache's dtype

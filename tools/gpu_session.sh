@@ -217,3 +217,28 @@ if [ "$stage" = 20 ]; then
   timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
   grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
 fi
+if [ "$stage" = 21 ]; then
+  # Host cost of an eager sparse call's pieces (tools/launch_cost.py); every GPU test; then on an H200 the
+  # decode bench, on an H100 the A/B of the decode splits. Args: test timeout, decode bench timeout.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout 150 python tools/launch_cost.py --out $OUT/launch_cost_$KIND.json > $OUT/launch_cost.log 2>&1
+  grep " us$" $OUT/launch_cost.log
+  timeout $2 python -m pytest -m gpu -q -n 6 tests --ignore tests/test_notebooks.py --ignore tests/test_notebook_outputs.py -p no:cacheprovider > $OUT/gpu_tests_all_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_all_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_all_$KIND.log | tail -4
+  if [ $KIND = h200 ]; then
+    timeout $3 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+    grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
+  else
+    bash tools/ab_decode_splits.sh > $OUT/ab_decode_splits_$KIND.log 2>&1; cat $OUT/ab_decode_splits_$KIND.log
+  fi
+fi
+if [ "$stage" = 22 ]; then
+  # The decode kernel with cdiv blocks per split again: its GPU tests, then the full decode bench. Arg: bench timeout.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout 150 python -m pytest -m gpu -q -n 6 tests/test_decode.py tests/test_decode_graph.py tests/test_generate.py tests/test_decode_append.py -p no:cacheprovider > $OUT/gpu_tests_decode_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_decode_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_decode_$KIND.log | tail -3
+  timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+  grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
+fi
