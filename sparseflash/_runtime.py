@@ -33,6 +33,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints: ``triton.cdiv`` without its host-side wrapper (a few µs a call,
+    and an eager call computes several of these per launch)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ``>= n`` for ``n >= 1`` (``triton.next_power_of_2`` on the host)."""
+    return 1 << (n - 1).bit_length()
+
+
 def new_output(shape, dtype: torch.dtype, device) -> Tensor:
     """``torch.empty``, or NaN-filled when :data:`POISON` is set."""
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -332,9 +332,9 @@ def softmax_delta(o: Tensor, do: Tensor) -> Tensor:
     o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (o, do))
     delta = _runtime.new_output((B, H, n), torch.float32, o.device)
     block = 64
-    _delta_kernel[(triton.cdiv(n, block), B * H)](
+    _delta_kernel[(_runtime.cdiv(n, block), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, n,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK=block, num_warps=4)
+        HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK=block, num_warps=4)
     return delta
 
 

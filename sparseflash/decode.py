@@ -409,8 +409,8 @@ def default_num_splits(n_keys_max: int, n_queries: int, device: torch.device) ->
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = min(DEFAULT_MAX_SPLITS, triton.cdiv(n_keys_max, KEYS_PER_SPLIT),
-                 triton.cdiv(PROGRAMS_PER_SM * sms, max(n_queries, 1)))
+    splits = min(DEFAULT_MAX_SPLITS, _runtime.cdiv(n_keys_max, KEYS_PER_SPLIT),
+                 _runtime.cdiv(PROGRAMS_PER_SM * sms, max(n_queries, 1)))
     return max(1, splits)
 
 
@@ -550,9 +550,9 @@ def decode_attention(
     else:
         si, snk = (0, 0, 0, 0), (0, 0, 0)
     sl = (lid.stride(0), lid.stride(1)) if lists else (0, 0)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _runtime.next_power_of_2(D))
     block_n = max(16, min(MAX_BLOCK_N, KEY_TILE // block_d)) if q.device.type == "cuda" else 16
-    n_blocks = programs * triton.cdiv(n_max, block_n)  # at most, all rows together
+    n_blocks = programs * _runtime.cdiv(n_max, block_n)  # at most, all rows together
     desc = not sparse and n_blocks >= DESC_MIN_BLOCKS and _use_descriptors(k_cache, v_cache)
     kd, vd = ((_descriptor(k_cache, block_n, block_d), _descriptor(v_cache, block_n, block_d)) if desc
               else (k_cache, v_cache))
@@ -566,13 +566,13 @@ def decode_attention(
         H, S, L, G, len_value, window, scale * LOG2E,
         SPARSE=sparse, LISTS=lists, LEN_TENSOR=isinstance(cache_len, Tensor), SPLITS=num_splits, HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_N=block_n, GROUP=H // Hkv, DESC=desc, MMA=mma, EVICT=EVICT_FIRST,
-        DOT_PRECISION=dot_precision(q.dtype), GROUPED=grouped, QROWS=max(16, triton.next_power_of_2(H // Hkv)),
+        DOT_PRECISION=dot_precision(q.dtype), GROUPED=grouped, QROWS=max(16, _runtime.next_power_of_2(H // Hkv)),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
         _decode_merge_kernel[(B * H,)](
             part_m, part_l, part_acc, out, H, out.stride(0), out.stride(1),
-            SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=_runtime.next_power_of_2(num_splits),
             num_warps=4 if num_splits <= 64 else 8,
         )
     return out

@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _runtime
+
 
 @triton.jit
 def _lsh_id(x, rot, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -193,9 +195,9 @@ def append_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), q_out.stride(0), q_out.stride(1),
         Hkv, S, 0 if pos_tensor else int(position),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=H // Hkv,
+        HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), GROUP=H // Hkv,
         HALF=(bucket_count.shape[-1] // 2) if hashing else 1,
-        BLOCK_R=max(16, triton.next_power_of_2(bucket_count.shape[-1] // 2)) if hashing else 16,
+        BLOCK_R=max(16, _runtime.next_power_of_2(bucket_count.shape[-1] // 2)) if hashing else 16,
         HASH=hashing, POS_TENSOR=pos_tensor, ROTARY=rotary,
         num_warps=4 if hashing and D * (bucket_count.shape[-1] // 2) > 1024 else 1,  # (the rotation tile)
     )

@@ -475,7 +475,7 @@ MAX_KERNEL_BUCKETS = 256
 
 def _chunking(n: int, n_buckets: int) -> tuple[int, int, int] | None:
     """``(NB, CHUNK, n_chunks)`` of the counting-sort kernels, or None where the sort is better."""
-    nb = max(2, triton.next_power_of_2(n_buckets))
+    nb = max(2, _runtime.next_power_of_2(n_buckets))
     # A chunk's one-hot tile is (CHUNK, NB); the interpreter runs programs one after another,
     # so fewer, wider ones are cheaper there (a GPU wants them in registers).
     chunk = max(16, min(1024, (32768 if _runtime.INTERPRET else 8192) // nb))
@@ -526,11 +526,13 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     n_runs = n_buckets + overflow
     Lq, Lk = layout_length(N, n_buckets, block_m), layout_length(n_k, n_buckets, block_n)
     i32 = dict(dtype=torch.int32, device=device)
-    q_side = torch.empty((3, B, H, Lq), **i32)
-    k_side = torch.empty((3, B, k_heads, Lk), **i32)
+    # Each side's (index, pos, bucket) and (start, count) are views of one buffer, split once
+    # here: an eager call's host time is mostly such Python steps (tools/launch_cost.py).
+    q_side = torch.empty((3, B, H, Lq), **i32).unbind(0)
+    k_side = torch.empty((3, B, k_heads, Lk), **i32).unbind(0)
     runs = torch.empty((2 * B * (H + k_heads) * n_runs,), **i32)  # each side's start and count
-    q_runs = runs[: 2 * B * H * n_runs].view(2, B, H, n_runs)
-    k_runs = runs[2 * B * H * n_runs:].view(2, B, k_heads, n_runs)
+    q_runs = runs[: 2 * B * H * n_runs].view(2, B, H, n_runs).unbind(0)
+    k_runs = runs[2 * B * H * n_runs:].view(2, B, k_heads, n_runs).unbind(0)
     rows = B * H * 2 * n_chunks
     counts = torch.empty((rows * (nb + 1 + overflow),), **i32)
     per_chunk, drops, overs = counts[: rows * nb], counts[rows * nb: rows * (nb + 1)], counts[rows * (nb + 1):]
@@ -550,9 +552,9 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     _place_kernel[grid](arg(q_buckets), arg(q_keep), arg(q_pos), arg(k_buckets), arg(k_keep), arg(k_pos),
                         *q_side, *k_side, *q_runs, *k_runs, per_chunk, drops, overs, N, n_k, Lq, Lk, n_buckets,
                         n_chunks, q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                        N_CHUNKS=triton.next_power_of_2(n_chunks), **flags, num_warps=4)
-    return (Layout(*q_side, q_runs[0], q_runs[1], n_runs, block_m, overflow),
-            Layout(*k_side, k_runs[0], k_runs[1], n_runs, block_n, overflow))
+                        N_CHUNKS=_runtime.next_power_of_2(n_chunks), **flags, num_warps=4)
+    return (Layout(*q_side, *q_runs, n_runs, block_m, overflow),
+            Layout(*k_side, *k_runs, n_runs, block_n, overflow))
 
 
 # --------------------------------------------------------------------------------------
@@ -711,7 +713,7 @@ def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     q_runs = runs[: B * H * n_qt * 3].view(B, H, n_qt, 3)
     k_runs = runs[B * H * n_qt * 3:].view(B, H, n_kt, 3)
     chunk = 256 if _runtime.INTERPRET else 64  # tiles per program (the interpreter: fewer, wider programs)
-    _plan_kernel[(triton.cdiv(max(n_qt, n_kt), chunk), B * H, 2)](
+    _plan_kernel[(_runtime.cdiv(max(n_qt, n_kt), chunk), B * H, 2)](
         q_layout.pos, q_layout.bucket, q_layout.start, q_layout.count,
         k_layout.pos, k_layout.bucket, k_layout.start, k_layout.count, q_runs, k_runs,
         Lq, Lk, n_qt, n_kt, q_layout.n_buckets, q_layout.overflow_run,

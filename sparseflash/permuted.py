@@ -403,7 +403,7 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
+        HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
         DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // k.shape[1], LABELS=labels,
         **launch_params(cfg),
     )
@@ -431,7 +431,7 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
+        HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
         DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // h_kv, LABELS=labels,
         **launch_params(cfg, backward=True),
     )

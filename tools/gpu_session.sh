@@ -242,3 +242,21 @@ if [ "$stage" = 22 ]; then
   timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
   grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
 fi
+if [ "$stage" = 23 ]; then
+  # Every GPU test; the host cost of an eager call and the host-bound bench rows with the package of 27e042d
+  # (copied to tools/_old_pkg, untracked) and with this tree, ABAB; then the full decode bench. Arg: bench timeout.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout 200 python -m pytest -m gpu -q -n 8 tests --ignore tests/test_notebooks.py --ignore tests/test_notebook_outputs.py -p no:cacheprovider > $OUT/gpu_tests_all_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_all_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_all_$KIND.log | tail -3
+  B="--seq-lens 4096 8192 --head-dim 64 --buckets 16 --keep-rates 0.3 --windows 256 --modes fwd fwd+bwd --variants sdpa_flash ours_dense ours_hash_16 ours_hash_16_default ours_hash_16_w256 ours_qk_0.3 --no-kernel-time --no-check --no-progress --force"
+  for v in old new old new; do
+    P=.; [ $v = old ] && P=tools/_old_pkg:.
+    PYTHONPATH=$P timeout 60 python tools/launch_cost.py --out $OUT/launch_cost_${v}_$KIND.json 2>&1 | grep -E "(layouts|plan|layout_|delta|hash_|dense_|qk_).* us$" | sed "s/^/$v /"
+    PYTHONPATH=$P timeout 90 python -m sparseflash.bench $B --out /tmp/bench_$v.json > /tmp/bench_$v.log 2>&1
+    python -c "import json; [print('$v', r['variant'], r['mode'], r['seq_len'], round(r['ms'], 3), round(r['speedup_vs_sdpa_flash'] or 0, 2)) for r in json.load(open('/tmp/bench_$v.json'))['rows'] if r['status'] == 'ok']"
+  done
+  cp /tmp/bench_old.json $OUT/bench_host_old_$KIND.json; cp /tmp/bench_new.json $OUT/bench_host_new_$KIND.json
+  timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+  grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
+fi
