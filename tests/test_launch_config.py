@@ -1,8 +1,10 @@
 """Launch defaults of :func:`sparseflash._steps.kernel_config` (no GPU needed: the choice
-depends only on the device type, head dim, length, dtype and window)."""
+depends only on the device type, head dim, length, dtype and window), and the host's grid arithmetic."""
 import pytest
 import torch
+import triton
 
+from sparseflash import _runtime
 from sparseflash._steps import BAND_MAX_WINDOW, DENSE_CUDA_BAND, kernel_config
 
 CUDA = torch.device("cuda")
@@ -39,3 +41,13 @@ def test_cpu_defaults_do_not_change_with_the_window():
     cpu = torch.device("cpu")
     assert kernel_config(64, cpu, dense=True, seq_len=100, dtype=bf16, window=16) == \
         kernel_config(64, cpu, dense=True, seq_len=100, dtype=bf16)
+
+
+def test_host_tile_arithmetic_matches_triton():
+    """The launch code's plain-int ``cdiv`` and ``next_power_of_2`` give triton's answers
+    (triton's are constexpr functions, slower to call from the host)."""
+    for n in range(1, 1100):
+        assert _runtime.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 7, 16, 64, 128):
+            assert _runtime.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert _runtime.cdiv(0, 64) == 0
