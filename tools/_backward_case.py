@@ -2,14 +2,16 @@
 
 ``backward_case(batch, heads, n, D, device, bench)`` draws bf16 ``q, k, v, do`` (seed 0), runs our
 dense forward and backward with their launch defaults, and times our forward, our backward call and
-SDPA's flash and cuDNN fwd+bwd (on CUDA).
+SDPA's flash and cuDNN fwd+bwd (on CUDA).  ``probe_meta`` is the probes' file header.
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from sparseflash._steps import kernel_config
 from sparseflash.flash import flash_backward, flash_forward
@@ -58,3 +60,10 @@ def backward_case(batch: int, heads: int, n: int, D: int, device: str, bench) ->
                     sdpa(qg, kg, vg, is_causal=True).backward(do)
                 rows.append(dict(variant=name, head_dim=D, seq_len=n, ms_fwd_bwd=bench(fb)))
     return BackwardCase(q, k, v, do, o, lse2, ours, flops_bwd, rows)
+
+
+def probe_meta(args, device: str, note: str) -> dict:
+    """A probe file's ``meta``: the device and versions, the command, the case's shape and ``note``."""
+    return dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                triton=triton.__version__, argv=sys.argv, batch=args.batch, heads=args.heads, dtype="bfloat16",
+                note=note)

@@ -1,5 +1,5 @@
 """Shared by the sweep and probe tools: rows written to a JSON file as they are measured, a row's
-time and its error text."""
+time, its error text and its check against a reference."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,12 @@ def bench_ms(fn, device: str) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def max_diff(got, want) -> float:
+    """Largest absolute difference over pairs of tensors (a configuration's outputs or gradients
+    against the reference ones)."""
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
 
 
 def error_text(e: Exception) -> str:

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from _backward_case import backward_case  # tools/_backward_case.py (the script's own folder is on sys.path)
-from _rows import bench_ms, error_text
+from _backward_case import backward_case, probe_meta  # tools/_backward_case.py (the script's own folder is on sys.path)
+from _rows import bench_ms, error_text, max_diff
 from sparseflash._steps import LOG2E, attention_grads_step, dot_precision, load_tile, mma, softmax_delta, store_tile
 
 
@@ -113,10 +113,9 @@ def main(argv=None) -> int:
                    help="keys per program (BLOCK_N) x query step (BLOCK_M) x warps x stages")
     args = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
-                triton=triton.__version__, argv=sys.argv, batch=args.batch, heads=args.heads, dtype="bfloat16",
-                note="ms of the backward call alone for ours and the probe; fwd+bwd for SDPA rows "
-                     "(ms_fwd_bwd); ours_fwd is our forward, so ours_fwd + a backward compares with SDPA's")
+    meta = probe_meta(args, dev, "ms of the backward call alone for ours and the probe; fwd+bwd for SDPA rows "
+                                 "(ms_fwd_bwd); ours_fwd is our forward, so ours_fwd + a backward compares with "
+                                 "SDPA's")
     rows = []
 
     def bench(fn):
@@ -131,7 +130,7 @@ def main(argv=None) -> int:
             row = dict(variant="atomic_dq", config=c, head_dim=D, seq_len=n)
             try:
                 got = bwd_atomic(*case.args, c_)
-                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, case.ours))
+                err = max_diff(got, case.ours)
                 row["max_diff_vs_ours"] = err
                 if not err < 0.1:
                     raise RuntimeError(f"wrong gradients (max difference {err})")

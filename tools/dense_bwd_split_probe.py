@@ -23,10 +23,9 @@ import math
 import sys
 
 import torch
-import triton
 
-from _backward_case import backward_case  # tools/_backward_case.py (the script's own folder is on sys.path)
-from _rows import bench_ms, error_text
+from _backward_case import backward_case, probe_meta  # tools/_backward_case.py (the script's own folder is on sys.path)
+from _rows import bench_ms, error_text, max_diff
 from sparseflash._steps import softmax_delta
 from sparseflash.flash import flash_backward
 
@@ -69,10 +68,9 @@ def main(argv=None) -> int:
                    help="dQ part: queries per program x key step x warps x stages")
     args = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
-                triton=triton.__version__, argv=sys.argv, batch=args.batch, heads=args.heads, dtype="bfloat16",
-                note="ms of one part's launch (kv_part, q_part), of the backward call (ours_bwd, split_best: "
-                     "delta and both launches), of our forward (ours_fwd) and of SDPA fwd+bwd (ms_fwd_bwd)")
+    meta = probe_meta(args, dev, "ms of one part's launch (kv_part, q_part), of the backward call (ours_bwd, "
+                                 "split_best: delta and both launches), of our forward (ours_fwd) and of SDPA "
+                                 "fwd+bwd (ms_fwd_bwd)")
     rows = []
 
     def bench(fn):
@@ -91,7 +89,7 @@ def main(argv=None) -> int:
                     dq, dk, dv = part(*case.args, delta, which, c_)
                     got = (dk, dv) if which == 1 else (dq,)
                     want = case.ours[1:] if which == 1 else case.ours[:1]
-                    err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+                    err = max_diff(got, want)
                     row["max_diff_vs_ours"] = err
                     if not err < 0.05:
                         raise RuntimeError(f"wrong gradients (max difference {err})")
@@ -104,7 +102,7 @@ def main(argv=None) -> int:
         if "kv_part" in best and "q_part" in best:
             c_kv, c_q = _parse(best["kv_part"][1]), _parse(best["q_part"][1])
             got = split_backward(*case.args, c_kv, c_q)
-            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, case.ours))
+            err = max_diff(got, case.ours)
             row = dict(variant="split_best", config=f"{best['kv_part'][1]}+{best['q_part'][1]}", head_dim=D,
                        seq_len=n, max_diff_vs_ours=err, ms=bench(lambda: split_backward(*case.args, c_kv, c_q)))
             row["tflops"] = case.flops_bwd / row["ms"] / 1e9

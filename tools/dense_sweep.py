@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sparseflash import flash
 from sparseflash._steps import kernel_config
 
-from _rows import row_writer  # tools/_rows.py (the script's own folder is on sys.path)
+from _rows import max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 FWD = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
        for (bm, bn), w, s in itertools.product([(64, 64), (128, 64), (128, 128), (128, 32)], (4, 8), (2, 3, 4))]
@@ -103,7 +103,7 @@ def main() -> int:
                 else:
                     dq, dk, dv = flash.flash_backward(q, k, v, o, lse2, do, True, sm, cfg)
                     ref = flash.flash_backward(q, k, v, o, lse2, do, True, sm, default)
-                    row["max_err"] = max((a.float() - b.float()).abs().max().item() for a, b in zip((dq, dk, dv), ref))
+                    row["max_err"] = max_diff((dq, dk, dv), ref)
                     row["ms"] = bench(lambda: flash.flash_backward(q, k, v, o, lse2, do, True, sm, cfg))
                     row["tflops"] = 2.5 * flops_fwd / row["ms"] * 1e-9
             except Exception as e:  # noqa: BLE001  (out of shared memory, registers: recorded, not fatal)

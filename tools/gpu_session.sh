@@ -267,10 +267,5 @@ if [ "$stage" = 24 ]; then
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   timeout 120 python -m sparseflash.bench.decode --contexts 65536 65537 131072 131073 --batches 1 8 --scopes layer --no-flex --no-progress --out /tmp/decode_plus1.json 2>&1 | grep -E "^layer ctx=[0-9]* *B=[18] *[|]"
   cp /tmp/decode_plus1.json $OUT/decode_plus1_$KIND.json
-  if [ $KIND = h200 ]; then
-    timeout 150 python -m pytest -m gpu -q -n 8 tests/test_decode.py tests/test_decode_graph.py tests/test_generate.py tests/test_decode_append.py -p no:cacheprovider > $OUT/gpu_tests_decode_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_decode_$KIND.log
-    grep -v "Warn\|warn" $OUT/gpu_tests_decode_$KIND.log | tail -2
-    timeout $2 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
-    grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
-  fi
+  if [ $KIND = h200 ]; then bash tools/gpu_session.sh 22 $2; fi  # the decode GPU tests and the full bench
 fi

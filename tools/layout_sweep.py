@@ -29,7 +29,7 @@ from sparseflash._steps import kernel_config, softmax_delta
 from sparseflash.layout import bucket_budget
 from sparseflash.permuted import LayoutPlan, bucket_layouts, layout_backward, layout_forward, tile_plan
 
-from _rows import row_writer  # tools/_rows.py (the script's own folder is on sys.path)
+from _rows import max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 # BLOCK_M x BLOCK_N x warps x stages; the backward's warps and stages follow the block shape.
 FWD = ["64x64x4x3", "64x64x4x2", "64x64x4x4", "64x64x8x3", "128x64x8x3", "128x64x8x2", "128x64x4x3", "128x64x8x4",
@@ -53,10 +53,6 @@ def bench(fn, cpu: bool) -> float:
         return (time.perf_counter() - t) * 1e3
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median")
-
-
-def max_err(got, want) -> float:
-    return max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
 
 
 def main() -> int:
@@ -129,12 +125,12 @@ def main() -> int:
                         row["tiles"] = int(plan.tiles.visited().sum().item())
                         if kind == "layout_fwd":
                             o, lse = layout_forward(q, k, v, plan, sm, cfg)
-                            row["max_err"] = max_err((o,), (o_ref,))
+                            row["max_err"] = max_diff((o,), (o_ref,))
                             row["ms"] = bench(lambda: layout_forward(q, k, v, plan, sm, cfg), cpu)
                         else:
                             o, lse = layout_forward(q, k, v, plan, sm, {**default, "BLOCK_M": key[0], "BLOCK_N": key[1]})
                             g = layout_backward(q, k, v, o, lse, do, plan, sm, cfg)
-                            row["max_err"] = max_err(g, g_ref)
+                            row["max_err"] = max_diff(g, g_ref)
                             row["ms"] = bench(lambda: layout_backward(q, k, v, o, lse, do, plan, sm, cfg), cpu)
                         row["us_per_tile"] = row["ms"] * 1e3 / max(1, row["tiles"])
                     except Exception as e:  # noqa: BLE001  (out of shared memory, registers: recorded, not fatal)
@@ -160,14 +156,14 @@ def main() -> int:
                         if kind == "band_fwd":
                             init = (o_ref.clone(), lse_ref.clone())
                             got, _ = flash.flash_forward(q, k, v, True, sm, cfg, window=W, init=init)
-                            row["max_err"] = max_err((got,), (band_o,))
+                            row["max_err"] = max_diff((got,), (band_o,))
                             row["ms"] = bench(lambda: flash.flash_forward(q, k, v, True, sm, cfg, window=W,
                                                                           init=init), cpu)
                         else:
                             acc = tuple(g.clone() for g in g_ref)
                             got = flash.flash_backward(q, k, v, band_o, band_lse, do, True, sm, cfg, window=W,
                                                        delta=delta, accumulate=acc)
-                            row["max_err"] = max_err(got, band_g)
+                            row["max_err"] = max_diff(got, band_g)
                             row["ms"] = bench(lambda: flash.flash_backward(q, k, v, band_o, band_lse, do, True, sm,
                                                                            cfg, window=W, delta=delta,
                                                                            accumulate=acc), cpu)
