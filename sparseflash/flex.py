@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .layout import Layout, TilePlan, bucket_budget, bucket_layouts, tile_plan
+from .layout import Layout, bucket_budget, bucket_layouts
+from .plan import TilePlan, tile_plan
 
 FLEX_BLOCK = 128
 
@@ -36,7 +37,7 @@ class FlexPattern:
 
     Attributes:
         q_layout, k_layout: the sparseflash layouts (slot order) with 128-slot tiles.
-        plan: their :class:`~sparseflash.layout.TilePlan`.
+        plan: their :class:`~sparseflash.plan.TilePlan`.
         block_mask: the ``BlockMask`` over slots, ``(B, Hq, Lq, Lk)``.
     """
 

@@ -1,22 +1,20 @@
-"""Layouts: where each token sits when a sparse kernel runs, and which tiles it visits.
+"""Layouts: where each token sits when a sparse kernel runs.
 
 Query/key dropping and hash buckets both reorder tokens before attention.  This
-module holds those permutations and the per-tile summaries built from them; it
-imports no kernel, so the kernels (:mod:`sparseflash.permuted`) and the pictures
-(:mod:`sparseflash.tiles`) both build on it.
+module holds those permutations (and the kernels that build them); it imports no
+attention kernel, so the tile plan (:mod:`sparseflash.plan`), the kernels
+(:mod:`sparseflash.permuted`) and the pictures (:mod:`sparseflash.tiles`) build on it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import _runtime  # (first: may turn on Triton's interpreter)
-from ._steps import kv_head
 
 INT32_MAX = 2**31 - 1
 PAD = -1  #: position of a padding slot
@@ -72,91 +70,6 @@ def scatter_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Tile tables
-# --------------------------------------------------------------------------------------
-
-
-def _per_tile(x: Tensor, block: int, fill: int, reduce: str) -> Tensor:
-    pad = (-x.shape[-1]) % block
-    x = F.pad(x, (0, pad), value=fill).unflatten(-1, (-1, block))
-    return x.amax(-1) if reduce == "max" else x.amin(-1)
-
-
-@dataclass
-class TileStats:
-    """Per-tile summaries of a permuted layout, ``(B, H, n_tiles)`` int32 each.
-
-    ``qmax`` largest query position of a query tile (-1: only padding);
-    ``kmin`` smallest key position of a key tile (INT32_MAX: only padding);
-    ``qb_lo, qb_hi, kb_lo, kb_hi`` bucket ranges over real tokens (None without buckets).
-    """
-
-    qmax: Tensor
-    kmin: Tensor
-    qb_lo: Tensor | None = None
-    qb_hi: Tensor | None = None
-    kb_lo: Tensor | None = None
-    kb_hi: Tensor | None = None
-
-    @classmethod
-    def of(cls, q_pos, k_pos, q_buckets, k_buckets, block_m: int, block_n: int) -> "TileStats":
-        qmax = _per_tile(q_pos, block_m, PAD, "max")
-        kmin = _per_tile(torch.where(k_pos < 0, INT32_MAX, k_pos), block_n, INT32_MAX, "min")
-        if q_buckets is None:
-            return cls(qmax.int(), kmin.int())
-        # Bucket ranges over real tokens; a tile of padding gets an empty range
-        # placed at +inf, which keeps the ranges sorted for the binary searches.
-        qb_lo = _per_tile(torch.where(q_pos >= 0, q_buckets, INT32_MAX), block_m, INT32_MAX, "min")
-        qb_hi = _per_tile(torch.where(q_pos >= 0, q_buckets, -1), block_m, -1, "max")
-        kb_lo = _per_tile(torch.where(k_pos >= 0, k_buckets, INT32_MAX), block_n, INT32_MAX, "min")
-        kb_hi = _per_tile(torch.where(k_pos >= 0, k_buckets, -1), block_n, -1, "max")
-        qb_hi = torch.where(qmax >= 0, qb_hi, INT32_MAX)
-        kb_hi = torch.where(kmin < INT32_MAX, kb_hi, INT32_MAX)
-        return cls(qmax.int(), kmin.int(), qb_lo.int(), qb_hi.int(), kb_lo.int(), kb_hi.int())
-
-    def visited(self) -> Tensor:
-        """``(B, H, n_q_tiles, n_k_tiles)`` bool: the tile-skipping rule, pair by pair.
-
-        Quadratic in tiles: for pictures and tests, never used by the kernels.
-        """
-        ok = self.kmin[..., None, :] <= self.qmax[..., :, None]
-        if self.qb_lo is not None:
-            ok &= (self.kb_lo[..., None, :] <= self.qb_hi[..., :, None]) & (
-                self.kb_hi[..., None, :] >= self.qb_lo[..., :, None]
-            )
-        return ok
-
-
-def tile_tables(stats: TileStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Runs of tiles each kernel loop walks, by binary search over the sorted layout.
-
-    Returns int32 ``(B, H, ·)`` tensors ``k_lo, k_hi`` (per query tile: key tiles
-    ``[k_lo, k_hi)`` may hold allowed pairs) and ``q_lo, q_hi`` (per key tile, for the
-    backward).  Inside a run the kernels still test ``kmin <= qmax`` per tile.
-    """
-    search = torch.searchsorted
-    n_qt, n_kt = stats.qmax.shape[-1], stats.kmin.shape[-1]
-    q_real = stats.qmax >= 0
-    k_real = stats.kmin < INT32_MAX
-    if stats.qb_lo is None:
-        # Positions ascend through the layout, so the key tiles a query tile sees
-        # are a prefix, and the query tiles a key tile meets run to the last real one.
-        k_lo = torch.zeros_like(stats.qmax)
-        k_hi = search(stats.kmin, stats.qmax, right=True)
-        q_lo = search(torch.where(q_real, stats.qmax, INT32_MAX), stats.kmin)
-        q_hi = q_real.sum(-1, keepdim=True, dtype=torch.int32).expand(*stats.kmin.shape)
-    else:
-        # Buckets ascend through the layout: overlapping tiles form one run.
-        k_lo = search(stats.kb_hi, stats.qb_lo)
-        k_hi = search(stats.kb_lo, stats.qb_hi, right=True)
-        q_lo = search(stats.qb_hi, stats.kb_lo)
-        q_hi = search(stats.qb_lo, stats.kb_hi, right=True)
-    k_hi = torch.where(q_real, torch.maximum(k_hi, k_lo), k_lo).clamp(max=n_kt)
-    q_hi = torch.where(k_real, torch.maximum(q_hi, q_lo), q_lo).clamp(max=n_qt)
-    return (k_lo.int().contiguous(), k_hi.int().contiguous(), q_lo.int().contiguous(), q_hi.int().contiguous())
-
-
-# --------------------------------------------------------------------------------------
 # The kernels' layout: buckets in tile-aligned runs
 # --------------------------------------------------------------------------------------
 #
@@ -169,7 +82,7 @@ def tile_tables(stats: TileStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 #
 # So no tile holds two buckets, a query tile meets key tiles of its own bucket only,
 # and positions ascend through each run: the key tiles a query tile needs are a
-# contiguous run, the mask-free ones a prefix of it (see TilePlan).  Dropped tokens
+# contiguous run, the mask-free ones a prefix of it (see plan.TilePlan).  Dropped tokens
 # (not kept, or without ``overflow`` a bucket id outside [0, n_buckets)) sit after the
 # runs with the padding position, so the kernels still write their output (0) and
 # gradients (0): ``index`` holds every token exactly once.  Alignment costs at most
@@ -179,7 +92,7 @@ def tile_tables(stats: TileStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 # budget: with ``overflow`` every token whose id lies outside [0, n_buckets) goes to one
 # more run, the *overflow run* (index n_buckets, after the others, positions ascending
 # through it like any run).  Its tiles mix ids, so the kernels test the original ids
-# there (TilePlan: none of its tiles is mask-free); ids in range never meet it.  It is
+# there (plan.TilePlan: none of its tiles is mask-free); ids in range never meet it.  It is
 # not padded at its end, like the dropped tokens after it (which no pair allows, so they
 # may share its last tile): the length stays ``layout_length(N, n_buckets, block)``, and
 # a layout whose ids are all in range is the very layout built without ``overflow``.
@@ -555,226 +468,6 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
                         N_CHUNKS=_runtime.next_power_of_2(n_chunks), **flags, num_warps=4)
     return (Layout(*q_side, *q_runs, n_runs, block_m, overflow),
             Layout(*k_side, *k_runs, n_runs, block_n, overflow))
-
-
-# --------------------------------------------------------------------------------------
-# The tile plan: which key tiles each query tile visits, and the reverse
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class TilePlan:
-    """Tiles each kernel loop visits, from a query and a key :class:`Layout`.
-
-    ``q_runs``: int32 ``(B, H, n_q_tiles, 3)``: query tile ``T`` (forward and dQ) visits
-    key tiles ``[lo, full)`` with no mask, then ``[full, hi)`` masked.
-    ``k_runs``: int32 ``(B, H, n_k_tiles, 3)``: key tile ``S`` (dK/dV) visits query
-    tiles ``[lo, full)`` masked, then ``[full, hi)`` with no mask.
-
-    Both are per query head ``h``.  With grouped-query attention (a key layout of ``Hkv``
-    heads, ``G = H / Hkv``), query head ``h`` meets the key layout of kv head ``h // G``:
-    ``q_runs`` index its key tiles, and ``k_runs[b, h, S]`` is the run, in head ``h``'s
-    query layout, of that kv head's key tile ``S``.
-
-    The rule, for tiles of one bucket (tiles of different buckets never meet):
-    ``S`` is visited by ``T`` iff ``kmin(S) <= qmax(T)``, the first key at or before the
-    last query, which is exactly "the tile holds an allowed pair"; it needs no mask
-    iff ``kmax(S) <= qmin(T)`` over its real slots and, in the forward and dQ passes,
-    ``S`` has no padding slot (a padding key would join the softmax).  Positions
-    ascend through a bucket's run, so both sets are runs of tiles.
-
-    The overflow run (layouts built with ``overflow``) holds many ids, which the kernels
-    compare in its masked tiles: there ``S`` is visited by ``T`` iff ``kmin(S) <= qmax(T)``
-    as in any run, but no tile is mask-free (query tile: ``full = lo``; key tile:
-    ``full = hi``).  So "visited" there means "holds a causal pair", not "holds an allowed
-    pair": ids outside the fast range cost about dense attention among themselves.
-    """
-
-    q_runs: Tensor
-    k_runs: Tensor
-    block_m: int
-    block_n: int
-
-    def visited(self) -> Tensor:
-        """bool ``(B, H, n_q_tiles, n_k_tiles)``: the pairs the forward computes."""
-        s = torch.arange(self.k_runs.shape[-2], device=self.q_runs.device)
-        return (s >= self.q_runs[..., 0:1]) & (s < self.q_runs[..., 2:3])
-
-
-@triton.jit
-def _first_true(lo, hi, PRED_ARR, stride, offset, x, cap, GREATER_EQ: tl.constexpr, STEPS: tl.constexpr):
-    """Vectorised binary search: for each lane, the first ``t`` in ``[lo, hi)`` with
-    ``ARR[min(t·stride + offset, cap) ] > x`` (or ``>= x``); ``hi`` if none.  The
-    predicate must be monotone in ``t``."""
-    for _ in tl.static_range(STEPS):
-        mid = (lo + hi) // 2
-        active = lo < hi
-        val = tl.load(PRED_ARR + tl.minimum(mid * stride + offset, cap), mask=active, other=0)
-        if GREATER_EQ:
-            yes = val >= x
-        else:
-            yes = val > x
-        hi = tl.where(active & yes, mid, hi)
-        lo = tl.where(active & ~yes, mid + 1, lo)
-    return lo
-
-
-@triton.jit
-def _tile_span(SB, POS, START, COUNT, t, n_tiles, BLOCK: tl.constexpr):
-    """For tiles ``t`` of one side: live, real (in a bucket), bucket, and the positions of
-    the first slot and the last real slot (tiles of a bucket's run start with a real slot)."""
-    live = t < n_tiles
-    s0 = t * BLOCK
-    b = tl.load(SB + s0, mask=live, other=-1)
-    real = b >= 0
-    bb = tl.where(real, b, 0)
-    end = tl.load(START + bb, mask=real, other=0) + tl.load(COUNT + bb, mask=real, other=0)
-    first = tl.load(POS + s0, mask=real, other=0)
-    last = tl.load(POS + tl.minimum(s0 + BLOCK, end) - 1, mask=real, other=0)
-    return live, real, bb, first, last
-
-
-@triton.jit
-def _bucket_tiles(START, COUNT, bb, real, BLOCK: tl.constexpr):
-    """The other side's run of tiles for buckets ``bb``: first tile, end tile, first slot, tokens."""
-    start = tl.load(START + bb, mask=real, other=0)
-    count = tl.load(COUNT + bb, mask=real, other=0)
-    first = start // BLOCK
-    return first, first + tl.where(real, (count + BLOCK - 1) // BLOCK, 0), start, count
-
-
-@triton.jit
-def _store_run(OUT, lo, full, hi, live):
-    tl.store(OUT, lo, mask=live)
-    tl.store(OUT + 1, full, mask=live)
-    tl.store(OUT + 2, hi, mask=live)
-
-
-@triton.jit
-def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KRUNS,
-                 n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets, overflow_run,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr,
-                 GROUP: tl.constexpr):
-    """Grid ``(tile chunks, B·Hq, 2)``: axis 2 picks the query tiles' runs (0) or the key
-    tiles' runs (1); each lane finds its tile's bucket run and searches it twice.  Query
-    head ``h`` meets the key layout of kv head ``h // GROUP``.  ``n_buckets`` runs per head;
-    ``overflow_run``: the overflow run's index (-1: none), whose tiles are all masked."""
-    bh = tl.program_id(1).to(tl.int64)
-    bhk = kv_head(bh, GROUP)
-    t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    QPOS += bh * n_q_slots
-    QSB += bh * n_q_slots
-    KPOS += bhk * n_k_slots
-    KSB += bhk * n_k_slots
-    QSTART += bh * n_buckets
-    QCOUNT += bh * n_buckets
-    KSTART += bhk * n_buckets
-    KCOUNT += bhk * n_buckets
-    if tl.program_id(2) == 0:
-        live, real, bb, qmin, qmax = _tile_span(QSB, QPOS, QSTART, QCOUNT, t, n_q_tiles, BLOCK_M)
-        ks, ke, _, _ = _bucket_tiles(KSTART, KCOUNT, bb, real, BLOCK_N)
-        # Tiles whose first key comes after the last query hold no allowed pair.
-        hi = _first_true(ks, ke, KPOS, BLOCK_N, 0, qmax, n_k_slots - 1, False, STEPS)
-        # Mask-free while the tile's last slot (padding reads +inf) is at or before the first query.
-        full = _first_true(ks, hi, KPOS, BLOCK_N, BLOCK_N - 1, qmin, n_k_slots - 1, False, STEPS)
-        # The overflow run mixes ids: every tile there needs the id test of the mask.
-        full = tl.where(real & (bb == overflow_run), ks, full)
-        _store_run(QRUNS + (bh * n_q_tiles + t) * 3, ks, full, hi, live)
-    else:
-        live, real, bb, kmin, kmax = _tile_span(KSB, KPOS, KSTART, KCOUNT, t, n_k_tiles, BLOCK_N)
-        qs, qe, q_start, q_count = _bucket_tiles(QSTART, QCOUNT, bb, real, BLOCK_M)
-        # qmax of a query tile is its last real slot: the tile's last slot, or the run's.
-        lo = _first_true(qs, qe, QPOS, BLOCK_M, BLOCK_M - 1, kmin, q_start + q_count - 1, True, STEPS)
-        full = _first_true(lo, qe, QPOS, BLOCK_M, 0, kmax, n_q_slots - 1, True, STEPS)
-        full = tl.where(real & (bb == overflow_run), qe, full)
-        _store_run(KRUNS + (bh * n_k_tiles + t) * 3, lo, full, qe, live)
-
-
-def _check_same_runs(q_layout: Layout, k_layout: Layout) -> None:
-    if (q_layout.n_buckets, q_layout.overflow) != (k_layout.n_buckets, k_layout.overflow):
-        raise ValueError(f"the query and key layouts must have the same runs, got {q_layout.n_buckets} runs "
-                         f"(overflow={q_layout.overflow}) and {k_layout.n_buckets} (overflow={k_layout.overflow})")
-
-
-def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
-    """The :class:`TilePlan` of two layouts, in one kernel launch (no host synchronisation).
-
-    ``q_layout`` is per query head ``(B, H, ·)``, ``k_layout`` per kv head ``(B, Hkv, ·)``
-    (``Hkv`` dividing ``H``); the plan is per query head.  Both are built alike (the same
-    runs, both with or both without the overflow run).
-    """
-    _check_same_runs(q_layout, k_layout)
-    B, H, Lq = q_layout.index.shape
-    Lk = k_layout.n_slots
-    group = _group(H, k_layout.index.shape[1])
-    bm, bn = q_layout.block, k_layout.block
-    n_qt, n_kt = Lq // bm, Lk // bn
-    runs = torch.empty(B * H * 3 * (n_qt + n_kt), dtype=torch.int32, device=q_layout.index.device)
-    q_runs = runs[: B * H * n_qt * 3].view(B, H, n_qt, 3)
-    k_runs = runs[B * H * n_qt * 3:].view(B, H, n_kt, 3)
-    chunk = 256 if _runtime.INTERPRET else 64  # tiles per program (the interpreter: fewer, wider programs)
-    _plan_kernel[(_runtime.cdiv(max(n_qt, n_kt), chunk), B * H, 2)](
-        q_layout.pos, q_layout.bucket, q_layout.start, q_layout.count,
-        k_layout.pos, k_layout.bucket, k_layout.start, k_layout.count, q_runs, k_runs,
-        Lq, Lk, n_qt, n_kt, q_layout.n_buckets, q_layout.overflow_run,
-        BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, STEPS=max(n_qt, n_kt).bit_length() + 1, GROUP=group, num_warps=2,
-    )
-    return TilePlan(q_runs, k_runs, bm, bn)
-
-
-def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
-    """:class:`TilePlan` by brute force over slot pairs (quadratic: for tests and pictures).
-
-    A pair of tiles is visited iff some slot pair in it is allowed (same run,
-    ``0 <= kpos <= qpos``, both real); mask-free iff every pair of a real query slot
-    with any key slot is allowed (forward) or every pair of a real query slot with a
-    real key slot is (dK/dV), and the tiles are not in the overflow run (whose ids differ).
-    Raises if a set is not the run the kernels assume.  A key layout of fewer (kv) heads is
-    repeated to the query heads, as in :func:`tile_plan`.
-    """
-    _check_same_runs(q_layout, k_layout)
-    bm, bn = q_layout.block, k_layout.block
-    group = _group(q_layout.pos.shape[1], k_layout.pos.shape[1])
-    qp, kp = q_layout.pos.long(), k_layout.pos.long().repeat_interleave(group, dim=1)
-    qb, kb = q_layout.bucket, k_layout.bucket.repeat_interleave(group, dim=1)
-    q_real, k_real = qb >= 0, kb >= 0
-    allowed = (kp[..., None, :] <= qp[..., :, None]) & (kb[..., None, :] == qb[..., :, None])
-    allowed &= q_real[..., :, None] & k_real[..., None, :]
-
-    def tiles(x, reduce):  # (B, H, Lq, Lk) -> (B, H, n_qt, n_kt)
-        x = x.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm))
-        return x.any(-1).any(-2) if reduce == "any" else x.all(-1).all(-2)
-
-    visited = tiles(allowed, "any")
-    rows_real = q_real[..., :, None].expand_as(allowed)
-    free_fwd = tiles(allowed | ~rows_real, "all") & visited
-    free_kv = tiles(allowed | ~rows_real | ~k_real[..., None, :], "all") & visited
-    if q_layout.overflow:  # tiles never straddle runs: the query tile's run is the pair's
-        over = (qb == q_layout.overflow_run).unflatten(-1, (-1, bm)).any(-1)[..., :, None]
-        free_fwd, free_kv = free_fwd & ~over, free_kv & ~over
-
-    def runs(vis, free, free_first):
-        n = vis.shape[-1]
-        idx = torch.arange(n, device=vis.device)
-        any_ = vis.any(-1)
-        lo = torch.where(any_, torch.where(vis, idx, n).amin(-1), 0)
-        hi = torch.where(any_, torch.where(vis, idx + 1, 0).amax(-1), 0)
-        if free_first:
-            mid = torch.where(vis & ~free, idx, hi[..., None]).amin(-1)
-            mid = torch.minimum(mid, hi)
-        else:
-            mid = torch.where(free, idx, hi[..., None]).amin(-1)
-        contiguous = (vis.sum(-1) == hi - lo)
-        first, second = (free, vis & ~free) if free_first else (vis & ~free, free)
-        assert contiguous.all() and (first.sum(-1) == mid - lo).all() and (second.sum(-1) == hi - mid).all(), \
-            "visited or mask-free tiles are not runs"
-        return torch.stack([lo, mid, hi], -1).int()
-
-    # Tiles of a bucket with no allowed pair at all get an empty run at its start in the
-    # kernel's plan; compare runs only where they are non-empty.
-    q_runs = runs(visited, free_fwd, True)
-    k_runs = runs(visited.transpose(-1, -2), free_kv.transpose(-1, -2), False)
-    return TilePlan(q_runs, k_runs, bm, bn)
 
 
 def dense_bucket_ids(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None = None, *,

@@ -16,7 +16,7 @@ the kernels (``LABELS``) also require ``qb[a] == kb[b]`` on the original ids, re
 through the layout's index, in every masked tile (the tile plan makes all of that run's
 tiles masked).  Inside a bucket's run the ids are all equal, so the test changes nothing.
 
-Tile skipping follows the :class:`~sparseflash.layout.TilePlan`: query tile ``T``
+Tile skipping follows the :class:`~sparseflash.plan.TilePlan`: query tile ``T``
 visits the key tiles ``[lo, full)`` of its bucket with no mask (every key at or
 before every query, no padding) and ``[full, hi)`` with the position mask; no other
 tile holds an allowed pair, and none is loaded.  The loops have bounds and no
@@ -68,18 +68,15 @@ from .layout import (  # noqa: F401  (re-exported for existing imports)
     MAX_DIRECT_BUCKETS,
     PAD,
     Layout,
-    TilePlan,
     layout_length,
-    TileStats,
     bucket_layouts,
     bucket_sort_layout,
     compact_layout,
     dense_bucket_ids,
     gather_tokens,
     scatter_tokens,
-    tile_plan,
-    tile_tables,
 )
+from .plan import TilePlan, TileStats, tile_plan, tile_tables  # noqa: F401  (re-exported likewise)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tiles import TileRecord

@@ -3,7 +3,7 @@ predicted in PyTorch from the inputs (:func:`flash_schedule`, :func:`qk_schedule
 :func:`hash_schedule`, each a :class:`TileSchedule`).
 
 The predictions use the kernels' own rules (``flash._dense_key_range`` for dense,
-the :class:`~sparseflash.layout.TilePlan` of the same tile-aligned bucket layout for
+the :class:`~sparseflash.plan.TilePlan` of the same tile-aligned bucket layout for
 the sparse kinds, built in plain PyTorch), and split the computed tiles by the
 token-level masks of :mod:`sparseflash.reference`.
 """
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .layout import K_PAD, Q_PAD, bucket_budget, reference_layout, reference_tile_plan
+from .layout import K_PAD, Q_PAD, bucket_budget, reference_layout
+from .plan import reference_tile_plan
 
 
 class TileRecord:
@@ -393,7 +394,7 @@ def qk_schedule(q_keep: Tensor, k_keep: Tensor, block_m: int | None = None,
     ``q_keep``, ``k_keep``: bool ``(B, H, N)`` (or ``(N,)``, ``(H, N)``).  The layout is
     the kernels' (:func:`~sparseflash.layout.reference_layout` with one bucket: kept
     tokens first, padded to a whole tile, then the dropped ones); tiles are computed
-    by the :class:`~sparseflash.layout.TilePlan` (``kmin(S) <= qmax(T)``).  With a
+    by the :class:`~sparseflash.plan.TilePlan` (``kmin(S) <= qmax(T)``).  With a
     ``window``: the union's far part (see :class:`TileSchedule`).
     """
     q_keep, k_keep = _as_bhn(q_keep, "q_keep").bool(), _as_bhn(k_keep, "k_keep").bool()
@@ -417,7 +418,7 @@ def hash_schedule(q_buckets: Tensor, k_buckets: Tensor, block_m: int | None = No
     ``n_buckets=sparseflash.layout.DEFAULT_BUCKETS``.  The layout is the kernels'
     (:func:`~sparseflash.layout.reference_layout`: tokens by bucket, each bucket's run
     starting on a tile boundary, ids outside ``[0, n_buckets)`` in the overflow run after
-    them); tiles are computed by the :class:`~sparseflash.layout.TilePlan` (same run and
+    them); tiles are computed by the :class:`~sparseflash.plan.TilePlan` (same run and
     ``kmin(S) <= qmax(T)``), so no computed tile is EMPTY except in the overflow run (whose
     tiles mix ids).  With a ``window``: the union's far part, the same-bucket pairs with
     ``i - j >= window`` (the band is ``flash_schedule(N, window=window)``).

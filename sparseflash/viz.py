@@ -365,7 +365,7 @@ def plot_fraction(vary: str = "seq_len", kinds=None, values=None, *, seq_len: in
 
 
 # --------------------------------------------------------------------------------------
-# Layouts and tile plans (sparseflash.layout)
+# Layouts and tile plans (sparseflash.layout, sparseflash.plan)
 # --------------------------------------------------------------------------------------
 
 PAD_COLOR = "white"  #: padding slots of a layout
@@ -444,7 +444,7 @@ def allowed_per_tile(q_layout, k_layout, block_m: int | None = None, block_n: in
 
 def tile_plan_states(plan, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """int8 ``(B, H, n_q_tiles, n_k_tiles)`` tile states of the forward of a
-    :class:`~sparseflash.layout.TilePlan`: :data:`~sparseflash.tiles.FULL` for its mask-free
+    :class:`~sparseflash.plan.TilePlan`: :data:`~sparseflash.tiles.FULL` for its mask-free
     run ``[lo, full)``, :data:`~sparseflash.tiles.PARTIAL` for the masked run ``[full, hi)``,
     :data:`~sparseflash.tiles.SKIPPED` elsewhere.  ``plan`` may also be a bool map of visited
     tiles (a rule without runs: every visited tile masked).  With ``allowed`` (pairs per tile,
@@ -474,7 +474,7 @@ PLAN_LABELS = {SKIPPED: "skipped", FULL: "no mask (lo..full)", PARTIAL: "masked 
 def plot_tile_plan(plan, b: int = 0, h: int = 0, *, allowed: torch.Tensor | None = None, q_layout=None,
                    k_layout=None, ax=None, title: str | None = None, legend: bool = True):
     """Draw the tiles a kernel visits, one cell per (query tile, key tile): the mask-free run
-    of a :class:`~sparseflash.layout.TilePlan` dark blue, its masked run light blue, skipped
+    of a :class:`~sparseflash.plan.TilePlan` dark blue, its masked run light blue, skipped
     tiles grey (and orange: visited with no allowed pair, when ``allowed`` is given).
 
     ``plan`` may also be a bool ``(n_q_tiles, n_k_tiles)`` (or ``(B, H, ·, ·)``) map of

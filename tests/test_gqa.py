@@ -37,9 +37,8 @@ from sparseflash.layout import (
     Q_PAD,
     bucket_layouts,
     reference_layout,
-    reference_tile_plan,
-    tile_plan,
 )
+from sparseflash.plan import reference_tile_plan, tile_plan
 from sparseflash.tiles import TileRecord
 
 f32, bf16 = torch.float32, torch.bfloat16

@@ -1,4 +1,4 @@
-"""The kernels' layout and tile plan (sparseflash.layout), kernels against plain PyTorch.
+"""The kernels' layout and tile plan (sparseflash.layout, sparseflash.plan), kernels against plain PyTorch.
 
 ``bucket_layouts`` (a counting sort in two launches) must build exactly what
 ``reference_layout`` (a stable sort) builds, and ``tile_plan`` exactly the runs that
@@ -17,9 +17,8 @@ from sparseflash.layout import (
     bucket_layouts,
     layout_length,
     reference_layout,
-    reference_tile_plan,
-    tile_plan,
 )
+from sparseflash.plan import reference_tile_plan, tile_plan
 
 
 def _inputs(kind, B, H, N, n_buckets, n_k=None):

@@ -115,7 +115,8 @@ def test_explorer_builds_and_reacts():
 
 
 def test_layout_and_tile_plan_pictures(tmp_path):
-    from sparseflash.layout import bucket_layouts, reference_layout, tile_plan
+    from sparseflash.layout import bucket_layouts, reference_layout
+    from sparseflash.plan import tile_plan
 
     keep = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)[None, None]
     ql, kl = bucket_layouts(keep.shape, q_keep=keep, k_keep=keep, block_m=4, block_n=4)

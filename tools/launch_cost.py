@@ -24,8 +24,9 @@ import triton.language as tl
 
 import sparseflash as sf
 from sparseflash._steps import kernel_config, softmax_delta
-from sparseflash.layout import bucket_layouts, tile_plan
+from sparseflash.layout import bucket_layouts
 from sparseflash.permuted import LayoutPlan, layout_backward, layout_forward
+from sparseflash.plan import tile_plan
 
 
 @triton.jit
