@@ -186,16 +186,25 @@ DENSE_CUDA_DEFAULT = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3,
                           bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2)
 #: A narrow sliding window (``0 < window <= BAND_MAX_WINDOW``) gives each query tile only a few
 #: key tiles, so the dense kernel's long-loop settings do not fit it: 64 x 64 tiles and a
-#: two-stage pipeline both ways.  On an H200 (``tools/layout_sweep.py``,
-#: results/logs/layout_sweep_h200.json; window 128, N 8k and 16k) the band's forward took 0.065
-#: ms against 0.110 with the long-loop settings at D=64 (0.116 against 0.160 at D=128) and its
-#: backward 0.172 against 0.199 ms at D=64.  On an H100 at windows 256, 512 and 1024
-#: (results/logs/layout_sweep_band_w*_h100.json, N 8k and 16k) the band settings stayed within 7%
-#: of the best tried, and their forward took 6-35% less time than the long-loop one (128-row
-#: tiles, 8 warps; least at D=128, window 1024); past 1024 the long-loop settings take over.
+#: two-stage pipeline both ways (the backward one stage above D=64: ``BAND_PIPELINED_BWD_MAX_D``).
+#: On an H200 (``tools/layout_sweep.py``, results/logs/layout_sweep_h200.json; window 128, N 8k
+#: and 16k) the band's forward took 0.065 ms against 0.110 with the long-loop settings at D=64
+#: (0.116 against 0.160 at D=128) and its backward 0.172 against 0.199 ms at D=64.  On an H100
+#: at windows 256, 512 and 1024 (results/logs/layout_sweep_band_w*_h100.json, N 8k and 16k) the
+#: band settings stayed within 7% of the best tried, and their forward took 6-35% less time than
+#: the long-loop one (128-row tiles, 8 warps; least at D=128, window 1024); past 1024 the
+#: long-loop settings take over.
 BAND_MAX_WINDOW = 1024
 DENSE_CUDA_BAND = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2,
                        bwd_BLOCK=64, bwd_STEP=64, bwd_num_warps=4, bwd_num_stages=2)
+#: Above this head dim the band's backward runs unpipelined (one stage): its loops are a few tiles
+#: long, and at D=128 a second stage's prologue and shared memory cost more than the overlap wins.
+#: On an H100 (``tools/layout_sweep.py``, results/logs/layout_sweep_band_bwd_stages_*_h100.json)
+#: one stage took 0.33 against 0.41 ms at window 128 (N 8k and 16k), 0.42 against 0.51 at 256,
+#: 0.61 against 0.70 at 512 and 0.97 against 1.07 at 1024 (D=96: 0.30 against 0.38 at 128); at
+#: D=64 it was 4-14% slower, and the long loops of the dense backward lose with it (D=128, N
+#: 16k: 13.5 against 10.8 ms, ``dense_sweep_bwd_1stage_h100.json``).
+BAND_PIPELINED_BWD_MAX_D = 64
 #: The sparse kernels' launch defaults on CUDA (BLOCK_M and BLOCK_N are shared by both passes).
 #: A bucket's run gives a query tile ten or so key tiles, and at head dims up to 64 a two-stage
 #: forward pipeline beat three (hash ∪ window far part on an H200, N 16k: 0.169 against 0.210
@@ -210,7 +219,10 @@ def _dense_cuda(head_dim: int, seq_len: int | None, dtype: torch.dtype | None, w
     if seq_len is None or dtype not in (torch.float16, torch.bfloat16):  # float32 tiles twice the bytes
         return cfg
     if 0 < window <= BAND_MAX_WINDOW:
-        return dict(DENSE_CUDA_BAND)
+        band = dict(DENSE_CUDA_BAND)
+        if head_dim > BAND_PIPELINED_BWD_MAX_D:
+            band["bwd_num_stages"] = 1
+        return band
     for max_d, bwd in DENSE_CUDA_BACKWARD:
         if head_dim <= max_d:
             cfg.update(bwd)

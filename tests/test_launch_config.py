@@ -5,7 +5,7 @@ import torch
 import triton
 
 from sparseflash import _runtime
-from sparseflash._steps import BAND_MAX_WINDOW, DENSE_CUDA_BAND, kernel_config
+from sparseflash._steps import BAND_MAX_WINDOW, BAND_PIPELINED_BWD_MAX_D, DENSE_CUDA_BAND, kernel_config
 
 CUDA = torch.device("cuda")
 bf16 = torch.bfloat16
@@ -15,6 +15,17 @@ bf16 = torch.bfloat16
 def test_narrow_window_takes_the_band_settings(window):
     cfg = kernel_config(64, CUDA, dense=True, seq_len=16384, dtype=bf16, window=window)
     assert {k: cfg[k] for k in DENSE_CUDA_BAND} == DENSE_CUDA_BAND
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+def test_band_backward_pipeline_follows_the_head_dim(head_dim):
+    # Short loops at wide heads: one stage (measured on an H100, see _steps.BAND_PIPELINED_BWD_MAX_D).
+    cfg = kernel_config(head_dim, CUDA, dense=True, seq_len=8192, dtype=bf16, window=256)
+    assert cfg["bwd_num_stages"] == (1 if head_dim > BAND_PIPELINED_BWD_MAX_D else DENSE_CUDA_BAND["bwd_num_stages"])
+    others = {k: v for k, v in DENSE_CUDA_BAND.items() if k != "bwd_num_stages"}
+    assert {k: cfg[k] for k in others} == others
+    assert kernel_config(head_dim, CUDA, dict(bwd_num_stages=2), dense=True, seq_len=8192, dtype=bf16,
+                         window=256)["bwd_num_stages"] == 2
 
 
 @pytest.mark.parametrize("window", [0, BAND_MAX_WINDOW + 1, 4096])
