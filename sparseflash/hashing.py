@@ -13,13 +13,23 @@ at D=128), and two random vectors collided with probability 0.063–0.068 rather
 cost speed.
 Queries and keys must be hashed with the *same* rotations for similar ones to collide:
 pass the same ``seed`` (or generator state) to both calls, or hash ``torch.cat`` of them.
+
+On CUDA the ids come from one Triton kernel (:func:`lsh_ids`): each program reads a block of
+rows once, in their own dtype, and writes their ids, where PyTorch's version writes a float32
+copy, the projections and their negation before the argmax (in a compiled training step, about
+0.8 ms of a GPT-2-small step at 8192 tokens on an H100).  It projects ``x / max|x|`` (the argmax
+does not change with the length; it keeps the products in range) with exact float32 products (no
+TF32), so ids agree with the CPU's except where two projections tie to rounding.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .ops import LIB, define_op
 
 
 def lsh_rotations(
@@ -90,8 +100,90 @@ def lsh_buckets(
     elif rotations.dim() == 3 and rotations.shape[0] != H:
         raise ValueError(f"per-head rotations must have x's {H} heads, got {tuple(rotations.shape)}")
     rot = rotations.to(device=x.device, dtype=torch.float32)
+    if x.is_cuda and D <= 256:
+        return lsh_ids(x, rot)
     if rot.dim() == 3:
         y = torch.einsum("bhnd,hdr->bhnr", x.float(), rot)
     else:
         y = x.float() @ rot
     return torch.cat([y, -y], dim=-1).argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------
+# The fused kernel: rows in, ids out
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lsh_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
+                HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Program ``(row block, b·H + h)``: ids of ``BLOCK`` rows of head ``h``,
+    ``argmax([x R_h, -x R_h])`` with the first index on a tie (as ``torch.argmax``)."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    r = tl.arange(0, BLOCK_R)
+    # (The last dim is contiguous: rows load as whole vectors.)
+    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
+                mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    # Rows scaled to a largest entry of 1: the argmax is the same, and no product of a huge or
+    # tiny row leaves float32's range (a row of zeros stays zeros: id 0, as torch.argmax).
+    x = x / tl.maximum(tl.max(tl.abs(x), 1), 1e-30)[:, None]
+    rot = tl.load(R + h * sr_h + cols[:, None] * HALF + r[None, :],
+                  mask=(cols[:, None] < HEAD_DIM) & (r[None, :] < HALF), other=0.0)
+    y = tl.dot(x, rot, input_precision="ieee")  # (BLOCK, BLOCK_R): exact float32 products
+    ok = r[None, :] < HALF
+    up = tl.where(ok, y, float("-inf"))
+    down = tl.where(ok, -y, float("-inf"))
+    first = tl.argmax(up, 1, tie_break_left=True)
+    second = tl.argmax(down, 1, tie_break_left=True)
+    ids = tl.where(tl.max(up, 1) >= tl.max(down, 1), first, HALF + second)
+    tl.store(OUT + bh * n + rows, ids.to(tl.int64), mask=rows < n)
+
+
+def _lsh_ids(x: Tensor, rotations: Tensor) -> Tensor:
+    B, H, N, D = x.shape
+    half = rotations.shape[-1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rot = rotations.to(device=x.device, dtype=torch.float32).contiguous()
+    out = torch.empty((B, H, N), dtype=torch.int64, device=x.device)
+    block = 128 if N >= 128 or not _runtime.INTERPRET else 16
+    _lsh_kernel[(_runtime.cdiv(N, block), B * H)](
+        x, rot, out, x.stride(0), x.stride(1), x.stride(2), D * half if rot.dim() == 3 else 0, H, N,
+        HEAD_DIM=D, HALF=half, BLOCK_D=max(16, _runtime.next_power_of_2(D)),
+        BLOCK_R=max(16, _runtime.next_power_of_2(half)), BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+_lsh_op = define_op("lsh_ids", "(Tensor x, Tensor rotations) -> Tensor", _lsh_ids)
+
+
+@torch.library.register_fake("sparseflash::lsh_ids", lib=LIB)
+def _(x, rotations):
+    return x.new_empty(x.shape[:3], dtype=torch.int64)
+
+
+def lsh_ids(x: Tensor, rotations: Tensor) -> Tensor:
+    """:func:`lsh_buckets` with given ``rotations`` in one Triton launch (a registered op, so
+    ``torch.compile`` keeps it whole): what ``lsh_buckets`` runs on CUDA.
+
+    Args:
+        x: ``(B, H, N, D)`` floating point, any strides (copied if the last dim is not contiguous);
+            ``D <= 256``.
+        rotations: float32 ``(D, r)`` or ``(H, D, r)`` (:func:`lsh_rotations`), ``2r`` buckets.
+    Returns:
+        ``(B, H, N)`` int64 ids in ``[0, 2r)``.
+    """
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be floating point (batch, heads, seq_len, head_dim), got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    D, H = x.shape[-1], x.shape[1]
+    if rotations.dim() not in (2, 3) or rotations.shape[-2] != D or (rotations.dim() == 3 and rotations.shape[0] != H):
+        raise ValueError(f"rotations must be ({D}, r) or ({H}, {D}, r), got {tuple(rotations.shape)}")
+    if D > 256:
+        raise ValueError(f"head_dim must be at most 256 for the fused kernel, got {D}")
+    return _lsh_op(x, rotations)

@@ -8,7 +8,7 @@ One module, three attentions (``mode``):
   each kv head has its own random rotation, drawn once at construction from
   ``seed`` and kept as a buffer (fixed, not redrawn per step, so a trained model
   sees the same buckets at evaluation); a query head uses its kv head's rotation.
-  Queries are hashed from their own (normalised) vectors and keys from theirs, with
+  Queries are hashed from their own directions and keys from theirs, with
   the same rotation, so that a query and the keys it would score highly tend to
   share a bucket.  Hashing reads q and k before the rotary embedding: buckets follow
   content, not position.  No gradient flows through the bucket choice.  By default each
@@ -404,7 +404,7 @@ class SparseCausalSelfAttention(nn.Module):
         """LSH ids ``(B, heads, N)`` of ``x`` with the rotation of each head's kv head."""
         group = x.shape[1] // self.n_kv_heads
         rot = self.rotations.repeat_interleave(group, dim=0)
-        return lsh_buckets(nn.functional.normalize(x.float(), dim=-1), self.n_buckets, rotations=rot)
+        return lsh_buckets(x, self.n_buckets, rotations=rot)
 
     def _rotary_freq(self, device: torch.device) -> Tensor | None:
         """The rotary frequencies (float32, whatever the module's dtype), kept per device; None
@@ -425,8 +425,7 @@ class SparseCausalSelfAttention(nn.Module):
             group = self.n_heads // self.n_kv_heads
             self._qk_rot = torch.cat([rot.repeat_interleave(group, dim=0), rot], dim=0)
             self._qk_rot_key = key
-        x = nn.functional.normalize(torch.cat([q, k], dim=1).float(), dim=-1)
-        ids = lsh_buckets(x, self.n_buckets, rotations=self._qk_rot)
+        ids = lsh_buckets(torch.cat([q, k], dim=1), self.n_buckets, rotations=self._qk_rot)
         return ids[:, :self.n_heads], ids[:, self.n_heads:]
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:

@@ -170,3 +170,94 @@ def test_bad_rotations():
         lsh_buckets(x, 4, rotations=lsh_rotations(16, 4, heads=2), per_head=True)
     with pytest.raises(ValueError, match="rotations must be"):
         lsh_buckets(x, 4, rotations=torch.randn(1, 2, 16, 2))
+
+
+# ---------------------------------------------------------------------------
+# The fused kernel (lsh_ids: what lsh_buckets runs on CUDA), here under the interpreter
+# ---------------------------------------------------------------------------
+
+
+def _reference_ids(x, rot):
+    """float64 ids and the gap between the two largest entries of ``[y, -y]`` (where the
+    kernel's float32 products may round to the other side of a near tie)."""
+    y = torch.einsum("bhnd,hdr->bhnr", x.double(), rot.double() if rot.dim() == 3 else rot.double()[None])
+    both = torch.cat([y, -y], -1)
+    top2 = both.topk(2, dim=-1).values
+    return both.argmax(-1), (top2[..., 0] - top2[..., 1]) / y.abs().amax(-1).clamp_min(1e-30)
+
+
+@pytest.mark.parametrize("N", [1, 7, 100, 257])
+@pytest.mark.parametrize("D, n_buckets", [(16, 4), (64, 16), (80, 8), (128, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_kernel_ids_match_reference(N, D, n_buckets, dtype, per_head):
+    from sparseflash.hashing import lsh_ids
+
+    torch.manual_seed(N * D + n_buckets)
+    x = torch.randn(2, 3, N, D).to(dtype)
+    rot = lsh_rotations(D, n_buckets, heads=3 if per_head else None, seed=1)
+    got = lsh_ids(x, rot)
+    want, gap = _reference_ids(x, rot)
+    assert got.shape == (2, 3, N) and got.dtype == torch.int64
+    assert ((got >= 0) & (got < n_buckets)).all()
+    clear = gap > 1e-5
+    assert clear.float().mean() > 0.99
+    assert torch.equal(got[clear], want[clear])
+    # The CPU's own path (a float32 matmul) agrees the same way.
+    assert torch.equal(lsh_buckets(x, n_buckets, rotations=rot)[clear], want[clear])
+
+
+def test_kernel_reads_any_strides_and_scales():
+    from sparseflash.hashing import lsh_ids
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 50, 3, 32)             # (B, N, H, D): a transposed view, as a model's q
+    x = base.transpose(1, 2)
+    rot = lsh_rotations(32, 16, seed=3)
+    got = lsh_ids(x, rot)
+    assert torch.equal(got, lsh_ids(x.contiguous(), rot))
+    assert torch.equal(got, lsh_ids(1e-20 * x, rot)) and torch.equal(got, lsh_ids(1e20 * x, rot))
+    zero = lsh_ids(torch.zeros(1, 1, 5, 32), rot)
+    assert torch.equal(zero, torch.zeros_like(zero))  # as torch.argmax of all zeros: the first id
+
+
+def test_kernel_bad_input():
+    from sparseflash.hashing import lsh_ids
+
+    with pytest.raises(ValueError, match="floating point"):
+        lsh_ids(torch.zeros(1, 1, 4, 16, dtype=torch.long), lsh_rotations(16, 4))
+    with pytest.raises(ValueError, match="rotations must be"):
+        lsh_ids(torch.zeros(1, 2, 4, 16), lsh_rotations(8, 4))
+    with pytest.raises(ValueError, match="rotations must be"):
+        lsh_ids(torch.zeros(1, 2, 4, 16), lsh_rotations(16, 4, heads=3))
+
+
+def test_kernel_op_traces_whole():
+    from sparseflash.hashing import lsh_ids
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def recorder(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, rot = torch.randn(1, 2, 40, 16), lsh_rotations(16, 8, heads=2)
+    f = torch.compile(lambda x: lsh_ids(x, rot), backend=recorder, fullgraph=True)
+    assert torch.equal(f(x), lsh_ids(x, rot))
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("lsh_ids" in t for t in targets), targets
+    torch.library.opcheck(torch.ops.sparseflash.lsh_ids.default, (x, rot))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernel_matches_cpu(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 4099, 64).to(dtype)
+    rot = lsh_rotations(64, 16, heads=12, seed=0)
+    got = lsh_buckets(x.cuda(), 16, rotations=rot.cuda()).cpu()
+    want, gap = _reference_ids(x, rot)
+    clear = gap > 1e-5
+    assert clear.float().mean() > 0.99 and torch.equal(got[clear], want[clear])
+    assert (got == want).float().mean() > 0.999
