@@ -269,3 +269,12 @@ if [ "$stage" = 24 ]; then
   cp /tmp/decode_plus1.json $OUT/decode_plus1_$KIND.json
   if [ $KIND = h200 ]; then bash tools/gpu_session.sh 22 $2; fi  # the decode GPU tests and the full bench
 fi
+if [ "$stage" = 25 ]; then
+  # The fused LSH kernel's launch settings and a variant without tl.dot beside PyTorch's path (tools/lsh_probe.py);
+  # on an H200 then the decode GPU tests and the full decode bench (stage 22). Arg: bench timeout.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout 150 python tools/lsh_probe.py --out $OUT/lsh_probe_$KIND.json > $OUT/lsh_probe.log 2>&1
+  grep -o '"input".*' $OUT/lsh_probe.log
+  if [ $KIND = h200 ]; then bash tools/gpu_session.sh 22 $2; fi
+fi
