@@ -100,7 +100,7 @@ def lsh_buckets(
     elif rotations.dim() == 3 and rotations.shape[0] != H:
         raise ValueError(f"per-head rotations must have x's {H} heads, got {tuple(rotations.shape)}")
     rot = rotations.to(device=x.device, dtype=torch.float32)
-    if x.is_cuda and D <= 256:
+    if x.is_cuda and _kernel_fits(D, rot.shape[-1]):
         return lsh_ids(x, rot)
     if rot.dim() == 3:
         y = torch.einsum("bhnd,hdr->bhnr", x.float(), rot)
@@ -144,17 +144,33 @@ def _lsh_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
     tl.store(OUT + bh * n + rows, ids.to(tl.int64), mask=rows < n)
 
 
+def _tiles(D: int, half: int) -> tuple[int, int, int]:
+    """``(BLOCK_D, BLOCK_R, rows a program)``: rows shrink as the head dim and the projection grow,
+    so that a program's float32 rows stay within 32 KB and its products within 4096 entries."""
+    block_d = max(16, _runtime.next_power_of_2(D))
+    block_r = max(16, _runtime.next_power_of_2(half))
+    return block_d, block_r, max(16, min(128, 8192 // block_d, 4096 // block_r))
+
+
+def _kernel_fits(D: int, half: int) -> bool:
+    """Whether the kernel takes this shape: the rotation's float32 tile at most 64 KB (D=64: up to
+    512 buckets; D=128: 256; D=256: 128)."""
+    block_d, block_r, _ = _tiles(D, half)
+    return D <= 256 and block_d * block_r <= 16384
+
+
 def _lsh_ids(x: Tensor, rotations: Tensor) -> Tensor:
     B, H, N, D = x.shape
     half = rotations.shape[-1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     rot = rotations.to(device=x.device, dtype=torch.float32).contiguous()
     out = torch.empty((B, H, N), dtype=torch.int64, device=x.device)
-    block = 128 if N >= 128 or not _runtime.INTERPRET else 16
+    block_d, block_r, block = _tiles(D, half)
+    if _runtime.INTERPRET and N < block:  # (the interpreter: no programs of padding rows)
+        block = 16
     _lsh_kernel[(_runtime.cdiv(N, block), B * H)](
         x, rot, out, x.stride(0), x.stride(1), x.stride(2), D * half if rot.dim() == 3 else 0, H, N,
-        HEAD_DIM=D, HALF=half, BLOCK_D=max(16, _runtime.next_power_of_2(D)),
-        BLOCK_R=max(16, _runtime.next_power_of_2(half)), BLOCK=block, num_warps=4,
+        HEAD_DIM=D, HALF=half, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK=block, num_warps=4,
     )
     return out
 
@@ -174,7 +190,9 @@ def lsh_ids(x: Tensor, rotations: Tensor) -> Tensor:
     Args:
         x: ``(B, H, N, D)`` floating point, any strides (copied if the last dim is not contiguous);
             ``D <= 256``.
-        rotations: float32 ``(D, r)`` or ``(H, D, r)`` (:func:`lsh_rotations`), ``2r`` buckets.
+        rotations: ``(D, r)`` or ``(H, D, r)`` (:func:`lsh_rotations`; used in float32), ``2r``
+            buckets; ``2r`` at most 512 at ``D <= 64``, 256 at ``D <= 128``, 128 at ``D <= 256``
+            (:func:`lsh_buckets` takes any count: larger ones run in PyTorch).
     Returns:
         ``(B, H, N)`` int64 ids in ``[0, 2r)``.
     """
@@ -184,6 +202,8 @@ def lsh_ids(x: Tensor, rotations: Tensor) -> Tensor:
     D, H = x.shape[-1], x.shape[1]
     if rotations.dim() not in (2, 3) or rotations.shape[-2] != D or (rotations.dim() == 3 and rotations.shape[0] != H):
         raise ValueError(f"rotations must be ({D}, r) or ({H}, {D}, r), got {tuple(rotations.shape)}")
-    if D > 256:
-        raise ValueError(f"head_dim must be at most 256 for the fused kernel, got {D}")
+    if not _kernel_fits(D, rotations.shape[-1]):
+        raise ValueError(f"the fused kernel takes head_dim <= 256 and at most 512 / 256 / 128 buckets at head_dim "
+                         f"<= 64 / 128 / 256, got head_dim {D} and {2 * rotations.shape[-1]} buckets "
+                         f"(lsh_buckets runs larger ones in PyTorch)")
     return _lsh_op(x, rotations)

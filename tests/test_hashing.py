@@ -187,7 +187,7 @@ def _reference_ids(x, rot):
 
 
 @pytest.mark.parametrize("N", [1, 7, 100, 257])
-@pytest.mark.parametrize("D, n_buckets", [(16, 4), (64, 16), (80, 8), (128, 64)])
+@pytest.mark.parametrize("D, n_buckets", [(16, 4), (64, 16), (80, 8), (128, 64), (32, 512)])
 @pytest.mark.parametrize("dtype, per_head", [(torch.float32, False), (torch.bfloat16, True)])
 def test_kernel_ids_match_reference(N, D, n_buckets, dtype, per_head):
     from sparseflash.hashing import lsh_ids
@@ -234,6 +234,21 @@ def test_kernel_bad_input():
         lsh_ids(torch.zeros(1, 2, 4, 16), lsh_rotations(8, 4))
     with pytest.raises(ValueError, match="rotations must be"):
         lsh_ids(torch.zeros(1, 2, 4, 16), lsh_rotations(16, 4, heads=3))
+    with pytest.raises(ValueError, match="at most 512 / 256 / 128 buckets"):
+        lsh_ids(torch.zeros(1, 1, 4, 128), lsh_rotations(128, 512))
+    with pytest.raises(ValueError, match="head_dim <= 256"):
+        lsh_ids(torch.zeros(1, 1, 4, 272), lsh_rotations(272, 4))
+
+
+def test_kernel_takes_the_shapes_it_fits():
+    from sparseflash.hashing import _kernel_fits, _tiles
+
+    assert [_kernel_fits(64, r) for r in (1, 8, 256, 257)] == [True, True, True, False]
+    assert [_kernel_fits(128, r) for r in (128, 129)] == [True, False]
+    assert [_kernel_fits(256, r) for r in (64, 65)] == [True, False] and not _kernel_fits(257, 1)
+    for D, r in ((16, 1), (64, 8), (64, 256), (128, 128), (256, 64)):
+        block_d, block_r, rows = _tiles(D, r)
+        assert rows * block_d <= 8192 and rows * block_r <= 4096 and rows >= 16
 
 
 def test_kernel_op_traces_whole():
