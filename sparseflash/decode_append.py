@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .hashing import lsh_argmax
 
 
 @triton.jit
@@ -43,12 +44,7 @@ def _lsh_id(x, rot, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
     argmax of ``[x̂ R, -x̂ R]``, the first index on a tie (as ``torch.argmax``)."""
     x = x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
     y = tl.sum(x[:, None] * rot, 0)
-    ok = tl.arange(0, BLOCK_R) < HALF
-    up = tl.where(ok, y, float("-inf"))
-    down = tl.where(ok, -y, float("-inf"))
-    first = tl.argmax(up, 0, tie_break_left=True)
-    second = tl.argmax(down, 0, tie_break_left=True)
-    return tl.where(tl.max(up, 0) >= tl.max(down, 0), first, HALF + second)
+    return lsh_argmax(y, tl.arange(0, BLOCK_R), HALF, 0)
 
 
 @triton.jit

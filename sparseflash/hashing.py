@@ -115,6 +115,19 @@ def lsh_buckets(
 
 
 @triton.jit
+def lsh_argmax(y, r, HALF: tl.constexpr, AXIS: tl.constexpr):
+    """Bucket ids from projections ``y`` (padded past ``HALF`` columns; ``r`` their column
+    index, broadcast like ``y``): ``argmax([y, -y])`` along ``AXIS``, the first index on a tie
+    (as ``torch.argmax``).  The one rule of this kernel and the decode step's."""
+    ok = r < HALF
+    up = tl.where(ok, y, float("-inf"))
+    down = tl.where(ok, -y, float("-inf"))
+    first = tl.argmax(up, AXIS, tie_break_left=True)
+    second = tl.argmax(down, AXIS, tie_break_left=True)
+    return tl.where(tl.max(up, AXIS) >= tl.max(down, AXIS), first, HALF + second)
+
+
+@triton.jit
 def _lsh_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK: tl.constexpr):
@@ -135,13 +148,7 @@ def _lsh_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
     rot = tl.load(R + h * sr_h + cols[:, None] * HALF + r[None, :],
                   mask=(cols[:, None] < HEAD_DIM) & (r[None, :] < HALF), other=0.0)
     y = tl.dot(x, rot, input_precision="ieee")  # (BLOCK, BLOCK_R): exact float32 products
-    ok = r[None, :] < HALF
-    up = tl.where(ok, y, float("-inf"))
-    down = tl.where(ok, -y, float("-inf"))
-    first = tl.argmax(up, 1, tie_break_left=True)
-    second = tl.argmax(down, 1, tie_break_left=True)
-    ids = tl.where(tl.max(up, 1) >= tl.max(down, 1), first, HALF + second)
-    tl.store(OUT + bh * n + rows, ids.to(tl.int64), mask=rows < n)
+    tl.store(OUT + bh * n + rows, lsh_argmax(y, r[None, :], HALF, 1).to(tl.int64), mask=rows < n)
 
 
 def _tiles(D: int, half: int) -> tuple[int, int, int]:

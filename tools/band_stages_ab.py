@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sparseflash._steps as steps
 from sparseflash import hash_sparse_attention, hashing
+from sparseflash.bench.timing import cuda_graph_of
 
 
 def main() -> None:
@@ -57,15 +58,7 @@ def main() -> None:
                     us[e.name] = us.get(e.name, 0) + e.device_time / 5
             top = sorted(us.items(), key=lambda x: -x[1])[:8]
             print("M", max_d, "N", N, " ".join(f"{name[:18]}={t:.0f}" for name, t in top), flush=True)
-            graph = torch.cuda.CUDAGraph()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    f()
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                f()
+            graph = cuda_graph_of(f, q.device)
             eager = triton.testing.do_bench(f, warmup=10, rep=50)
             replay = triton.testing.do_bench(graph.replay, warmup=10, rep=50)
             print(f"   e2e eager {eager:.3f} graph {replay:.3f}", flush=True)
