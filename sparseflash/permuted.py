@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .band import band_applies, band_backward, band_forward
 from .flash import flash_backward, flash_forward
 from .ops import LIB, attention_op, cfg_args, cfg_dict, define_op
 from ._steps import (
@@ -535,12 +536,14 @@ _layout_op = attention_op(
 #     far part:  the layout's pattern with i - j >= W: the layout of query positions
 #                i - W (queries before W dropped), so the same kernels and tile plan
 #                skip every pair inside the band;
-#     band:      0 <= i - j < W, in natural order: the dense kernel's diagonal band.
+#     band:      0 <= i - j < W, in natural order: the diagonal band, by the dense
+#                kernel's windowed loop, or (band.ENABLED) by band.py's sweep kernels,
+#                which walk runs of query tiles in one loop.
 #
-# The far part runs first; the dense kernel then continues the same online softmax from
-# its finished rows (INIT) and leaves the union's output and log-sum-exp.  The backward
+# The far part runs first; the band then continues the same online softmax from its
+# finished rows (INIT) and leaves the union's output and log-sum-exp.  The backward
 # shares delta = do·o of the union and its log-sum-exp: the layout backward writes the far
-# part's gradients, the dense backward adds the band's (ACCUMULATE).
+# part's gradients, the band's backward adds its own (ACCUMULATE).
 
 
 def union_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None, *, window: int = 0, window_cfg=None):
@@ -548,8 +551,9 @@ def union_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None, *, wind
     band by the dense kernel into the same rows; ``(o, lse2)`` of the union, token order."""
     o, lse2 = layout_forward(q, k, v, plan, sm_scale, cfg, record)
     if window:
-        flash_forward(q, k, v, True, sm_scale, window_cfg, record, window=window, init=(o, lse2),
-                      record_prefix="window_")
+        band = band_forward if band_applies(q, k, window, window_cfg) else partial(flash_forward, causal=True)
+        band(q, k, v, sm_scale=sm_scale, cfg=window_cfg, record=record, window=window, init=(o, lse2),
+             record_prefix="window_")
     return o, lse2
 
 
@@ -560,8 +564,9 @@ def union_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, record
         return layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record)
     delta = softmax_delta(o, do)
     grads = layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record, delta=delta)
-    return flash_backward(q, k, v, o, lse2, do, True, sm_scale, window_cfg, record, window=window, delta=delta,
-                          accumulate=grads, record_prefix="window_")
+    band = band_backward if band_applies(q, k, window, window_cfg) else partial(flash_backward, causal=True)
+    return band(q, k, v, o, lse2, do, sm_scale=sm_scale, cfg=window_cfg, record=record, window=window, delta=delta,
+                accumulate=grads, record_prefix="window_")
 
 
 def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None, k_pos=None,

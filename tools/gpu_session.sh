@@ -278,3 +278,58 @@ if [ "$stage" = 25 ]; then
   grep -o '"input".*' $OUT/lsh_probe.log
   if [ $KIND = h200 ]; then bash tools/gpu_session.sh 22 $2; fi
 fi
+if [ "$stage" = 26 ]; then
+  # A session's first call: the GPU tests of the LSH kernel, decode and generation; on an H200 the full decode
+  # bench and the kernel bench (resumable: a partial results/h200_partial.json is carried in and extended); on
+  # an H100 the LSH probe. Arg: seconds this stage may take in all.
+  END=$((SECONDS + $2)); left() { echo $((END - SECONDS - $1)); }
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout 150 python -m pytest -m gpu -q -n 8 tests/test_hashing.py tests/test_decode_append.py tests/test_generate.py tests/test_decode.py tests/test_decode_graph.py -p no:cacheprovider > $OUT/gpu_tests_lsh_decode_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_lsh_decode_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_lsh_decode_$KIND.log | tail -3
+  if [ $KIND = h200 ]; then
+    timeout 200 python -m sparseflash.bench.decode --contexts 65536 131072 8192 32768 --batches 1 8 --no-progress --out $OUT/decode_$KIND.json > $OUT/decode.log 2>&1
+    grep -E "^(layer|model) ctx=[0-9]* *B=[18] *[|]|COMPLETE" $OUT/decode.log
+    bash tools/gpu_session.sh 27 $(left 10)
+  else
+    PYTHONPATH=. timeout 150 python tools/lsh_probe.py --out $OUT/lsh_probe_$KIND.json > $OUT/lsh_probe.log 2>&1
+    grep -o '"input".*' $OUT/lsh_probe.log
+  fi
+fi
+if [ "$stage" = 27 ]; then
+  # The kernel bench on this GPU, resumable (results/<kind>_partial.json carried in, if any). Arg: seconds.
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  [ -f results/${KIND}_partial.json ] && cp results/${KIND}_partial.json $OUT/$KIND.json
+  timeout $(($2 + 60)) python -m sparseflash.bench --seq-lens 4096 8192 16384 1024 2048 --shapes 1x4x65536 1x4x131072 --head-dim 64 128 \
+    --buckets 16 --keep-rates 0.3 --windows 256 --variants sdpa_flash sdpa_cudnn ours_dense ours_hash_16 ours_hash_16_default ours_hash_16_w256 ours_qk_0.3 \
+    --kernel-time --out $OUT/$KIND.json --resume --time-budget $2 --no-progress > $OUT/bench_$KIND.log 2>&1
+  echo "bench rc=$?"; grep -iE "budget|complete|error" $OUT/bench_$KIND.log | tail -5
+  python -c "import json; d=json.load(open('$OUT/$KIND.json')); print(d['meta'].get('complete'), d['meta'].get('completed_configs')); [print(r['variant'], r['mode'], r['D'], r['seq_len'], round(r['ms'], 3), round(r['speedup_vs_sdpa_flash'] or 0, 2)) for r in d['rows'] if r['status'] == 'ok' and r['mode'] == 'fwd+bwd']"
+fi
+if [ "$stage" = 28 ]; then
+  # Training steps on this GPU with the trainer users run, resumable (results/train_<kind>_partial.json carried
+  # in, if any). Args: timeout, budget.
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  export SPARSEFLASH_DATA=$PWD/data
+  [ -f results/train_${KIND}_partial.json ] && cp results/train_${KIND}_partial.json $OUT/train_$KIND.json
+  timeout $2 python -m sparseflash.train.experiment --phase speed --compile --compile-mode reduce-overhead --resume \
+    --speed-configs hash16w128 sdpa sdpa_cudnn none hash16w0 dense qk0.3 --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_$KIND.json --time-budget $3 --no-progress > $OUT/train_$KIND.log 2>&1
+  grep -v Warn $OUT/train_$KIND.log | tail -16
+fi
+if [ "$stage" = 29 ]; then
+  # The window band's sweep kernels (sparseflash/band.py, off by default): their time against the dense
+  # kernel's windowed loop per pass and launch setting (tools/band_sweep_ab.py), their GPU tests, then the
+  # union's training step with the band in each (step profile, one after the other on this machine).
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  export SPARSEFLASH_DATA=$PWD/data
+  PYTHONPATH=. timeout 150 python tools/band_sweep_ab.py --out $OUT/band_sweep_ab_$KIND.json > $OUT/band_sweep_ab_$KIND.log 2>&1
+  grep -v Warn $OUT/band_sweep_ab_$KIND.log
+  timeout 120 python -m pytest -m gpu -q -n 8 tests/test_band.py tests/test_window.py tests/test_hash_sparse.py -p no:cacheprovider > $OUT/gpu_tests_band_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_band_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_band_$KIND.log | tail -2
+  for E in False True False True; do
+    PYTHONPATH=. timeout 90 python -c "import sys, runpy, sparseflash.band as b; b.ENABLED = $E; sys.argv = ['step_profile.py', '--configs', 'hash16w128', '--modes', 'reduce-overhead', '--seq-len', '8192', '--out', '/tmp/sp.json']; runpy.run_path('tools/step_profile.py', run_name='__main__')" 2>&1 | grep "wall" | sed "s/^/band=$E /"
+    cp /tmp/sp.json $OUT/step_profile_band_${E}_$KIND.json
+  done
+fi

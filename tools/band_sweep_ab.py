@@ -1,0 +1,89 @@
+"""The window band two ways, same run: the dense kernel's windowed loop against band.py's sweep (CUDA).
+
+    PYTHONPATH=. python tools/band_sweep_ab.py [--out band_sweep_ab.json]
+
+For each shape (bf16, 12 heads; B=2 at N=8192, B=1 at 16384; D 64 / 128; window 128 / 256), times the
+band's forward (continuing a partial result, as in hash ∪ window) and its backward (adding to
+gradients), each call replayed from a CUDA graph (``do_bench`` median: the GPU's time, no launch
+overhead): the dense kernel with the band's launch defaults, then the sweep kernel at several
+pipeline depths and programs per multiprocessor.  Each variant's output and gradients are
+compared with the dense kernel's (``max_diff``, bf16 rounding is ~1e-2).  One JSON row per
+(shape, pass, variant).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+from sparseflash import band
+from sparseflash._steps import kernel_config, softmax_delta
+from sparseflash.bench.timing import cuda_graph_of
+from sparseflash.flash import flash_backward, flash_forward
+
+SHAPES = ((2, 8192, 64, 128), (1, 16384, 64, 128), (2, 8192, 128, 128), (2, 8192, 64, 256), (2, 8192, 128, 256))
+
+
+def _time(fn) -> float:
+    graph = cuda_graph_of(fn, torch.device("cuda"))
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="band_sweep_ab.json")
+    args = p.parse_args()
+    rows = []
+    for B, N, D, W in SHAPES:
+        torch.manual_seed(0)
+        H = 12
+        q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        scale = D ** -0.5
+        cfg = kernel_config(D, q.device, dense=True, seq_len=N, dtype=q.dtype, window=W)
+        # A partial result to continue (the far part's, here a dense pass over the first half of keys).
+        o0, l0 = flash_forward(q, k[:, :, : N // 2], v[:, :, : N // 2], False, scale, kernel_config(D, q.device))
+        o_ref, l_ref = o0.clone(), l0.clone()
+        flash_forward(q, k, v, True, scale, cfg, window=W, init=(o_ref, l_ref))
+        delta = softmax_delta(o_ref, do)
+        g_ref = flash_backward(q, k, v, o_ref, l_ref, do, True, scale, cfg, window=W, delta=delta)
+        shape = dict(B=B, H=H, N=N, D=D, window=W)
+
+        o, lse = o0.clone(), l0.clone()
+        ms = _time(lambda: flash_forward(q, k, v, True, scale, cfg, window=W, init=(o, lse)))
+        rows.append(dict(shape, pass_="fwd", variant="dense_kernel", ms=ms, max_diff=0.0))
+        grads = tuple(torch.zeros_like(t) for t in (q, k, v))
+        ms = _time(lambda: flash_backward(q, k, v, o_ref, l_ref, do, True, scale, cfg, window=W, delta=delta,
+                                          accumulate=grads))
+        rows.append(dict(shape, pass_="bwd", variant="dense_kernel", ms=ms, max_diff=0.0))
+        print(f"B{B} N{N} D{D} W{W} dense kernel: fwd {rows[-2]['ms']:.4f} bwd {rows[-1]['ms']:.4f} ms", flush=True)
+
+        for pps in (2, 4, 8):
+            band.PROGRAMS_PER_SM = pps
+            for stages in (2, 3):
+                c = dict(cfg, num_stages=stages)
+                o, lse = o0.clone(), l0.clone()
+                band.band_forward(q, k, v, scale, c, window=W, init=(o, lse))
+                diff = (o.float() - o_ref.float()).abs().max().item()
+                o, lse = o0.clone(), l0.clone()
+                ms = _time(lambda: band.band_forward(q, k, v, scale, c, window=W, init=(o, lse)))
+                rows.append(dict(shape, pass_="fwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
+                print(f"   fwd sweep pps={pps} stages={stages}: {ms:.4f} ms, max diff {diff:.2e}", flush=True)
+            for stages in (1, 2, 3):
+                c = dict(cfg, bwd_num_stages=stages)
+                g = band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta)
+                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(g, g_ref))
+                grads = tuple(torch.zeros_like(t) for t in (q, k, v))
+                ms = _time(lambda: band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta,
+                                                      accumulate=grads))
+                rows.append(dict(shape, pass_="bwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
+                print(f"   bwd sweep pps={pps} stages={stages}: {ms:.4f} ms, max diff {diff:.2e}", flush=True)
+        band.PROGRAMS_PER_SM = 4
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                     triton=triton.__version__), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
