@@ -1,6 +1,7 @@
 """The window band two ways, same run: the dense kernel's windowed loop against band.py's sweep (CUDA).
 
     PYTHONPATH=. python tools/band_sweep_ab.py [--out band_sweep_ab.json]
+    TRITON_INTERPRET=1 PYTHONPATH=. python tools/band_sweep_ab.py --smoke     # CPU: one tiny shape, wall clock
 
 For each shape (bf16, 12 heads; B=2 at N=8192, B=1 at 16384; D 64 / 128; window 128 / 256), times the
 band's forward (continuing a partial result, as in hash ∪ window) and its backward (adding to
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import triton
@@ -27,6 +29,10 @@ SHAPES = ((2, 8192, 64, 128), (1, 16384, 64, 128), (2, 8192, 128, 128), (2, 8192
 
 
 def _time(fn) -> float:
+    if not torch.cuda.is_available():  # --smoke: one call's wall clock, to check the tool runs
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     graph = cuda_graph_of(fn, torch.device("cuda"))
     return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
@@ -34,12 +40,13 @@ def _time(fn) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="band_sweep_ab.json")
+    p.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU (Triton's interpreter)")
     args = p.parse_args()
+    device, shapes, H = ("cpu", ((1, 100, 16, 40),), 2) if args.smoke else ("cuda", SHAPES, 12)
     rows = []
-    for B, N, D, W in SHAPES:
+    for B, N, D, W in shapes:
         torch.manual_seed(0)
-        H = 12
-        q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(4))
         scale = D ** -0.5
         cfg = kernel_config(D, q.device, dense=True, seq_len=N, dtype=q.dtype, window=W)
         # A partial result to continue (the far part's, here a dense pass over the first half of keys).
@@ -81,7 +88,8 @@ def main() -> None:
                 print(f"   bwd sweep pps={pps} stages={stages}: {ms:.4f} ms, max diff {diff:.2e}", flush=True)
         band.PROGRAMS_PER_SM = 4
         with open(args.out, "w") as f:
-            json.dump(dict(meta=dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+            json.dump(dict(meta=dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                     torch=torch.__version__,
                                      triton=triton.__version__), rows=rows), f, indent=1)
 
 

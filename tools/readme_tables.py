@@ -27,8 +27,9 @@ TRAIN_ROWS = (("sdpa", "`sdpa` (FlashAttention-2)"), ("sdpa_cudnn", "`sdpa_cudnn
               ("none", "`none` (no attention: the ceiling)"))
 
 
-def _load(path: Path) -> list[dict]:
-    return [r for r in json.loads(path.read_text())["rows"] if r.get("status") == "ok"]
+def _load(path: Path) -> tuple[list[dict], dict]:
+    data = json.loads(path.read_text())
+    return [r for r in data["rows"] if r.get("status") == "ok"], data.get("meta", {})
 
 
 def _x(v) -> str:
@@ -69,8 +70,9 @@ def train_table(rows: list[dict], seq_lens=(8192, 16384)) -> str:
     return "\n".join(out)
 
 
-def decode_table(rows: list[dict], context: int = 65536, batches=(1, 8)) -> str:
-    """One new token against ``context`` cached keys: one layer and a whole model's step."""
+def decode_table(rows: list[dict], context: int = 65536, batches=(1, 8), model: dict | None = None) -> str:
+    """One new token against ``context`` cached keys: one layer and a whole model's step
+    (``model``: the file's ``meta.model``, which names it)."""
     at = {(r["scope"], r["attention"], r["batch"]): r for r in rows if r["context"] == context}
 
     def cell(scope, att, b, what):
@@ -87,11 +89,12 @@ def decode_table(rows: list[dict], context: int = 65536, batches=(1, 8)) -> str:
            + " |",
            "| one layer: FlexAttention, dense / hash ∪ window mask | " + " | ".join(
                f"{cell('layer', 'flex_dense', b, 'x')} / {cell('layer', 'flex_hash', b, 'x')}" for b in batches) + " |"]
-    model = []
+    meta_model, model = model, []
     for b in batches:
         ms = [at.get(("model", a, b)) for a in ("sdpa", "dense", "hash")]
         model.append(" / ".join("–" if r is None else f"{r['ms_per_token']:.2f}" for r in ms) + " ms")
-    out.append("| model step: SDPA / dense / hash ∪ window | " + " | ".join(model) + " |")
+    name = f"{meta_model['n_layer']}×{meta_model['n_embd']} model step" if meta_model else "model step"
+    out.append(f"| {name}: SDPA / dense / hash ∪ window | " + " | ".join(model) + " |")
     return "\n".join(out)
 
 
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
     for what, path in files.items():
         if path.exists():
             print(f"<!-- {what}: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} -->")
-            print(tables[what](_load(path)))
+            rows, meta = _load(path)
+            print(tables[what](rows, model=meta.get("model")) if what == "decoding" else tables[what](rows))
             print()
     return 0
 
