@@ -548,7 +548,8 @@ _layout_op = attention_op(
 
 def union_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None, *, window: int = 0, window_cfg=None):
     """:func:`layout_forward` over ``plan`` (built with ``q_shift = window``), then the window
-    band by the dense kernel into the same rows; ``(o, lse2)`` of the union, token order."""
+    band (the dense kernel's windowed loop, or band.py's sweep) into the same rows; ``(o, lse2)``
+    of the union, token order."""
     o, lse2 = layout_forward(q, k, v, plan, sm_scale, cfg, record)
     if window:
         band = band_forward if band_applies(q, k, window, window_cfg) else partial(flash_forward, causal=True)
