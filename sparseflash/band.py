@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
+from .flash import _dense_allowed
 from ._steps import (
     LOG2E,
     add_tile,
@@ -67,9 +68,9 @@ def _key_tile(K, keys, cols, stride_row, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.
 
 @triton.jit
 def _band_allowed(rows, keys, n, window):
-    """Pairs of a band tile: causal, inside the window and inside the sequence."""
-    return ((keys[None, :] <= rows[:, None]) & (keys[None, :] > rows[:, None] - window)
-            & (keys[None, :] >= 0) & (rows[:, None] < n))
+    """Pairs of a band tile: the dense kernel's windowed mask, and keys not before the sequence
+    (the first query tiles' band starts before key 0) and rows inside it."""
+    return _dense_allowed(keys, rows, n, window, True, True) & (keys[None, :] >= 0) & (rows[:, None] < n)
 
 
 @triton.jit

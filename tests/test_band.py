@@ -80,17 +80,15 @@ def test_init_and_accumulate_match_the_dense_kernel(seed, N, W):
 
 
 @pytest.mark.parametrize("N, W", [(100, 17), (257, 64), (96, 200)])
-def test_visits_the_dense_kernels_tiles(seed, N, W):
+def test_visits_the_dense_kernels_tiles(seed, monkeypatch, N, W):
     """The union's band visits the tiles the dense kernel's windowed loop visited, each once per pass."""
     q, k, v = (torch.randn(1, 2, N, 16, requires_grad=True) for _ in range(3))
     qb = kb = torch.randint(0, 4, (1, 2, N))
-    recs, default = {}, band.ENABLED
+    recs = {}
     for enabled in (False, True):
-        band.ENABLED, rec = enabled, TileRecord()
-        try:
-            sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4, window=W, tile_record=rec).sum().backward()
-        finally:
-            band.ENABLED = default
+        monkeypatch.setattr(band, "ENABLED", enabled)
+        rec = TileRecord()
+        sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4, window=W, tile_record=rec).sum().backward()
         recs[enabled] = {name: m.clone() for name, m in rec.maps.items() if name.startswith("window_")}
     assert set(recs[True]) == set(recs[False]) == {"window_fwd", "window_bwd_kv", "window_bwd_q"}
     for name in recs[True]:
@@ -98,36 +96,28 @@ def test_visits_the_dense_kernels_tiles(seed, N, W):
         assert torch.equal(recs[True][name], recs[False][name]), name
 
 
-def test_which_calls(seed):
+def test_which_calls(seed, monkeypatch):
     q = torch.randn(1, 4, 64, 16)
     k = torch.randn(1, 2, 64, 16)
     cfg = kernel_config(16, q.device)
-    default = band.ENABLED
-    try:
-        band.ENABLED = True
-        assert band.band_applies(q, q, 8, cfg)
-        assert not band.band_applies(q, q, 0, cfg)                                 # no window
-        assert not band.band_applies(q, k, 8, cfg)                                 # grouped heads
-        assert not band.band_applies(q, q[:, :, :32], 8, cfg)                      # fewer keys than queries
-        assert not band.band_applies(q, q, 8, dict(cfg, BLOCK_M=64, BLOCK_N=32))   # tiles not square
-        band.ENABLED = False
-        assert not band.band_applies(q, q, 8, cfg)
-    finally:
-        band.ENABLED = default
+    monkeypatch.setattr(band, "ENABLED", True)
+    assert band.band_applies(q, q, 8, cfg)
+    assert not band.band_applies(q, q, 0, cfg)                                 # no window
+    assert not band.band_applies(q, k, 8, cfg)                                 # grouped heads
+    assert not band.band_applies(q, q[:, :, :32], 8, cfg)                      # fewer keys than queries
+    assert not band.band_applies(q, q, 8, dict(cfg, BLOCK_M=64, BLOCK_N=32))   # tiles not square
+    monkeypatch.setattr(band, "ENABLED", False)
+    assert not band.band_applies(q, q, 8, cfg)
 
 
 @pytest.mark.parametrize("N, W", [(100, 17), (257, 64)])
-def test_union_through_the_sweep_matches_reference(seed, N, W):
+def test_union_through_the_sweep_matches_reference(seed, monkeypatch, N, W):
     """hash ∪ window with the band in the sweep kernels, against the float64 reference."""
     B, H, D = 1, 2, 16
     q, k, v, do = (torch.randn(B, H, N, D) for _ in range(4))
     qb, kb = torch.randint(0, 4, (B, H, N)), torch.randint(0, 4, (B, H, N))
-    default = band.ENABLED
-    try:
-        band.ENABLED = True
-        got = grads(lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4, window=W), q, k, v, do)
-    finally:
-        band.ENABLED = default
+    monkeypatch.setattr(band, "ENABLED", True)
+    got = grads(lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=4, window=W), q, k, v, do)
     mask = ref.hash_mask(qb, kb, window=W)
     want = grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())
     floor = rounding_floor(want, got[0], q, k, v, do, mask)
@@ -142,17 +132,13 @@ def test_run_and_span():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("N, D, W", [(4096, 64, 128), (8191, 128, 256)])
-def test_gpu_union_through_the_sweep(seed, N, D, W):
+def test_gpu_union_through_the_sweep(seed, monkeypatch, N, D, W):
     """hash ∪ window with the band in the sweep kernels on the GPU (bf16, the launch defaults)."""
     B, H, dtype = 1, 2, torch.bfloat16
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(4))
     qb, kb = sf.lsh_buckets(q, 16, seed=seed), sf.lsh_buckets(k, 16, seed=seed)
-    default = band.ENABLED
-    try:
-        band.ENABLED = True
-        got = grads(lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16, window=W), q, k, v, do)
-    finally:
-        band.ENABLED = default
+    monkeypatch.setattr(band, "ENABLED", True)
+    got = grads(lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16, window=W), q, k, v, do)
     mask = ref.hash_mask(qb, kb, window=W)
     want = grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())
     assert_close(got, want, TOL[dtype], GRAD_TOL[dtype], f"union N={N} D={D}: ")

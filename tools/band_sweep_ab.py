@@ -9,16 +9,16 @@ gradients), each call replayed from a CUDA graph (``do_bench`` median: the GPU's
 overhead): the dense kernel with the band's launch defaults, then the sweep kernel at several
 pipeline depths and programs per multiprocessor.  Each variant's output and gradients are
 compared with the dense kernel's (``max_diff``, bf16 rounding is ~1e-2).  One JSON row per
-(shape, pass, variant).
+(shape, pass, variant), printed and written as it is measured.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 import triton
+from _rows import max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 from sparseflash import band
 from sparseflash._steps import kernel_config, softmax_delta
@@ -43,7 +43,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU (Triton's interpreter)")
     args = p.parse_args()
     device, shapes, H = ("cpu", ((1, 100, 16, 40),), 2) if args.smoke else ("cuda", SHAPES, 12)
-    rows = []
+    put = row_writer(dict(meta=dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                    torch=torch.__version__, triton=triton.__version__), rows=[]), args.out)
+    default_pps = band.PROGRAMS_PER_SM
     for B, N, D, W in shapes:
         torch.manual_seed(0)
         q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(4))
@@ -59,12 +61,11 @@ def main() -> None:
 
         o, lse = o0.clone(), l0.clone()
         ms = _time(lambda: flash_forward(q, k, v, True, scale, cfg, window=W, init=(o, lse)))
-        rows.append(dict(shape, pass_="fwd", variant="dense_kernel", ms=ms, max_diff=0.0))
+        put(dict(shape, pass_="fwd", variant="dense_kernel", ms=ms, max_diff=0.0))
         grads = tuple(torch.zeros_like(t) for t in (q, k, v))
         ms = _time(lambda: flash_backward(q, k, v, o_ref, l_ref, do, True, scale, cfg, window=W, delta=delta,
                                           accumulate=grads))
-        rows.append(dict(shape, pass_="bwd", variant="dense_kernel", ms=ms, max_diff=0.0))
-        print(f"B{B} N{N} D{D} W{W} dense kernel: fwd {rows[-2]['ms']:.4f} bwd {rows[-1]['ms']:.4f} ms", flush=True)
+        put(dict(shape, pass_="bwd", variant="dense_kernel", ms=ms, max_diff=0.0))
 
         for pps in (2, 4, 8):
             band.PROGRAMS_PER_SM = pps
@@ -72,26 +73,18 @@ def main() -> None:
                 c = dict(cfg, num_stages=stages)
                 o, lse = o0.clone(), l0.clone()
                 band.band_forward(q, k, v, scale, c, window=W, init=(o, lse))
-                diff = (o.float() - o_ref.float()).abs().max().item()
+                diff = max_diff([o], [o_ref])
                 o, lse = o0.clone(), l0.clone()
                 ms = _time(lambda: band.band_forward(q, k, v, scale, c, window=W, init=(o, lse)))
-                rows.append(dict(shape, pass_="fwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
-                print(f"   fwd sweep pps={pps} stages={stages}: {ms:.4f} ms, max diff {diff:.2e}", flush=True)
+                put(dict(shape, pass_="fwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
             for stages in (1, 2, 3):
                 c = dict(cfg, bwd_num_stages=stages)
-                g = band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta)
-                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(g, g_ref))
+                diff = max_diff(band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta), g_ref)
                 grads = tuple(torch.zeros_like(t) for t in (q, k, v))
                 ms = _time(lambda: band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta,
                                                       accumulate=grads))
-                rows.append(dict(shape, pass_="bwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
-                print(f"   bwd sweep pps={pps} stages={stages}: {ms:.4f} ms, max diff {diff:.2e}", flush=True)
-        band.PROGRAMS_PER_SM = 4
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                                     torch=torch.__version__,
-                                     triton=triton.__version__), rows=rows), f, indent=1)
-
+                put(dict(shape, pass_="bwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
+        band.PROGRAMS_PER_SM = default_pps
 
 if __name__ == "__main__":
     main()

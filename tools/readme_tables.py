@@ -89,12 +89,12 @@ def decode_table(rows: list[dict], context: int = 65536, batches=(1, 8), model: 
            + " |",
            "| one layer: FlexAttention, dense / hash ∪ window mask | " + " | ".join(
                f"{cell('layer', 'flex_dense', b, 'x')} / {cell('layer', 'flex_hash', b, 'x')}" for b in batches) + " |"]
-    meta_model, model = model, []
+    steps = []
     for b in batches:
         ms = [at.get(("model", a, b)) for a in ("sdpa", "dense", "hash")]
-        model.append(" / ".join("–" if r is None else f"{r['ms_per_token']:.2f}" for r in ms) + " ms")
-    name = f"{meta_model['n_layer']}×{meta_model['n_embd']} model step" if meta_model else "model step"
-    out.append(f"| {name}: SDPA / dense / hash ∪ window | " + " | ".join(model) + " |")
+        steps.append(" / ".join("–" if r is None else f"{r['ms_per_token']:.2f}" for r in ms) + " ms")
+    name = f"{model['n_layer']}×{model['n_embd']} model step" if model else "model step"
+    out.append(f"| {name}: SDPA / dense / hash ∪ window | " + " | ".join(steps) + " |")
     return "\n".join(out)
 
 
