@@ -52,6 +52,16 @@ def add_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
+def load_labels(LAB, rows, n, LABELS: tl.constexpr, fallback):
+    """The original ids of tokens ``rows`` as int64 (rows past ``n`` read 0), or ``fallback``
+    (unused) without ``LABELS``: the layout kernels' id test in hash attention's overflow run."""
+    if LABELS:
+        return tl.load(LAB + rows, mask=rows < n, other=0).to(tl.int64)
+    else:
+        return fallback
+
+
+@triton.jit
 def mma(a, b, DOT_PRECISION: tl.constexpr):
     """``a @ b`` accumulated in float32.
 

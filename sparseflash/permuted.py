@@ -45,6 +45,7 @@ from torch import Tensor
 from . import _runtime
 from .band import band_applies, band_backward, band_forward
 from .flash import flash_backward, flash_forward
+from .layout_sweep import sweep_applies, sweep_backward, sweep_forward
 from .ops import LIB, attention_op, cfg_args, cfg_dict, define_op
 from ._steps import (
     LOG2E,
@@ -55,6 +56,7 @@ from ._steps import (
     kernel_config,
     launch_params,
     kv_head,
+    load_labels,
     load_tile,
     mma,
     online_softmax_step,
@@ -89,16 +91,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @triton.jit
-def _labels(LAB, rows, n, LABELS: tl.constexpr, fallback):
-    """The original ids of tokens ``rows`` as int64 (padding rows, ``n``, read 0), or
-    ``fallback`` (unused) without ``LABELS``."""
-    if LABELS:
-        return tl.load(LAB + rows, mask=rows < n, other=0).to(tl.int64)
-    else:
-        return fallback
-
-
-@triton.jit
 def _key_tile(k_tile, K, V, KIDX, KPOS, KLAB, qpos, qlab, sk_n, sv_n, n_k, MASKED: tl.constexpr,
               LABELS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys and values of layout tile ``k_tile`` (read through the index), and the
@@ -113,7 +105,7 @@ def _key_tile(k_tile, K, V, KIDX, KPOS, KLAB, qpos, qlab, sk_n, sv_n, n_k, MASKE
         allowed = tl.load(KPOS + slots)[None, :] <= qpos[:, None]
         if LABELS:
             # A bucket's run holds one id, so this is a no-op there; the overflow run mixes ids.
-            klab = _labels(KLAB, rows, n_k, LABELS, qlab)
+            klab = load_labels(KLAB, rows, n_k, LABELS, qlab)
             allowed = allowed & (klab[None, :] == qlab[:, None])
     else:
         allowed = qpos[:, None] >= 0  # unused: MASKED is off
@@ -144,7 +136,7 @@ def _dkdv_tile(dk, dv, k, v, kpos, klab, q_tile, Q, DO, LSE, DELTA, QIDX, QPOS, 
     if MASKED:
         allowed = kpos[None, :] <= tl.load(QPOS + slots)[:, None]
         if LABELS:
-            qlab = _labels(QLAB, rows, n_q, LABELS, klab)
+            qlab = load_labels(QLAB, rows, n_q, LABELS, klab)
             allowed = allowed & (klab[None, :] == qlab[:, None])
     else:
         allowed = kpos[None, :] >= 0  # unused: MASKED is off
@@ -230,7 +222,7 @@ def _layout_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     rows = tl.load(QIDX + slots)
     qpos = tl.load(QPOS + slots)
-    qlab = _labels(QLAB, rows, n_q, LABELS, qpos)
+    qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
     q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -309,7 +301,7 @@ def _layout_bwd_kernel(
         slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.load(KIDX + slots)
         kpos = tl.load(KPOS + slots)
-        klab = _labels(KLAB, rows, n_k, LABELS, kpos)
+        klab = load_labels(KLAB, rows, n_k, LABELS, kpos)
         k = load_tile(K, rows, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
         v = load_tile(V, rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -335,7 +327,7 @@ def _layout_bwd_kernel(
         slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
-        qlab = _labels(QLAB, rows, n_q, LABELS, qpos)
+        qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
         q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
         do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
@@ -388,7 +380,9 @@ def _dims(q, k, plan: LayoutPlan):
 def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     """Forward kernel on q ``(B, H, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` (``Hkv`` dividing ``H``;
     ``plan.q`` per query head, ``plan.k`` per kv head); ``o`` and ``lse2`` ``(B, H, Nq)``
-    float32 in token order."""
+    float32 in token order (through :mod:`sparseflash.layout_sweep` when that applies)."""
+    if sweep_applies(q, k):
+        return sweep_forward(q, k, v, plan, sm_scale, cfg, record)
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
@@ -412,6 +406,8 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
     """Backward kernel; returns contiguous ``(dq, dk, dv)`` in token order, dk and dv with k's
     ``Hkv`` heads (summed over each kv head's group of query heads).  ``delta``: the softmax
     row term if already computed (:func:`~sparseflash._steps.softmax_delta`)."""
+    if sweep_applies(q, k):
+        return sweep_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record, delta=delta)
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
     h_kv = k.shape[1]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))

@@ -329,7 +329,21 @@ if [ "$stage" = 29 ]; then
   timeout 120 python -m pytest -m gpu -q -n 8 tests/test_band.py tests/test_window.py tests/test_hash_sparse.py -p no:cacheprovider > $OUT/gpu_tests_band_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_band_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_band_$KIND.log | tail -2
   for E in False True False True; do
+    [ $SECONDS -gt 480 ] && { echo "band=$E skipped (time)"; continue; }
     PYTHONPATH=. timeout 90 python -c "import sys, runpy, sparseflash.band as b; b.ENABLED = $E; sys.argv = ['step_profile.py', '--configs', 'hash16w128', '--modes', 'reduce-overhead', '--seq-len', '8192', '--out', '/tmp/sp.json']; runpy.run_path('tools/step_profile.py', run_name='__main__')" 2>&1 | grep "wall" | sed "s/^/band=$E /"
     cp /tmp/sp.json $OUT/step_profile_band_${E}_$KIND.json
   done
+fi
+if [ "$stage" = 30 ]; then
+  # The two sweeps (band.py, layout_sweep.py; both off by default) against the kernels they replace,
+  # per pass and launch setting, then their GPU tests and the hash kernels' with both on.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout 150 python tools/band_sweep_ab.py --out $OUT/band_sweep_ab_$KIND.json > $OUT/band_sweep_ab_$KIND.log 2>&1
+  grep -v Warn $OUT/band_sweep_ab_$KIND.log | python -c "import sys, json; [print(*(r[k] for k in ('N','D','window','pass_','variant')), round(r['ms'], 4), r['max_diff']) for r in map(json.loads, (l for l in sys.stdin if l.startswith('{')))]"
+  PYTHONPATH=. timeout 240 python tools/layout_sweep_ab.py --out $OUT/layout_sweep_ab_$KIND.json > $OUT/layout_sweep_ab_$KIND.log 2>&1
+  grep -v Warn $OUT/layout_sweep_ab_$KIND.log | python -c "import sys, json; [print(*(r[k] for k in ('N','D','window','pass_','variant')), round(r['ms'], 4), r['max_diff']) for r in map(json.loads, (l for l in sys.stdin if l.startswith('{')))]"
+  grep -i "error\|Traceback" $OUT/*_sweep_ab_$KIND.log | head -5
+  timeout 150 python -m pytest -m gpu -q -n 8 tests/test_band.py tests/test_layout_sweep.py tests/test_window.py tests/test_hash_sparse.py -p no:cacheprovider > $OUT/gpu_tests_sweeps_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_sweeps_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_sweeps_$KIND.log | tail -3
 fi
