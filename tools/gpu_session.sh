@@ -347,3 +347,24 @@ if [ "$stage" = 30 ]; then
   timeout 150 python -m pytest -m gpu -q -n 8 tests/test_band.py tests/test_layout_sweep.py tests/test_window.py tests/test_hash_sparse.py -p no:cacheprovider > $OUT/gpu_tests_sweeps_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_sweeps_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_sweeps_$KIND.log | tail -3
 fi
+if [ "$stage" = 31 ]; then
+  # Stage 30's A/Bs, then the union's training step (step profile) with the sweeps off and with those
+  # that won on (tools/sweep_pick.py), one after the other on this machine.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  export SPARSEFLASH_DATA=$PWD/data
+  show() { grep -v Warn $1 | python -c "import sys, json; [print(*(r[k] for k in ('N','D','window','pass_','variant')), round(r['ms'], 4), r['max_diff']) for r in map(json.loads, (l for l in sys.stdin if l.startswith('{')))]"; }
+  PYTHONPATH=. timeout 130 python tools/band_sweep_ab.py --out $OUT/band_sweep_ab_$KIND.json > $OUT/band_sweep_ab_$KIND.log 2>&1
+  show $OUT/band_sweep_ab_$KIND.log
+  PYTHONPATH=. timeout 200 python tools/layout_sweep_ab.py --out $OUT/layout_sweep_ab_$KIND.json > $OUT/layout_sweep_ab_$KIND.log 2>&1
+  show $OUT/layout_sweep_ab_$KIND.log
+  grep -i "error\|Traceback" $OUT/*_sweep_ab_$KIND.log | head -5
+  eval $(python tools/sweep_pick.py $OUT/band_sweep_ab_$KIND.json $OUT/layout_sweep_ab_$KIND.json)
+  echo "picked BAND=$BAND BAND_PPS=$BAND_PPS LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS"
+  for ON in False True False True; do
+    [ $SECONDS -gt 500 ] && { echo "sweeps=$ON skipped (time)"; continue; }
+    if [ $ON = True ]; then B=$BAND; L=$LAYOUT; else B=False; L=False; fi
+    PYTHONPATH=. timeout 85 python -c "import sys, runpy, sparseflash.band as b, sparseflash.layout_sweep as s; b.ENABLED = $B; b.PROGRAMS_PER_SM = $BAND_PPS; s.ENABLED = $L; s.PROGRAMS_PER_SM = $LAYOUT_PPS; sys.argv = ['step_profile.py', '--configs', 'hash16w128', '--modes', 'reduce-overhead', '--seq-len', '8192', '--out', '/tmp/sp.json']; runpy.run_path('tools/step_profile.py', run_name='__main__')" 2>&1 | grep "wall" | sed "s/^/band=$B layout=$L /"
+    cp /tmp/sp.json $OUT/step_profile_sweeps_${B}_${L}_${SECONDS}_$KIND.json 2>/dev/null
+  done
+fi
