@@ -361,10 +361,26 @@ if [ "$stage" = 31 ]; then
   grep -i "error\|Traceback" $OUT/*_sweep_ab_$KIND.log | head -5
   eval $(python tools/sweep_pick.py $OUT/band_sweep_ab_$KIND.json $OUT/layout_sweep_ab_$KIND.json)
   echo "picked BAND=$BAND BAND_PPS=$BAND_PPS LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS"
+  echo "BAND=$BAND BAND_PPS=$BAND_PPS LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS" > /tmp/sweep_pick.env
   for ON in False True False True; do
     [ $SECONDS -gt 500 ] && { echo "sweeps=$ON skipped (time)"; continue; }
     if [ $ON = True ]; then B=$BAND; L=$LAYOUT; else B=False; L=False; fi
     PYTHONPATH=. timeout 85 python -c "import sys, runpy, sparseflash.band as b, sparseflash.layout_sweep as s; b.ENABLED = $B; b.PROGRAMS_PER_SM = $BAND_PPS; s.ENABLED = $L; s.PROGRAMS_PER_SM = $LAYOUT_PPS; sys.argv = ['step_profile.py', '--configs', 'hash16w128', '--modes', 'reduce-overhead', '--seq-len', '8192', '--out', '/tmp/sp.json']; runpy.run_path('tools/step_profile.py', run_name='__main__')" 2>&1 | grep "wall" | sed "s/^/band=$B layout=$L /"
     cp /tmp/sp.json $OUT/step_profile_sweeps_${B}_${L}_${SECONDS}_$KIND.json 2>/dev/null
   done
+fi
+if [ "$stage" = 32 ]; then
+  # On the machine that ran stage 31 (its picks in /tmp/sweep_pick.env): the training rows with the
+  # winning sweeps on, resumable (results/train_<kind>_partial.json carried in, if any). Args: timeout,
+  # budget.
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  export SPARSEFLASH_DATA=$PWD/data
+  eval $(cat /tmp/sweep_pick.env 2>/dev/null || echo BAND=False BAND_PPS=4 LAYOUT=False LAYOUT_PPS=4)
+  echo "BAND=$BAND BAND_PPS=$BAND_PPS LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS"
+  [ -f results/train_${KIND}_partial.json ] && cp results/train_${KIND}_partial.json $OUT/train_$KIND.json
+  timeout $2 python -c "import sys, runpy, sparseflash.band as b, sparseflash.layout_sweep as s; b.ENABLED = $BAND; b.PROGRAMS_PER_SM = $BAND_PPS; s.ENABLED = $LAYOUT; s.PROGRAMS_PER_SM = $LAYOUT_PPS; sys.argv = ['experiment'] + sys.argv[1:]; runpy.run_module('sparseflash.train.experiment', run_name='__main__')" \
+    --phase speed --compile --compile-mode reduce-overhead --resume \
+    --speed-configs hash16w128 sdpa sdpa_cudnn none hash16w0 dense qk0.3 --speed-seq-lens 8192 16384 --speed-train-steps 100 \
+    --out $OUT/train_$KIND.json --time-budget $3 --no-progress > $OUT/train_$KIND.log 2>&1
+  grep -v Warn $OUT/train_$KIND.log | tail -16
 fi
