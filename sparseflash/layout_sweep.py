@@ -93,6 +93,8 @@ def _step(step, r, lanes, lo, hi, count, ends, n_other, RUN: tl.constexpr):
 
 @triton.jit
 def _pair_mask(qpos, kpos, qlab, klab, live, LABELS: tl.constexpr):
+    """Allowed pairs of a step: keys at or before the query (padding reads +inf / -1), equal ids
+    with ``LABELS``, nothing in an empty tile's step (``live`` off)."""
     allowed = (kpos[None, :] <= qpos[:, None]) & live
     if LABELS:
         allowed = allowed & (klab[None, :] == qlab[:, None])
