@@ -55,6 +55,10 @@ ENABLED = False
 #: Programs a launch aims for per streaming multiprocessor (CUDA); each walks the rest.
 PROGRAMS_PER_SM = 4
 MAX_RUN = 16
+#: Whether the tile that stays through a tile's steps (the query tile in the forward and dQ, the
+#: key and value tiles in dK/dV) is read once, at its first step, rather than every step (L2
+#: hits, but at the dense kernel's pace they would be half again the loads of the streamed tiles).
+LOAD_ONCE = False
 
 
 @triton.jit
@@ -92,6 +96,23 @@ def _step(step, r, lanes, lo, hi, count, ends, n_other, RUN: tl.constexpr):
 
 
 @triton.jit
+def _held_tile(ptr, rows, cols, stride_row, n_rows, first, held, ONCE: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """The tile of ``rows`` that stays through a tile's steps: with ``ONCE`` read at its first step
+    only (``held`` the copy from then; the other steps' loads are masked off, so they read no
+    memory), else read every step (an L2 hit after the first)."""
+    if ONCE:
+        firstv = (rows * 0 + first.to(tl.int32)) == 1
+        mask = (rows[:, None] < n_rows) & firstv[:, None]
+        if BLOCK_D != HEAD_DIM:
+            mask = mask & (cols[None, :] < HEAD_DIM)
+        new = tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+        return tl.where(firstv[:, None], new, held)
+    else:
+        return load_tile(ptr, rows, cols, stride_row, n_rows, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
 def _pair_mask(qpos, kpos, qlab, klab, live, LABELS: tl.constexpr):
     """Allowed pairs of a step: keys at or before the query (padding reads +inf / -1), equal ids
     with ``LABELS``, nothing in an empty tile's step (``live`` off)."""
@@ -108,6 +129,7 @@ def _sweep_fwd_kernel(
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, LABELS: tl.constexpr, RUN: tl.constexpr,
+    ONCE: tl.constexpr,
 ):
     """Program ``(b·H + h, r)``: query tiles ``r·RUN ..`` of head ``h``'s layout, each over its
     run of key tiles."""
@@ -137,13 +159,14 @@ def _sweep_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    q = tl.zeros([BLOCK_M, BLOCK_D], Q.dtype.element_ty)
     for step in range(0, tl.sum(count, 0)):
         q_tile, k_tile, live, first, last = _step(step, r, lanes, lo, hi, count, ends, n_k_tiles, RUN)
         slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
         qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
-        q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
+        q = _held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
         k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_rows = tl.load(KIDX + k_slots)
         kpos = tl.load(KPOS + k_slots)
@@ -174,6 +197,7 @@ def _sweep_bwd_kernel(
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, LABELS: tl.constexpr, RUN: tl.constexpr,
+    ONCE: tl.constexpr,
 ):
     """Program ``(b·H + h, r)``: dK, dV of key tiles ``r·RUN ..`` over the query tiles that see
     each, then dQ of query tiles ``r·RUN ..`` over their key tiles.  ``LSE``, ``DELTA`` and the
@@ -210,14 +234,16 @@ def _sweep_bwd_kernel(
     lanes, lo, hi, count, ends = _run_steps(KRUNS, KIDX, r, n_k_tiles, n_k, BLOCK_N, RUN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    k = tl.zeros([BLOCK_N, BLOCK_D], K.dtype.element_ty)
+    v = tl.zeros([BLOCK_N, BLOCK_D], V.dtype.element_ty)
     for step in range(0, tl.sum(count, 0)):
         k_tile, q_tile, live, first, last = _step(step, r, lanes, lo, hi, count, ends, n_q_tiles, RUN)
         k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_rows = tl.load(KIDX + k_slots)
         kpos = tl.load(KPOS + k_slots)
         klab = load_labels(KLAB, k_rows, n_k, LABELS, kpos)
-        k = load_tile(K, k_rows, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
-        v = load_tile(V, k_rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
+        k = _held_tile(K, k_rows, cols, sk_n, n_k, first, k, ONCE, HEAD_DIM, BLOCK_D)
+        v = _held_tile(V, k_rows, cols, sv_n, n_k, first, v, ONCE, HEAD_DIM, BLOCK_D)
         slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
@@ -244,14 +270,16 @@ def _sweep_bwd_kernel(
     # ---- dQ of query tiles r·RUN .. over their key tiles ----
     lanes, lo, hi, count, ends = _run_steps(QRUNS, QIDX, r, n_q_tiles, n_q, BLOCK_M, RUN)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q = tl.zeros([BLOCK_M, BLOCK_D], Q.dtype.element_ty)
+    do = tl.zeros([BLOCK_M, BLOCK_D], DO.dtype.element_ty)
     for step in range(0, tl.sum(count, 0)):
         q_tile, k_tile, live, first, last = _step(step, r, lanes, lo, hi, count, ends, n_k_tiles, RUN)
         slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
         qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
-        q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
-        do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
+        q = _held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
+        do = _held_tile(DO, rows, cols, sdo_n, n_q, first, do, ONCE, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
         k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -315,7 +343,7 @@ def sweep_forward(q, k, v, plan, sm_scale, cfg, record=None):
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, LABELS=labels, RUN=run,
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, LABELS=labels, RUN=run, ONCE=LOAD_ONCE,
         **launch_params(cfg),
     )
     return o, lse2
@@ -342,7 +370,7 @@ def sweep_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record=None, *, de
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, LABELS=labels, RUN=run,
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, LABELS=labels, RUN=run, ONCE=LOAD_ONCE,
         **launch_params(cfg, backward=True),
     )
     return dq, dk, dv

@@ -43,6 +43,20 @@ def test_hash_equals_the_one_tile_kernels(seed, monkeypatch, N, n_buckets, ids, 
         assert torch.equal(got_maps[name], want_maps[name]), name
 
 
+@pytest.mark.parametrize("N, n_buckets, ids, W", [(130, 8, 8, 40), (100, 4, 9, 0)])
+def test_load_once_equals_the_one_tile_kernels(seed, monkeypatch, N, n_buckets, ids, W):
+    """Reading the held tiles once per tile (``LOAD_ONCE``) changes no value."""
+    q, k, v, do = (torch.randn(1, 2, N, 16) for _ in range(4))
+    qb, kb = torch.randint(0, ids, (1, 2, N)), torch.randint(0, ids, (1, 2, N))
+    monkeypatch.setattr(layout_sweep, "LOAD_ONCE", True)
+    (want, _), (got, _) = _both(
+        monkeypatch, lambda q, k, v, rec: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=n_buckets, window=W),
+        q, k, v, do)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
 def test_qk_dropping_equals_the_one_tile_kernels(seed, monkeypatch):
     N = 100
     q, k, v, do = (torch.randn(2, 2, N, 16) for _ in range(4))
@@ -92,14 +106,15 @@ def test_grouped_heads_stay_on_the_one_tile_kernels(seed, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N, D, W", [(4096, 64, 128), (8191, 128, 0)])
-def test_gpu_hash_through_the_sweep(seed, monkeypatch, N, D, W):
+@pytest.mark.parametrize("N, D, W, once", [(4096, 64, 128, False), (4096, 64, 128, True), (8191, 128, 0, False)])
+def test_gpu_hash_through_the_sweep(seed, monkeypatch, N, D, W, once):
     """Hash attention (and ∪ window) with the layout's passes in the sweep kernels on the GPU (bf16, the
     launch defaults)."""
     B, H, dtype = 1, 2, torch.bfloat16
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(4))
     qb, kb = sf.lsh_buckets(q, 16, seed=seed), sf.lsh_buckets(k, 16, seed=seed)
     monkeypatch.setattr(layout_sweep, "ENABLED", True)
+    monkeypatch.setattr(layout_sweep, "LOAD_ONCE", once)
     got = grads(lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16, window=W), q, k, v, do)
     mask = ref.hash_mask(qb, kb, window=W)
     want = grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())

@@ -8,7 +8,8 @@ For each shape (bf16, 12 heads; B=2 at N=8192, B=1 at 16384; D 64 / 128; 16 LSH 
 random rows; window 0 or 128, the far part of hash ∪ window), times the layout's forward and
 backward kernels on one layout and tile plan, each call replayed from a CUDA graph (``do_bench``
 median: the GPU's time): the one-tile kernels with the sparse launch defaults, then the sweep at
-several pipeline depths and programs per multiprocessor.  Each sweep's outputs and gradients are
+several pipeline depths and programs per multiprocessor, reading the tile that stays through a
+tile's steps every step or once (``layout_sweep.LOAD_ONCE``).  Each sweep's outputs and gradients are
 compared with the one-tile kernels' (``max_diff``: the same steps in the same order, so 0 or
 rounding).  One JSON row per (shape, pass, variant), printed and written as it is measured.
 """
@@ -49,7 +50,7 @@ def main() -> None:
     device, shapes, H = ("cpu", ((1, 100, 16, 20),), 2) if args.smoke else ("cuda", SHAPES, 12)
     put = row_writer(dict(meta=dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                     torch=torch.__version__, triton=triton.__version__), rows=[]), args.out)
-    default = layout_sweep.ENABLED, layout_sweep.PROGRAMS_PER_SM
+    default = layout_sweep.ENABLED, layout_sweep.PROGRAMS_PER_SM, layout_sweep.LOAD_ONCE
     for B, N, D, W in shapes:
         torch.manual_seed(0)
         q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(4))
@@ -69,19 +70,23 @@ def main() -> None:
         put(dict(shape, pass_="bwd", variant="one_tile", max_diff=0.0,
                  ms=_time(lambda: layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, cfg, delta=delta))))
         layout_sweep.ENABLED = True
-        for pps in (2, 4, 8):
-            layout_sweep.PROGRAMS_PER_SM = pps
-            for stages in (2, 3):
-                c = dict(cfg, num_stages=stages)
-                diff = max_diff(layout_forward(q, k, v, plan, scale, c), (o_ref, l_ref))
-                ms = _time(lambda: layout_forward(q, k, v, plan, scale, c))
-                put(dict(shape, pass_="fwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
-            for stages in (1, 2):
-                c = dict(cfg, bwd_num_stages=stages)
-                diff = max_diff(layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, c, delta=delta), g_ref)
-                ms = _time(lambda: layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, c, delta=delta))
-                put(dict(shape, pass_="bwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
-        layout_sweep.ENABLED, layout_sweep.PROGRAMS_PER_SM = default
+        # (load once: at the default pipeline depths only, to bound the compiles)
+        for once, fwd_stages, bwd_stages in ((False, (2, 3), (1, 2)), (True, (2,), (2,))):
+            layout_sweep.LOAD_ONCE = once
+            name = "sweep_once" if once else "sweep"
+            for pps in (2, 4, 8):
+                layout_sweep.PROGRAMS_PER_SM = pps
+                for stages in fwd_stages:
+                    c = dict(cfg, num_stages=stages)
+                    diff = max_diff(layout_forward(q, k, v, plan, scale, c), (o_ref, l_ref))
+                    ms = _time(lambda: layout_forward(q, k, v, plan, scale, c))
+                    put(dict(shape, pass_="fwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
+                for stages in bwd_stages:
+                    c = dict(cfg, bwd_num_stages=stages)
+                    diff = max_diff(layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, c, delta=delta), g_ref)
+                    ms = _time(lambda: layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, c, delta=delta))
+                    put(dict(shape, pass_="bwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
+        layout_sweep.ENABLED, layout_sweep.PROGRAMS_PER_SM, layout_sweep.LOAD_ONCE = default
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python tools/sweep_pick.py BAND_AB.json LAYOUT_AB.json [--shape 8192,64,128]
 
 For the shape of the training model (N, D, window), sums each variant's forward and backward time at
-the launch defaults' pipeline depths and prints shell assignments: ``BAND=True BAND_PPS=4 ...``, a
+the launch defaults' pipeline depths and prints shell assignments: ``BAND=True BAND_PPS=4 ...``
+(``LAYOUT_ONCE``: the layout sweep's pick reads its held tiles once), a
 sweep on where its best programs-per-SM setting beats the kernel it replaces by more than 3%, and
 every variant's sum on stderr.  Variants whose values differ from the replaced kernel's by more
 than bf16 rounding (``max_diff`` > 0.05) are never picked.
@@ -29,9 +30,9 @@ def pick(path: str, old: str, N: int, D: int, W: int, fwd_stages: int, bwd_stage
     total = {k: sum(v) for k, v in total.items() if len(v) == 2}
     print(path, {k: round(v, 4) for k, v in sorted(total.items())}, file=sys.stderr)
     if old not in total or len(total) < 2:
-        return False, 4
+        return False, 4, False
     best = min((k for k in total if k != old), key=total.get)
-    return total[best] < 0.97 * total[old], int(best.removeprefix("sweep_pps"))
+    return total[best] < 0.97 * total[old], int(best.split("_pps")[1]), "_once" in best
 
 
 def main() -> None:
@@ -41,9 +42,9 @@ def main() -> None:
     p.add_argument("--shape", default="8192,64,128", help="N,D,window of the training model's attention")
     args = p.parse_args()
     N, D, W = map(int, args.shape.split(","))
-    band_on, band_pps = pick(args.band, "dense_kernel", N, D, W, 2, 2)
-    layout_on, layout_pps = pick(args.layout, "one_tile", N, D, W, 2, 2)
-    print(f"BAND={band_on} BAND_PPS={band_pps} LAYOUT={layout_on} LAYOUT_PPS={layout_pps}")
+    band_on, band_pps, _ = pick(args.band, "dense_kernel", N, D, W, 2, 2)
+    layout_on, layout_pps, layout_once = pick(args.layout, "one_tile", N, D, W, 2, 2)
+    print(f"BAND={band_on} BAND_PPS={band_pps} LAYOUT={layout_on} LAYOUT_PPS={layout_pps} LAYOUT_ONCE={layout_once}")
 
 
 if __name__ == "__main__":
