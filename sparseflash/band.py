@@ -36,6 +36,7 @@ from ._steps import (
     attention_grads_step,
     dot_precision,
     finish_softmax,
+    held_tile,
     launch_params,
     load_tile,
     mma,
@@ -55,6 +56,9 @@ ENABLED = False
 #: program walks is the total tile count over this many programs, at most ``MAX_RUN``.
 PROGRAMS_PER_SM = 4
 MAX_RUN = 16
+#: Whether a query tile (forward, dQ) or key and value tile (dK/dV) is read once, at the first of its
+#: ``SPAN`` steps, rather than every step (see :func:`sparseflash._steps.held_tile`).
+LOAD_ONCE = False
 
 
 @triton.jit
@@ -79,7 +83,7 @@ def _band_fwd_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     H, n, qk_scale, window, SPAN, RUN,
     INIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, ONCE: tl.constexpr,
 ):
     """Program ``(b·H + h, r)``: query tiles ``r·RUN ..`` of head ``h``, ``SPAN`` key tiles each."""
     bh = tl.program_id(0)
@@ -99,6 +103,7 @@ def _band_fwd_kernel(
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
+    q = tl.zeros([BLOCK, BLOCK_D], Q.dtype.element_ty)
     for step in range(0, steps):
         t = t0 + step // SPAN
         j = step % SPAN
@@ -120,7 +125,7 @@ def _band_fwd_kernel(
             acc = tl.where(start[:, None], 0.0, acc)
             m_i = tl.where(start, float("-inf"), m_i)
             l_i = tl.where(start, 0.0, l_i)
-        q = load_tile(Q, rows, cols, sq_n, n, HEAD_DIM, BLOCK_D)
+        q = held_tile(Q, rows, cols, sq_n, n, j == 0, q, ONCE, HEAD_DIM, BLOCK_D)
         k = _key_tile(K, keys, cols, sk_n, n, HEAD_DIM, BLOCK_D)
         v = _key_tile(V, keys, cols, sv_n, n, HEAD_DIM, BLOCK_D)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, _band_allowed(rows, keys, n, window), qk_scale,
@@ -140,7 +145,7 @@ def _band_bwd_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
     H, n, qk_scale, sm_scale, window, SPAN, RUN,
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RECORD: tl.constexpr, ONCE: tl.constexpr,
 ):
     """Program ``(b·H + h, r)``: dK, dV of key tiles ``r·RUN ..``, then dQ of the same query tiles.
     Gradients are contiguous ``(B, H, N, D)``."""
@@ -166,6 +171,8 @@ def _band_bwd_kernel(
     # ---- dK, dV of key tile s from query tiles s .. s + SPAN - 1 ----
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    k = tl.zeros([BLOCK, BLOCK_D], K.dtype.element_ty)
+    v = tl.zeros([BLOCK, BLOCK_D], V.dtype.element_ty)
     for step in range(0, steps):
         s = t0 + step // SPAN
         j = step % SPAN
@@ -175,8 +182,8 @@ def _band_bwd_kernel(
         start = ((keys * 0 + j) == 0)[:, None]
         dk = tl.where(start, 0.0, dk)
         dv = tl.where(start, 0.0, dv)
-        k = load_tile(K, keys, cols, sk_n, n, HEAD_DIM, BLOCK_D)
-        v = load_tile(V, keys, cols, sv_n, n, HEAD_DIM, BLOCK_D)
+        k = held_tile(K, keys, cols, sk_n, n, j == 0, k, ONCE, HEAD_DIM, BLOCK_D)
+        v = held_tile(V, keys, cols, sv_n, n, j == 0, v, ONCE, HEAD_DIM, BLOCK_D)
         q = load_tile(Q, rows, cols, sq_n, n, HEAD_DIM, BLOCK_D)
         do = load_tile(DO, rows, cols, sdo_n, n, HEAD_DIM, BLOCK_D)
         # Rows past n read lse = +inf: their p is 0.
@@ -195,6 +202,8 @@ def _band_bwd_kernel(
 
     # ---- dQ of query tile t from key tiles t - SPAN + 1 .. t ----
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    q = tl.zeros([BLOCK, BLOCK_D], Q.dtype.element_ty)
+    do = tl.zeros([BLOCK, BLOCK_D], DO.dtype.element_ty)
     for step in range(0, steps):
         t = t0 + step // SPAN
         j = step % SPAN
@@ -202,8 +211,8 @@ def _band_bwd_kernel(
         rows = t * BLOCK + tl.arange(0, BLOCK)
         keys = k_tile * BLOCK + tl.arange(0, BLOCK)
         dq = tl.where(((rows * 0 + j) == 0)[:, None], 0.0, dq)
-        q = load_tile(Q, rows, cols, sq_n, n, HEAD_DIM, BLOCK_D)
-        do = load_tile(DO, rows, cols, sdo_n, n, HEAD_DIM, BLOCK_D)
+        q = held_tile(Q, rows, cols, sq_n, n, j == 0, q, ONCE, HEAD_DIM, BLOCK_D)
+        do = held_tile(DO, rows, cols, sdo_n, n, j == 0, do, ONCE, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n, other=0.0)
         k = _key_tile(K, keys, cols, sk_n, n, HEAD_DIM, BLOCK_D)
@@ -261,7 +270,8 @@ def band_forward(q, k, v, sm_scale, cfg, record=None, *, window: int, init=None,
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n, sm_scale * LOG2E, window, _span(window, block), run,
         INIT=init is not None, HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK=block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, **launch_params(cfg),
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, ONCE=LOAD_ONCE,
+        **launch_params(cfg),
     )
     return o, lse2
 
@@ -290,6 +300,7 @@ def band_backward(q, k, v, o, lse2, do, sm_scale, cfg, record=None, *, window: i
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, n, sm_scale * LOG2E, sm_scale, window, _span(window, block), run,
         ACCUMULATE=accumulate is not None, HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK=block,
-        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, **launch_params(cfg, backward=True),
+        DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, ONCE=LOAD_ONCE,
+        **launch_params(cfg, backward=True),
     )
     return dq, dk, dv

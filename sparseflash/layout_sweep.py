@@ -38,6 +38,7 @@ from ._steps import (
     attention_grads_step,
     dot_precision,
     finish_softmax,
+    held_tile,
     launch_params,
     load_labels,
     load_tile,
@@ -96,23 +97,6 @@ def _step(step, r, lanes, lo, hi, count, ends, n_other, RUN: tl.constexpr):
 
 
 @triton.jit
-def _held_tile(ptr, rows, cols, stride_row, n_rows, first, held, ONCE: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """The tile of ``rows`` that stays through a tile's steps: with ``ONCE`` read at its first step
-    only (``held`` the copy from then; the other steps' loads are masked off, so they read no
-    memory), else read every step (an L2 hit after the first)."""
-    if ONCE:
-        firstv = (rows * 0 + first.to(tl.int32)) == 1
-        mask = (rows[:, None] < n_rows) & firstv[:, None]
-        if BLOCK_D != HEAD_DIM:
-            mask = mask & (cols[None, :] < HEAD_DIM)
-        new = tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
-        return tl.where(firstv[:, None], new, held)
-    else:
-        return load_tile(ptr, rows, cols, stride_row, n_rows, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
 def _pair_mask(qpos, kpos, qlab, klab, live, LABELS: tl.constexpr):
     """Allowed pairs of a step: keys at or before the query (padding reads +inf / -1), equal ids
     with ``LABELS``, nothing in an empty tile's step (``live`` off)."""
@@ -166,7 +150,7 @@ def _sweep_fwd_kernel(
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
         qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
-        q = _held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
+        q = held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
         k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_rows = tl.load(KIDX + k_slots)
         kpos = tl.load(KPOS + k_slots)
@@ -242,8 +226,8 @@ def _sweep_bwd_kernel(
         k_rows = tl.load(KIDX + k_slots)
         kpos = tl.load(KPOS + k_slots)
         klab = load_labels(KLAB, k_rows, n_k, LABELS, kpos)
-        k = _held_tile(K, k_rows, cols, sk_n, n_k, first, k, ONCE, HEAD_DIM, BLOCK_D)
-        v = _held_tile(V, k_rows, cols, sv_n, n_k, first, v, ONCE, HEAD_DIM, BLOCK_D)
+        k = held_tile(K, k_rows, cols, sk_n, n_k, first, k, ONCE, HEAD_DIM, BLOCK_D)
+        v = held_tile(V, k_rows, cols, sv_n, n_k, first, v, ONCE, HEAD_DIM, BLOCK_D)
         slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
@@ -278,8 +262,8 @@ def _sweep_bwd_kernel(
         rows = tl.load(QIDX + slots)
         qpos = tl.load(QPOS + slots)
         qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
-        q = _held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
-        do = _held_tile(DO, rows, cols, sdo_n, n_q, first, do, ONCE, HEAD_DIM, BLOCK_D)
+        q = held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
+        do = held_tile(DO, rows, cols, sdo_n, n_q, first, do, ONCE, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
         k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -50,10 +50,12 @@ def test_half_precision(seed, dtype, D):
     assert_close(got, want, TOL.get(dtype, 1e-2), GRAD_TOL.get(dtype, 2e-2), f"band {dtype}: ", floor=floor)
 
 
-@pytest.mark.parametrize("N, W", [(100, 17), (129, 64), (64, 1)])
-def test_init_and_accumulate_match_the_dense_kernel(seed, N, W):
+@pytest.mark.parametrize("N, W, once", [(100, 17, False), (129, 64, False), (64, 1, False), (129, 64, True)])
+def test_init_and_accumulate_match_the_dense_kernel(seed, monkeypatch, N, W, once):
     """Continuing a partial result and adding to gradients, as hash ∪ window uses them, give the
-    dense kernel's windowed loop's values (same steps in the same order: equal to rounding)."""
+    dense kernel's windowed loop's values (same steps in the same order: equal to rounding), with
+    the held tiles read every step or once (``LOAD_ONCE``)."""
+    monkeypatch.setattr(band, "LOAD_ONCE", once)
     B, H, D = 1, 3, 32
     q, k, v, do = (torch.randn(B, H, N, D) for _ in range(4))
     scale = D ** -0.5
@@ -131,13 +133,14 @@ def test_run_and_span():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N, D, W", [(4096, 64, 128), (8191, 128, 256)])
-def test_gpu_union_through_the_sweep(seed, monkeypatch, N, D, W):
+@pytest.mark.parametrize("N, D, W, once", [(4096, 64, 128, False), (4096, 64, 128, True), (8191, 128, 256, False)])
+def test_gpu_union_through_the_sweep(seed, monkeypatch, N, D, W, once):
     """hash ∪ window with the band in the sweep kernels on the GPU (bf16, the launch defaults)."""
     B, H, dtype = 1, 2, torch.bfloat16
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda").to(dtype) for _ in range(4))
     qb, kb = sf.lsh_buckets(q, 16, seed=seed), sf.lsh_buckets(k, 16, seed=seed)
     monkeypatch.setattr(band, "ENABLED", True)
+    monkeypatch.setattr(band, "LOAD_ONCE", once)
     got = grads(lambda q, k, v: sf.hash_sparse_attention(q, k, v, qb, kb, n_buckets=16, window=W), q, k, v, do)
     mask = ref.hash_mask(qb, kb, window=W)
     want = grads(lambda q, k, v: ref.attention(q, k, v, mask), q.double(), k.double(), v.double(), do.double())

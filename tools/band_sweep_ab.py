@@ -7,7 +7,8 @@ For each shape (bf16, 12 heads; B=2 at N=8192, B=1 at 16384; D 64 / 128; window 
 band's forward (continuing a partial result, as in hash ∪ window) and its backward (adding to
 gradients), each call replayed from a CUDA graph (``do_bench`` median: the GPU's time, no launch
 overhead): the dense kernel with the band's launch defaults, then the sweep kernel at several
-pipeline depths and programs per multiprocessor.  Each variant's output and gradients are
+pipeline depths and programs per multiprocessor, reading the held tiles every step or once
+(``band.LOAD_ONCE``).  Each variant's output and gradients are
 compared with the dense kernel's (``max_diff``, bf16 rounding is ~1e-2).  One JSON row per
 (shape, pass, variant), printed and written as it is measured.
 """
@@ -45,7 +46,7 @@ def main() -> None:
     device, shapes, H = ("cpu", ((1, 100, 16, 40),), 2) if args.smoke else ("cuda", SHAPES, 12)
     put = row_writer(dict(meta=dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                     torch=torch.__version__, triton=triton.__version__), rows=[]), args.out)
-    default_pps = band.PROGRAMS_PER_SM
+    default_pps, default_once = band.PROGRAMS_PER_SM, band.LOAD_ONCE
     for B, N, D, W in shapes:
         torch.manual_seed(0)
         q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(4))
@@ -67,24 +68,29 @@ def main() -> None:
                                           accumulate=grads))
         put(dict(shape, pass_="bwd", variant="dense_kernel", ms=ms, max_diff=0.0))
 
-        for pps in (2, 4, 8):
-            band.PROGRAMS_PER_SM = pps
-            for stages in (2, 3):
-                c = dict(cfg, num_stages=stages)
-                o, lse = o0.clone(), l0.clone()
-                band.band_forward(q, k, v, scale, c, window=W, init=(o, lse))
-                diff = max_diff([o], [o_ref])
-                o, lse = o0.clone(), l0.clone()
-                ms = _time(lambda: band.band_forward(q, k, v, scale, c, window=W, init=(o, lse)))
-                put(dict(shape, pass_="fwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
-            for stages in (1, 2, 3):
-                c = dict(cfg, bwd_num_stages=stages)
-                diff = max_diff(band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta), g_ref)
-                grads = tuple(torch.zeros_like(t) for t in (q, k, v))
-                ms = _time(lambda: band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta,
-                                                      accumulate=grads))
-                put(dict(shape, pass_="bwd", variant=f"sweep_pps{pps}_s{stages}", ms=ms, max_diff=diff))
-        band.PROGRAMS_PER_SM = default_pps
+        # (load once: at two pipeline depths only, to bound the compiles)
+        for once, fwd_stages, bwd_stages in ((False, (2, 3), (1, 2, 3)), (True, (2,), (1, 2))):
+            band.LOAD_ONCE = once
+            name = "sweep_once" if once else "sweep"
+            for pps in (2, 4, 8):
+                band.PROGRAMS_PER_SM = pps
+                for stages in fwd_stages:
+                    c = dict(cfg, num_stages=stages)
+                    o, lse = o0.clone(), l0.clone()
+                    band.band_forward(q, k, v, scale, c, window=W, init=(o, lse))
+                    diff = max_diff([o], [o_ref])
+                    o, lse = o0.clone(), l0.clone()
+                    ms = _time(lambda: band.band_forward(q, k, v, scale, c, window=W, init=(o, lse)))
+                    put(dict(shape, pass_="fwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
+                for stages in bwd_stages:
+                    c = dict(cfg, bwd_num_stages=stages)
+                    diff = max_diff(band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta),
+                                    g_ref)
+                    grads = tuple(torch.zeros_like(t) for t in (q, k, v))
+                    ms = _time(lambda: band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta,
+                                                          accumulate=grads))
+                    put(dict(shape, pass_="bwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
+        band.PROGRAMS_PER_SM, band.LOAD_ONCE = default_pps, default_once
 
 if __name__ == "__main__":
     main()

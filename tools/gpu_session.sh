@@ -354,18 +354,18 @@ if [ "$stage" = 31 ]; then
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   export SPARSEFLASH_DATA=$PWD/data
   show() { grep -v Warn $1 | python -c "import sys, json; [print(*(r[k] for k in ('N','D','window','pass_','variant')), round(r['ms'], 4), r['max_diff']) for r in map(json.loads, (l for l in sys.stdin if l.startswith('{')))]"; }
-  PYTHONPATH=. timeout 110 python tools/band_sweep_ab.py --out $OUT/band_sweep_ab_$KIND.json > $OUT/band_sweep_ab_$KIND.log 2>&1
+  PYTHONPATH=. timeout 130 python tools/band_sweep_ab.py --out $OUT/band_sweep_ab_$KIND.json > $OUT/band_sweep_ab_$KIND.log 2>&1
   show $OUT/band_sweep_ab_$KIND.log
   PYTHONPATH=. timeout 230 python tools/layout_sweep_ab.py --out $OUT/layout_sweep_ab_$KIND.json > $OUT/layout_sweep_ab_$KIND.log 2>&1
   show $OUT/layout_sweep_ab_$KIND.log
   grep -i "error\|Traceback" $OUT/*_sweep_ab_$KIND.log | head -5
   eval $(python tools/sweep_pick.py $OUT/band_sweep_ab_$KIND.json $OUT/layout_sweep_ab_$KIND.json)
-  echo "picked BAND=$BAND BAND_PPS=$BAND_PPS LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS LAYOUT_ONCE=$LAYOUT_ONCE"
-  echo "BAND=$BAND BAND_PPS=$BAND_PPS LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS LAYOUT_ONCE=$LAYOUT_ONCE" > /tmp/sweep_pick.env
+  echo "picked BAND=$BAND BAND_PPS=$BAND_PPS BAND_ONCE=$BAND_ONCE LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS LAYOUT_ONCE=$LAYOUT_ONCE"
+  echo "BAND=$BAND BAND_PPS=$BAND_PPS BAND_ONCE=$BAND_ONCE LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS LAYOUT_ONCE=$LAYOUT_ONCE" > /tmp/sweep_pick.env
   for ON in False True False True; do
     [ $SECONDS -gt 500 ] && { echo "sweeps=$ON skipped (time)"; continue; }
     if [ $ON = True ]; then B=$BAND; L=$LAYOUT; else B=False; L=False; fi
-    PYTHONPATH=. timeout 85 python -c "import sys, runpy, sparseflash.band as b, sparseflash.layout_sweep as s; b.ENABLED = $B; b.PROGRAMS_PER_SM = $BAND_PPS; s.ENABLED = $L; s.PROGRAMS_PER_SM = $LAYOUT_PPS; s.LOAD_ONCE = $LAYOUT_ONCE; sys.argv = ['step_profile.py', '--configs', 'hash16w128', '--modes', 'reduce-overhead', '--seq-len', '8192', '--out', '/tmp/sp.json']; runpy.run_path('tools/step_profile.py', run_name='__main__')" 2>&1 | grep "wall" | sed "s/^/band=$B layout=$L /"
+    PYTHONPATH=. timeout 85 python -c "import sys, runpy, sparseflash.band as b, sparseflash.layout_sweep as s; b.ENABLED = $B; b.PROGRAMS_PER_SM = $BAND_PPS; b.LOAD_ONCE = $BAND_ONCE; s.ENABLED = $L; s.PROGRAMS_PER_SM = $LAYOUT_PPS; s.LOAD_ONCE = $LAYOUT_ONCE; sys.argv = ['step_profile.py', '--configs', 'hash16w128', '--modes', 'reduce-overhead', '--seq-len', '8192', '--out', '/tmp/sp.json']; runpy.run_path('tools/step_profile.py', run_name='__main__')" 2>&1 | grep "wall" | sed "s/^/band=$B layout=$L /"
     cp /tmp/sp.json $OUT/step_profile_sweeps_${B}_${L}_${SECONDS}_$KIND.json 2>/dev/null
   done
 fi
@@ -375,10 +375,10 @@ if [ "$stage" = 32 ]; then
   # budget.
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   export SPARSEFLASH_DATA=$PWD/data
-  eval $(cat /tmp/sweep_pick.env 2>/dev/null || echo BAND=False BAND_PPS=4 LAYOUT=False LAYOUT_PPS=4 LAYOUT_ONCE=False)
-  echo "BAND=$BAND BAND_PPS=$BAND_PPS LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS LAYOUT_ONCE=$LAYOUT_ONCE"
+  eval $(cat /tmp/sweep_pick.env 2>/dev/null || echo BAND=False BAND_PPS=4 BAND_ONCE=False LAYOUT=False LAYOUT_PPS=4 LAYOUT_ONCE=False)
+  echo "BAND=$BAND BAND_PPS=$BAND_PPS BAND_ONCE=$BAND_ONCE LAYOUT=$LAYOUT LAYOUT_PPS=$LAYOUT_PPS LAYOUT_ONCE=$LAYOUT_ONCE"
   [ -f results/train_${KIND}_partial.json ] && cp results/train_${KIND}_partial.json $OUT/train_$KIND.json
-  timeout $2 python -c "import sys, runpy, sparseflash.band as b, sparseflash.layout_sweep as s; b.ENABLED = $BAND; b.PROGRAMS_PER_SM = $BAND_PPS; s.ENABLED = $LAYOUT; s.PROGRAMS_PER_SM = $LAYOUT_PPS; s.LOAD_ONCE = $LAYOUT_ONCE; sys.argv = ['experiment'] + sys.argv[1:]; runpy.run_module('sparseflash.train.experiment', run_name='__main__')" \
+  timeout $2 python -c "import sys, runpy, sparseflash.band as b, sparseflash.layout_sweep as s; b.ENABLED = $BAND; b.PROGRAMS_PER_SM = $BAND_PPS; b.LOAD_ONCE = $BAND_ONCE; s.ENABLED = $LAYOUT; s.PROGRAMS_PER_SM = $LAYOUT_PPS; s.LOAD_ONCE = $LAYOUT_ONCE; sys.argv = ['experiment'] + sys.argv[1:]; runpy.run_module('sparseflash.train.experiment', run_name='__main__')" \
     --phase speed --compile --compile-mode reduce-overhead --resume \
     --speed-configs hash16w128 sdpa sdpa_cudnn none hash16w0 dense qk0.3 --speed-seq-lens 8192 16384 --speed-train-steps 100 \
     --out $OUT/train_$KIND.json --time-budget $3 --no-progress > $OUT/train_$KIND.log 2>&1

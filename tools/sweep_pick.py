@@ -4,7 +4,7 @@
 
 For the shape of the training model (N, D, window), sums each variant's forward and backward time at
 the launch defaults' pipeline depths and prints shell assignments: ``BAND=True BAND_PPS=4 ...``
-(``LAYOUT_ONCE``: the layout sweep's pick reads its held tiles once), a
+(``BAND_ONCE``, ``LAYOUT_ONCE``: the pick reads its held tiles once), a
 sweep on where its best programs-per-SM setting beats the kernel it replaces by more than 3%, and
 every variant's sum on stderr.  Variants whose values differ from the replaced kernel's by more
 than bf16 rounding (``max_diff`` > 0.05) are never picked.
@@ -42,9 +42,9 @@ def main() -> None:
     p.add_argument("--shape", default="8192,64,128", help="N,D,window of the training model's attention")
     args = p.parse_args()
     N, D, W = map(int, args.shape.split(","))
-    band_on, band_pps, _ = pick(args.band, "dense_kernel", N, D, W, 2, 2)
+    band_on, band_pps, band_once = pick(args.band, "dense_kernel", N, D, W, 2, 2)
     layout_on, layout_pps, layout_once = pick(args.layout, "one_tile", N, D, W, 2, 2)
-    print(f"BAND={band_on} BAND_PPS={band_pps} LAYOUT={layout_on} LAYOUT_PPS={layout_pps} LAYOUT_ONCE={layout_once}")
+    print(f"BAND={band_on} BAND_PPS={band_pps} BAND_ONCE={band_once} LAYOUT={layout_on} LAYOUT_PPS={layout_pps} LAYOUT_ONCE={layout_once}")
 
 
 if __name__ == "__main__":
