@@ -52,6 +52,13 @@ def add_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
+def row_flag(rows, flag):
+    """A scalar condition ``flag`` as a vector over ``rows``: Triton's interpreter masks loads
+    only with vectors (the sweeps' "first step of a tile" in masks and selects)."""
+    return (rows * 0 + flag.to(tl.int32)) == 1
+
+
+@triton.jit
 def held_tile(ptr, rows, cols, stride_row, n_rows, first, held, ONCE: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """:func:`load_tile` of a tile that stays through several steps of a sweep's flat loop (the
@@ -59,7 +66,7 @@ def held_tile(ptr, rows, cols, stride_row, n_rows, first, held, ONCE: tl.constex
     (``held``: the copy from then; the other steps' loads are masked off, so they read no memory),
     else read every step (an L2 hit after the first)."""
     if ONCE:
-        firstv = (rows * 0 + first.to(tl.int32)) == 1
+        firstv = row_flag(rows, first)
         mask = (rows[:, None] < n_rows) & firstv[:, None]
         if BLOCK_D != HEAD_DIM:
             mask = mask & (cols[None, :] < HEAD_DIM)
@@ -77,6 +84,16 @@ def load_labels(LAB, rows, n, LABELS: tl.constexpr, fallback):
         return tl.load(LAB + rows, mask=rows < n, other=0).to(tl.int64)
     else:
         return fallback
+
+
+@triton.jit
+def layout_tile(IDX, POS, LAB, tile, n, LABELS: tl.constexpr, BLOCK: tl.constexpr):
+    """Slots of layout tile ``tile``: their token rows (padding reads ``n``), positions and, with
+    ``LABELS``, ids (:func:`load_labels`; else the positions stand in)."""
+    slots = tile * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.load(IDX + slots)
+    pos = tl.load(POS + slots)
+    return rows, pos, load_labels(LAB, rows, n, LABELS, pos)
 
 
 @triton.jit

@@ -42,6 +42,7 @@ from ._steps import (
     mma,
     online_softmax_step,
     record_buffers,
+    row_flag,
     record_tile,
     softmax_delta,
     store_tile,
@@ -111,8 +112,7 @@ def _band_fwd_kernel(
         rows = t * BLOCK + tl.arange(0, BLOCK)
         keys = k_tile * BLOCK + tl.arange(0, BLOCK)
         # A query tile's first step starts its softmax: empty, or the far part's finished rows.
-        # (The condition as a vector of rows: Triton's interpreter masks loads with vectors only.)
-        start = (rows * 0 + j) == 0
+        start = row_flag(rows, j == 0)
         if INIT:
             lse_in = tl.load(LSE + rows, mask=(rows < n) & start, other=float("inf"))
             seen = lse_in < float("inf")
@@ -179,7 +179,7 @@ def _band_bwd_kernel(
         q_tile = s + j
         keys = s * BLOCK + tl.arange(0, BLOCK)
         rows = q_tile * BLOCK + tl.arange(0, BLOCK)
-        start = ((keys * 0 + j) == 0)[:, None]
+        start = row_flag(keys, j == 0)[:, None]
         dk = tl.where(start, 0.0, dk)
         dv = tl.where(start, 0.0, dv)
         k = held_tile(K, keys, cols, sk_n, n, j == 0, k, ONCE, HEAD_DIM, BLOCK_D)
@@ -210,7 +210,7 @@ def _band_bwd_kernel(
         k_tile = t - SPAN + 1 + j
         rows = t * BLOCK + tl.arange(0, BLOCK)
         keys = k_tile * BLOCK + tl.arange(0, BLOCK)
-        dq = tl.where(((rows * 0 + j) == 0)[:, None], 0.0, dq)
+        dq = tl.where(row_flag(rows, j == 0)[:, None], 0.0, dq)
         q = held_tile(Q, rows, cols, sq_n, n, j == 0, q, ONCE, HEAD_DIM, BLOCK_D)
         do = held_tile(DO, rows, cols, sdo_n, n, j == 0, do, ONCE, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n, other=float("inf"))
@@ -241,12 +241,8 @@ def _span(window: int, block: int) -> int:
 
 
 def _run(n_tile_rows: int, device: torch.device) -> int:
-    """Query tiles a program walks: enough programs for ``PROGRAMS_PER_SM`` a multiprocessor, the
-    rest of the work in each program's loop (on the CPU interpreter 2, so loops cross tiles)."""
-    if device.type != "cuda":
-        return 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(MAX_RUN, n_tile_rows // (PROGRAMS_PER_SM * sms)))
+    """Query tiles a program walks (:func:`sparseflash._runtime.tiles_per_program`)."""
+    return _runtime.tiles_per_program(n_tile_rows, device, PROGRAMS_PER_SM, MAX_RUN)
 
 
 def band_forward(q, k, v, sm_scale, cfg, record=None, *, window: int, init=None, record_prefix: str = ""):

@@ -40,12 +40,13 @@ from ._steps import (
     finish_softmax,
     held_tile,
     launch_params,
-    load_labels,
+    layout_tile,
     load_tile,
     mma,
     online_softmax_step,
     record_buffers,
     record_tile,
+    row_flag,
     softmax_delta,
     store_tile,
 )
@@ -146,19 +147,13 @@ def _sweep_fwd_kernel(
     q = tl.zeros([BLOCK_M, BLOCK_D], Q.dtype.element_ty)
     for step in range(0, tl.sum(count, 0)):
         q_tile, k_tile, live, first, last = _step(step, r, lanes, lo, hi, count, ends, n_k_tiles, RUN)
-        slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(QIDX + slots)
-        qpos = tl.load(QPOS + slots)
-        qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
+        rows, qpos, qlab = layout_tile(QIDX, QPOS, QLAB, q_tile, n_q, LABELS, BLOCK_M)
         q = held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
-        k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_rows = tl.load(KIDX + k_slots)
-        kpos = tl.load(KPOS + k_slots)
-        klab = load_labels(KLAB, k_rows, n_k, LABELS, kpos)
+        k_rows, kpos, klab = layout_tile(KIDX, KPOS, KLAB, k_tile, n_k, LABELS, BLOCK_N)
         k = load_tile(K, k_rows, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
         v = load_tile(V, k_rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-        # A query tile's first step starts its softmax (a row vector: see band.py).
-        start = (qpos * 0 + first.to(tl.int32)) == 1
+        # A query tile's first step starts its softmax.
+        start = row_flag(qpos, first)
         acc = tl.where(start[:, None], 0.0, acc)
         m_i = tl.where(start, float("-inf"), m_i)
         l_i = tl.where(start, 0.0, l_i)
@@ -222,22 +217,16 @@ def _sweep_bwd_kernel(
     v = tl.zeros([BLOCK_N, BLOCK_D], V.dtype.element_ty)
     for step in range(0, tl.sum(count, 0)):
         k_tile, q_tile, live, first, last = _step(step, r, lanes, lo, hi, count, ends, n_q_tiles, RUN)
-        k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_rows = tl.load(KIDX + k_slots)
-        kpos = tl.load(KPOS + k_slots)
-        klab = load_labels(KLAB, k_rows, n_k, LABELS, kpos)
+        k_rows, kpos, klab = layout_tile(KIDX, KPOS, KLAB, k_tile, n_k, LABELS, BLOCK_N)
         k = held_tile(K, k_rows, cols, sk_n, n_k, first, k, ONCE, HEAD_DIM, BLOCK_D)
         v = held_tile(V, k_rows, cols, sv_n, n_k, first, v, ONCE, HEAD_DIM, BLOCK_D)
-        slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(QIDX + slots)
-        qpos = tl.load(QPOS + slots)
-        qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
+        rows, qpos, qlab = layout_tile(QIDX, QPOS, QLAB, q_tile, n_q, LABELS, BLOCK_M)
         q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
         do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
         # Padding query slots read q = do = 0 and lse = +inf: they add nothing.
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
-        start = ((kpos * 0 + first.to(tl.int32)) == 1)[:, None]
+        start = row_flag(kpos, first)[:, None]
         dk = tl.where(start, 0.0, dk)
         dv = tl.where(start, 0.0, dv)
         p, ds = attention_grads_step(q, k, v, do, lse2, delta, _pair_mask(qpos, kpos, qlab, klab, live, LABELS),
@@ -258,21 +247,15 @@ def _sweep_bwd_kernel(
     do = tl.zeros([BLOCK_M, BLOCK_D], DO.dtype.element_ty)
     for step in range(0, tl.sum(count, 0)):
         q_tile, k_tile, live, first, last = _step(step, r, lanes, lo, hi, count, ends, n_k_tiles, RUN)
-        slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(QIDX + slots)
-        qpos = tl.load(QPOS + slots)
-        qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
+        rows, qpos, qlab = layout_tile(QIDX, QPOS, QLAB, q_tile, n_q, LABELS, BLOCK_M)
         q = held_tile(Q, rows, cols, sq_n, n_q, first, q, ONCE, HEAD_DIM, BLOCK_D)
         do = held_tile(DO, rows, cols, sdo_n, n_q, first, do, ONCE, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < n_q, other=0.0)
-        k_slots = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_rows = tl.load(KIDX + k_slots)
-        kpos = tl.load(KPOS + k_slots)
-        klab = load_labels(KLAB, k_rows, n_k, LABELS, kpos)
+        k_rows, kpos, klab = layout_tile(KIDX, KPOS, KLAB, k_tile, n_k, LABELS, BLOCK_N)
         k = load_tile(K, k_rows, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
         v = load_tile(V, k_rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
-        dq = tl.where(((qpos * 0 + first.to(tl.int32)) == 1)[:, None], 0.0, dq)
+        dq = tl.where(row_flag(qpos, first)[:, None], 0.0, dq)
         p, ds = attention_grads_step(q, k, v, do, lse2, delta, _pair_mask(qpos, kpos, qlab, klab, live, LABELS),
                                      qk_scale, True, DOT_PRECISION)
         dq += mma(ds.to(k.dtype), k, DOT_PRECISION)
@@ -295,12 +278,9 @@ def sweep_applies(q, k) -> bool:
 
 
 def _run(n_tiles: int, device: torch.device) -> int:
-    """Tiles a program walks, a power of two: about ``PROGRAMS_PER_SM`` programs a multiprocessor,
-    at most ``MAX_RUN`` tiles (on the CPU interpreter 2, so loops cross tiles)."""
-    if device.type != "cuda":
-        return 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    run = max(1, min(MAX_RUN, n_tiles // (PROGRAMS_PER_SM * sms)))
+    """Tiles a program walks (:func:`sparseflash._runtime.tiles_per_program`), rounded down to a
+    power of two: the kernel holds the run's plan in vectors of that length."""
+    run = _runtime.tiles_per_program(n_tiles, device, PROGRAMS_PER_SM, MAX_RUN)
     return 1 << (run.bit_length() - 1)
 
 

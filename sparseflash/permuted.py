@@ -56,6 +56,7 @@ from ._steps import (
     kernel_config,
     launch_params,
     kv_head,
+    layout_tile,
     load_labels,
     load_tile,
     mma,
@@ -218,11 +219,8 @@ def _layout_fwd_kernel(
     n_k_tiles = n_k_slots // BLOCK_N
     REC += bh64 * n_q_tiles * n_k_tiles
 
-    slots = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    rows = tl.load(QIDX + slots)
-    qpos = tl.load(QPOS + slots)
-    qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
+    rows, qpos, qlab = layout_tile(QIDX, QPOS, QLAB, q_tile, n_q, LABELS, BLOCK_M)
     q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -298,10 +296,7 @@ def _layout_bwd_kernel(
 
     # ---- dK, dV for key tile `tile` of kv head h // GROUP ----
     if owns_kv_tile(tile, n_k_tiles, h, GROUP) & (k_first < n_k):
-        slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.load(KIDX + slots)
-        kpos = tl.load(KPOS + slots)
-        klab = load_labels(KLAB, rows, n_k, LABELS, kpos)
+        rows, kpos, klab = layout_tile(KIDX, KPOS, KLAB, tile, n_k, LABELS, BLOCK_N)
         k = load_tile(K, rows, cols, sk_n, n_k, HEAD_DIM, BLOCK_D)
         v = load_tile(V, rows, cols, sv_n, n_k, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -324,10 +319,7 @@ def _layout_bwd_kernel(
 
     # ---- dQ for query tile `tile` ----
     if q_first < n_q:
-        slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(QIDX + slots)
-        qpos = tl.load(QPOS + slots)
-        qlab = load_labels(QLAB, rows, n_q, LABELS, qpos)
+        rows, qpos, qlab = layout_tile(QIDX, QPOS, QLAB, tile, n_q, LABELS, BLOCK_M)
         q = load_tile(Q, rows, cols, sq_n, n_q, HEAD_DIM, BLOCK_D)
         do = load_tile(DO, rows, cols, sdo_n, n_q, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE + rows, mask=rows < n_q, other=float("inf"))
