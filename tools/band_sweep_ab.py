@@ -15,27 +15,16 @@ compared with the dense kernel's (``max_diff``, bf16 rounding is ~1e-2).  One JS
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import triton
-from _rows import max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
+from _rows import graph_ms, max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 from sparseflash import band
 from sparseflash._steps import kernel_config, softmax_delta
-from sparseflash.bench.timing import cuda_graph_of
 from sparseflash.flash import flash_backward, flash_forward
 
 SHAPES = ((2, 8192, 64, 128), (1, 16384, 64, 128), (2, 8192, 128, 128), (2, 8192, 64, 256), (2, 8192, 128, 256))
-
-
-def _time(fn) -> float:
-    if not torch.cuda.is_available():  # --smoke: one call's wall clock, to check the tool runs
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    graph = cuda_graph_of(fn, torch.device("cuda"))
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
 
 def main() -> None:
@@ -61,10 +50,10 @@ def main() -> None:
         shape = dict(B=B, H=H, N=N, D=D, window=W)
 
         o, lse = o0.clone(), l0.clone()
-        ms = _time(lambda: flash_forward(q, k, v, True, scale, cfg, window=W, init=(o, lse)))
+        ms = graph_ms(lambda: flash_forward(q, k, v, True, scale, cfg, window=W, init=(o, lse)))
         put(dict(shape, pass_="fwd", variant="dense_kernel", ms=ms, max_diff=0.0))
         grads = tuple(torch.zeros_like(t) for t in (q, k, v))
-        ms = _time(lambda: flash_backward(q, k, v, o_ref, l_ref, do, True, scale, cfg, window=W, delta=delta,
+        ms = graph_ms(lambda: flash_backward(q, k, v, o_ref, l_ref, do, True, scale, cfg, window=W, delta=delta,
                                           accumulate=grads))
         put(dict(shape, pass_="bwd", variant="dense_kernel", ms=ms, max_diff=0.0))
 
@@ -80,14 +69,14 @@ def main() -> None:
                     band.band_forward(q, k, v, scale, c, window=W, init=(o, lse))
                     diff = max_diff([o], [o_ref])
                     o, lse = o0.clone(), l0.clone()
-                    ms = _time(lambda: band.band_forward(q, k, v, scale, c, window=W, init=(o, lse)))
+                    ms = graph_ms(lambda: band.band_forward(q, k, v, scale, c, window=W, init=(o, lse)))
                     put(dict(shape, pass_="fwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
                 for stages in bwd_stages:
                     c = dict(cfg, bwd_num_stages=stages)
                     diff = max_diff(band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta),
                                     g_ref)
                     grads = tuple(torch.zeros_like(t) for t in (q, k, v))
-                    ms = _time(lambda: band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta,
+                    ms = graph_ms(lambda: band.band_backward(q, k, v, o_ref, l_ref, do, scale, c, window=W, delta=delta,
                                                           accumulate=grads))
                     put(dict(shape, pass_="bwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
         band.PROGRAMS_PER_SM, band.LOAD_ONCE = default_pps, default_once

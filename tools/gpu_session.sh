@@ -317,38 +317,16 @@ if [ "$stage" = 28 ]; then
     --out $OUT/train_$KIND.json --time-budget $3 --no-progress > $OUT/train_$KIND.log 2>&1
   grep -v Warn $OUT/train_$KIND.log | tail -16
 fi
-if [ "$stage" = 29 ]; then
-  # The window band's sweep kernels (sparseflash/band.py, off by default): their time against the dense
-  # kernel's windowed loop per pass and launch setting (tools/band_sweep_ab.py), their GPU tests, then the
-  # union's training step with the band in each (step profile, one after the other on this machine).
-  nvidia-smi -L
-  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  export SPARSEFLASH_DATA=$PWD/data
-  PYTHONPATH=. timeout 150 python tools/band_sweep_ab.py --out $OUT/band_sweep_ab_$KIND.json > $OUT/band_sweep_ab_$KIND.log 2>&1
-  grep -v Warn $OUT/band_sweep_ab_$KIND.log
-  timeout 120 python -m pytest -m gpu -q -n 8 tests/test_band.py tests/test_window.py tests/test_hash_sparse.py -p no:cacheprovider > $OUT/gpu_tests_band_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_band_$KIND.log
-  grep -v "Warn\|warn" $OUT/gpu_tests_band_$KIND.log | tail -2
-  for E in False True False True; do
-    [ $SECONDS -gt 480 ] && { echo "band=$E skipped (time)"; continue; }
-    PYTHONPATH=. timeout 90 python -c "import sys, runpy, sparseflash.band as b; b.ENABLED = $E; sys.argv = ['step_profile.py', '--configs', 'hash16w128', '--modes', 'reduce-overhead', '--seq-len', '8192', '--out', '/tmp/sp.json']; runpy.run_path('tools/step_profile.py', run_name='__main__')" 2>&1 | grep "wall" | sed "s/^/band=$E /"
-    cp /tmp/sp.json $OUT/step_profile_band_${E}_$KIND.json
-  done
-fi
 if [ "$stage" = 30 ]; then
-  # The two sweeps (band.py, layout_sweep.py; both off by default) against the kernels they replace,
-  # per pass and launch setting, then their GPU tests and the hash kernels' with both on.
+  # The GPU tests of both sweeps (band.py, layout_sweep.py; they turn them on) and of the kernels beside
+  # them; stage 31 times them.
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  PYTHONPATH=. timeout 150 python tools/band_sweep_ab.py --out $OUT/band_sweep_ab_$KIND.json > $OUT/band_sweep_ab_$KIND.log 2>&1
-  grep -v Warn $OUT/band_sweep_ab_$KIND.log | python -c "import sys, json; [print(*(r[k] for k in ('N','D','window','pass_','variant')), round(r['ms'], 4), r['max_diff']) for r in map(json.loads, (l for l in sys.stdin if l.startswith('{')))]"
-  PYTHONPATH=. timeout 240 python tools/layout_sweep_ab.py --out $OUT/layout_sweep_ab_$KIND.json > $OUT/layout_sweep_ab_$KIND.log 2>&1
-  grep -v Warn $OUT/layout_sweep_ab_$KIND.log | python -c "import sys, json; [print(*(r[k] for k in ('N','D','window','pass_','variant')), round(r['ms'], 4), r['max_diff']) for r in map(json.loads, (l for l in sys.stdin if l.startswith('{')))]"
-  grep -i "error\|Traceback" $OUT/*_sweep_ab_$KIND.log | head -5
   timeout 150 python -m pytest -m gpu -q -n 8 tests/test_band.py tests/test_layout_sweep.py tests/test_window.py tests/test_hash_sparse.py -p no:cacheprovider > $OUT/gpu_tests_sweeps_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_sweeps_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_sweeps_$KIND.log | tail -3
 fi
 if [ "$stage" = 31 ]; then
-  # Stage 30's A/Bs, then the union's training step (step profile) with the sweeps off and with those
+  # Both sweeps' A/Bs (tools/band_sweep_ab.py, tools/layout_sweep_ab.py), then the union's training step (step profile) with the sweeps off and with those
   # that won on (tools/sweep_pick.py), one after the other on this machine.
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200

@@ -16,30 +16,19 @@ rounding).  One JSON row per (shape, pass, variant), printed and written as it i
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import triton
-from _rows import max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
+from _rows import graph_ms, max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 import sparseflash as sf
 from sparseflash import layout_sweep
 from sparseflash._steps import kernel_config, softmax_delta
-from sparseflash.bench.timing import cuda_graph_of
 from sparseflash.layout import bucket_layouts
 from sparseflash.permuted import LayoutPlan, layout_backward, layout_forward
 from sparseflash.plan import tile_plan
 
 SHAPES = ((2, 8192, 64, 128), (2, 8192, 64, 0), (1, 16384, 64, 128), (2, 8192, 128, 128), (1, 16384, 128, 0))
-
-
-def _time(fn) -> float:
-    if not torch.cuda.is_available():  # --smoke: one call's wall clock, to check the tool runs
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    graph = cuda_graph_of(fn, torch.device("cuda"))
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
 
 
 def main() -> None:
@@ -65,10 +54,10 @@ def main() -> None:
         delta = softmax_delta(o_ref, do)
         g_ref = layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, cfg, delta=delta)
         shape = dict(B=B, H=H, N=N, D=D, window=W)
-        put(dict(shape, pass_="fwd", variant="one_tile", ms=_time(lambda: layout_forward(q, k, v, plan, scale, cfg)),
+        put(dict(shape, pass_="fwd", variant="one_tile", ms=graph_ms(lambda: layout_forward(q, k, v, plan, scale, cfg)),
                  max_diff=0.0))
         put(dict(shape, pass_="bwd", variant="one_tile", max_diff=0.0,
-                 ms=_time(lambda: layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, cfg, delta=delta))))
+                 ms=graph_ms(lambda: layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, cfg, delta=delta))))
         layout_sweep.ENABLED = True
         # (load once: at the default pipeline depths only, to bound the compiles)
         for once, fwd_stages, bwd_stages in ((False, (2, 3), (1, 2)), (True, (2,), (2,))):
@@ -79,12 +68,12 @@ def main() -> None:
                 for stages in fwd_stages:
                     c = dict(cfg, num_stages=stages)
                     diff = max_diff(layout_forward(q, k, v, plan, scale, c), (o_ref, l_ref))
-                    ms = _time(lambda: layout_forward(q, k, v, plan, scale, c))
+                    ms = graph_ms(lambda: layout_forward(q, k, v, plan, scale, c))
                     put(dict(shape, pass_="fwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
                 for stages in bwd_stages:
                     c = dict(cfg, bwd_num_stages=stages)
                     diff = max_diff(layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, c, delta=delta), g_ref)
-                    ms = _time(lambda: layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, c, delta=delta))
+                    ms = graph_ms(lambda: layout_backward(q, k, v, o_ref, l_ref, do, plan, scale, c, delta=delta))
                     put(dict(shape, pass_="bwd", variant=f"{name}_pps{pps}_s{stages}", ms=ms, max_diff=diff))
         layout_sweep.ENABLED, layout_sweep.PROGRAMS_PER_SM, layout_sweep.LOAD_ONCE = default
 
