@@ -44,16 +44,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def tiles_per_program(n_tiles: int, device: torch.device, programs_per_sm: int, max_run: int) -> int:
-    """Tiles a sweep kernel's program walks (:mod:`sparseflash.band`, :mod:`sparseflash.layout_sweep`):
-    enough programs for ``programs_per_sm`` a streaming multiprocessor, the rest of the work in each
-    program's loop, at most ``max_run`` tiles; on the CPU interpreter 2, so loops cross tiles."""
-    if device.type != "cuda":
-        return 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(max_run, n_tiles // (programs_per_sm * sms)))
-
-
 def new_output(shape, dtype: torch.dtype, device) -> Tensor:
     """``torch.empty``, or NaN-filled when :data:`POISON` is set."""
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -52,31 +52,6 @@ def add_tile(ptr, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
-def row_flag(rows, flag):
-    """A scalar condition ``flag`` as a vector over ``rows``: Triton's interpreter masks loads
-    only with vectors (the sweeps' "first step of a tile" in masks and selects)."""
-    return (rows * 0 + flag.to(tl.int32)) == 1
-
-
-@triton.jit
-def held_tile(ptr, rows, cols, stride_row, n_rows, first, held, ONCE: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """:func:`load_tile` of a tile that stays through several steps of a sweep's flat loop (the
-    sweeps' query tile over its key tiles, say): with ``ONCE`` read at its ``first`` step only
-    (``held``: the copy from then; the other steps' loads are masked off, so they read no memory),
-    else read every step (an L2 hit after the first)."""
-    if ONCE:
-        firstv = row_flag(rows, first)
-        mask = (rows[:, None] < n_rows) & firstv[:, None]
-        if BLOCK_D != HEAD_DIM:
-            mask = mask & (cols[None, :] < HEAD_DIM)
-        new = tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
-        return tl.where(firstv[:, None], new, held)
-    else:
-        return load_tile(ptr, rows, cols, stride_row, n_rows, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
 def load_labels(LAB, rows, n, LABELS: tl.constexpr, fallback):
     """The original ids of tokens ``rows`` as int64 (rows past ``n`` read 0), or ``fallback``
     (unused) without ``LABELS``: the layout kernels' id test in hash attention's overflow run."""

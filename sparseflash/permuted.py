@@ -43,9 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
-from .band import band_applies, band_backward, band_forward
 from .flash import flash_backward, flash_forward
-from .layout_sweep import sweep_applies, sweep_backward, sweep_forward
 from .ops import LIB, attention_op, cfg_args, cfg_dict, define_op
 from ._steps import (
     LOG2E,
@@ -372,9 +370,7 @@ def _dims(q, k, plan: LayoutPlan):
 def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     """Forward kernel on q ``(B, H, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` (``Hkv`` dividing ``H``;
     ``plan.q`` per query head, ``plan.k`` per kv head); ``o`` and ``lse2`` ``(B, H, Nq)``
-    float32 in token order (through :mod:`sparseflash.layout_sweep` when that applies)."""
-    if sweep_applies(q, k):
-        return sweep_forward(q, k, v, plan, sm_scale, cfg, record)
+    float32 in token order."""
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
@@ -398,8 +394,6 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
     """Backward kernel; returns contiguous ``(dq, dk, dv)`` in token order, dk and dv with k's
     ``Hkv`` heads (summed over each kv head's group of query heads).  ``delta``: the softmax
     row term if already computed (:func:`~sparseflash._steps.softmax_delta`)."""
-    if sweep_applies(q, k):
-        return sweep_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record, delta=delta)
     B, H, n_q, n_k, D, Lq, Lk = _dims(q, k, plan)
     h_kv = k.shape[1]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
@@ -524,25 +518,21 @@ _layout_op = attention_op(
 #     far part:  the layout's pattern with i - j >= W: the layout of query positions
 #                i - W (queries before W dropped), so the same kernels and tile plan
 #                skip every pair inside the band;
-#     band:      0 <= i - j < W, in natural order: the diagonal band, by the dense
-#                kernel's windowed loop, or (band.ENABLED) by band.py's sweep kernels,
-#                which walk runs of query tiles in one loop.
+#     band:      0 <= i - j < W, in natural order: the dense kernel's diagonal band.
 #
-# The far part runs first; the band then continues the same online softmax from its
-# finished rows (INIT) and leaves the union's output and log-sum-exp.  The backward
+# The far part runs first; the dense kernel then continues the same online softmax from
+# its finished rows (INIT) and leaves the union's output and log-sum-exp.  The backward
 # shares delta = do·o of the union and its log-sum-exp: the layout backward writes the far
-# part's gradients, the band's backward adds its own (ACCUMULATE).
+# part's gradients, the dense backward adds the band's (ACCUMULATE).
 
 
 def union_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None, *, window: int = 0, window_cfg=None):
     """:func:`layout_forward` over ``plan`` (built with ``q_shift = window``), then the window
-    band (the dense kernel's windowed loop, or band.py's sweep) into the same rows; ``(o, lse2)``
-    of the union, token order."""
+    band by the dense kernel into the same rows; ``(o, lse2)`` of the union, token order."""
     o, lse2 = layout_forward(q, k, v, plan, sm_scale, cfg, record)
     if window:
-        band = band_forward if band_applies(q, k, window, window_cfg) else partial(flash_forward, causal=True)
-        band(q, k, v, sm_scale=sm_scale, cfg=window_cfg, record=record, window=window, init=(o, lse2),
-             record_prefix="window_")
+        flash_forward(q, k, v, True, sm_scale, window_cfg, record, window=window, init=(o, lse2),
+                      record_prefix="window_")
     return o, lse2
 
 
@@ -553,9 +543,8 @@ def union_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, record
         return layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record)
     delta = softmax_delta(o, do)
     grads = layout_backward(q, k, v, o, lse2, do, plan, sm_scale, cfg, record, delta=delta)
-    band = band_backward if band_applies(q, k, window, window_cfg) else partial(flash_backward, causal=True)
-    return band(q, k, v, o, lse2, do, sm_scale=sm_scale, cfg=window_cfg, record=record, window=window, delta=delta,
-                accumulate=grads, record_prefix="window_")
+    return flash_backward(q, k, v, o, lse2, do, True, sm_scale, window_cfg, record, window=window, delta=delta,
+                          accumulate=grads, record_prefix="window_")
 
 
 def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None, k_pos=None,

@@ -17,25 +17,6 @@ def bench_ms(fn, device: str) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100)
 
 
-def graph_ms(fn) -> float:
-    """The median ms of ``fn`` replayed from a CUDA graph (``do_bench``: the GPU's time, no launch
-    overhead); without CUDA (a tool's ``--smoke`` under the interpreter) one call's wall clock."""
-    import time
-
-    import torch
-
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    import triton.testing
-
-    from sparseflash.bench.timing import cuda_graph_of
-
-    graph = cuda_graph_of(fn, torch.device("cuda"))
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
-
-
 def max_diff(got, want) -> float:
     """Largest absolute difference over pairs of tensors (a configuration's outputs or gradients
     against the reference ones)."""
