@@ -44,7 +44,6 @@ from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as fla
     load_tile,
     mma,
     online_softmax_step,
-    KernelAttention,
     dot_precision,
     kernel_config,
     kv_head,
@@ -52,6 +51,7 @@ from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as fla
     owns_kv_tile,
     record_buffers,
     record_tile,
+    run_attention,
     softmax_delta,
     store_tile,
 )
@@ -519,4 +519,4 @@ def flash_attention(
         return _flash_op(q, k, v, bool(causal), sm_scale, cfg_args(cfg), window)
     # Recording is instrumentation for pictures and tests: eager only, not an op.
     settings = dict(causal=bool(causal), sm_scale=sm_scale, cfg=cfg, record=tile_record, window=window)
-    return KernelAttention.apply(q, k, v, partial(flash_forward, **settings), partial(flash_backward, **settings))
+    return run_attention(q, k, v, partial(flash_forward, **settings), partial(flash_backward, **settings))

@@ -16,7 +16,8 @@ so a compiled graph depends on shapes, never on values: new data, same shapes, n
 recompilation.  Nothing here reads a value back to the host.
 
 Eager calls skip the dispatcher and run the same two functions through a plain
-``torch.autograd.Function``: outside a trace the op machinery only costs time.
+``torch.autograd.Function`` (the forward alone when no gradient is needed): outside a
+trace the op machinery only costs time.
 
 The kernel modules (:mod:`sparseflash.flash`, :mod:`sparseflash.permuted`) define their
 ops with this file; it imports no kernel itself (see ``NOTES.md``, "Issue 11", for why
@@ -29,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._steps import KernelAttention
+from ._steps import run_attention
 
 #: Order of a kernel configuration (see :func:`sparseflash._steps.kernel_config`) as an
 #: op argument: ops take ``int[]``, not dicts.
@@ -127,9 +128,10 @@ def attention_op(
         if torch.compiler.is_compiling():
             return forward_op(q, k, v, *extra)[0]
         # Eager: the same launch code through a plain autograd.Function, which skips the
-        # op dispatcher's Python layers (about 35 µs per fwd+bwd on our hosts; NOTES.md).
-        return KernelAttention.apply(q, k, v, lambda q, k, v: forward(q, k, v, *extra),
-                                     lambda q, k, v, o, lse2, do: backward(q, k, v, o, lse2, do, *extra))
+        # op dispatcher's Python layers (about 35 µs per fwd+bwd on our hosts; NOTES.md),
+        # or with no gradient to compute, the forward alone.
+        return run_attention(q, k, v, lambda q, k, v: forward(q, k, v, *extra),
+                             lambda q, k, v, o, lse2, do: backward(q, k, v, o, lse2, do, *extra))
 
     apply.forward_op, apply.backward_op = forward_op, backward_op
     return apply

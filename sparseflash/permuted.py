@@ -47,7 +47,6 @@ from .flash import flash_backward, flash_forward
 from .ops import LIB, attention_op, cfg_args, cfg_dict, define_op
 from ._steps import (
     LOG2E,
-    KernelAttention,
     attention_grads_step,
     dot_precision,
     finish_softmax,
@@ -62,6 +61,7 @@ from ._steps import (
     owns_kv_tile,
     record_buffers,
     record_tile,
+    run_attention,
     softmax_delta,
     store_tile,
 )
@@ -586,7 +586,7 @@ def run_layout(q, k, v, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=N
         tile_record.layouts, tile_record.plan = (ql, kl), plan.tiles
         tile_record.window, tile_record.window_config = window, dict(window_cfg)
     settings = dict(plan=plan, sm_scale=sm_scale, cfg=cfg, record=tile_record, window=window, window_cfg=window_cfg)
-    return KernelAttention.apply(q, k, v, partial(union_forward, **settings), partial(union_backward, **settings))
+    return run_attention(q, k, v, partial(union_forward, **settings), partial(union_backward, **settings))
 
 
 def _check_ascending(name: str, pos: Tensor, buckets: Tensor | None) -> None:

@@ -145,6 +145,24 @@ def test_double_backward_raises(seed, kind):
         (out.sum() + dq.pow(2).sum()).backward()
 
 
+@pytest.mark.parametrize("kind", ["dense", "hash", "qk_window"])
+def test_no_grad_call_skips_autograd(seed, kind):
+    """A call that needs no gradient (under no_grad, or on tensors that need none) runs the
+    forward alone: the same values as the differentiable call, and no autograd node; one
+    input that needs a gradient still gets the node."""
+    q, k, v = _inputs(N=37)
+    fn = _calls(37)[kind]
+    want = fn(*(t.clone().requires_grad_() for t in (q, k, v)))
+    assert want.grad_fn is not None
+    got_plain = fn(q, k, v)
+    with torch.no_grad():
+        got_no_grad = fn(*(t.clone().requires_grad_() for t in (q, k, v)))
+    for got in (got_plain, got_no_grad):
+        assert got.grad_fn is None and not got.requires_grad
+        assert torch.equal(got, want.detach())
+    assert fn(q, k.clone().requires_grad_(), v).grad_fn is not None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's warning is given only without CUDA")
 def test_compile_fullgraph_in_a_fresh_process():
     """The first call of a process, compiled (fullgraph), works on CPU: the one-time

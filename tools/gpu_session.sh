@@ -317,3 +317,38 @@ if [ "$stage" = 28 ]; then
     --out $OUT/train_$KIND.json --time-budget $3 --no-progress > $OUT/train_$KIND.log 2>&1
   grep -v Warn $OUT/train_$KIND.log | tail -16
 fi
+if [ "$stage" = 30 ]; then
+  # Eager host time, A/B: the bench's no_grad forward rows with the package in ab_base/ (the tree before
+  # the change, untracked, carried) against this tree's, ABAB on one machine. Arg: seconds per run.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  A="--seq-lens 2048 4096 8192 --head-dim 64 128 --modes fwd --buckets 16 --keep-rates 0.3 --windows 256 --no-check"
+  A="$A --variants sdpa_flash sdpa_cudnn ours_dense ours_hash_16 ours_hash_16_w256 ours_qk_0.3 --kernel-time --no-progress"
+  for r in 1 2; do
+    for t in base new; do
+      P=.; [ $t = base ] && P=ab_base
+      PYTHONPATH=$P timeout $2 python -m sparseflash.bench $A --out $OUT/host_ab_${t}_${r}_$KIND.json > $OUT/host_ab_${t}_${r}.log 2>&1
+      echo "$t round $r rc=$?"
+    done
+  done
+  python - $OUT $KIND <<'PY'
+import json, sys, glob
+out, kind = sys.argv[1:]
+rows = {}
+for f in sorted(glob.glob(f"{out}/host_ab_*_{kind}.json")):
+    t = f.split("host_ab_")[1].split("_")[0]
+    for r in json.load(open(f))["rows"]:
+        if r["status"] == "ok":
+            rows.setdefault((r["variant"], r["D"], r["seq_len"]), {}).setdefault(t, []).append((r["ms"], r["kernel_ms"]))
+for key, d in sorted(rows.items()):
+    print(*key, *(f"{t} " + " ".join(f"{ms:.3f}" for ms, _ in d.get(t, [])) for t in ("base", "new")),
+          "kernel", " ".join(f"{k:.3f}" for _, k in d.get("new", [])))
+PY
+fi
+if [ "$stage" = 31 ]; then
+  # Every GPU test (notebooks apart), 8 workers. Arg: seconds.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout $2 python -m pytest -m gpu -q -n 8 tests --ignore=tests/test_notebooks.py -p no:cacheprovider > $OUT/gpu_tests_all_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_all_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_all_$KIND.log | tail -4
+fi
