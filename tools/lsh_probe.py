@@ -10,7 +10,13 @@ package's ids (``mismatch``: the fraction that differ, near-ties only):
 * ``kernel BxW``: the package's kernel with ``BLOCK`` rows a program and ``W`` warps;
 * ``rows BxW``: the same ids without ``tl.dot``: one row reduction per projection column, the
   argmax kept as a running maximum (no shared memory for the product's operands);
-* ``torch``: the model's path before the kernel (float32 copy, matmul, argmax), eager and compiled.
+* ``torch``: the model's path before the kernel (float32 copy, matmul, argmax), eager and compiled;
+* ``loop BxIxS``: the package's steps over ``I`` row blocks of ``B`` rows a program, the loads
+  pipelined ``S`` deep (``tl.range``), the rotation loaded once: is a program's latency the bound?
+* ``tf32 BxW``: the package's kernel with TF32 products (ids may differ at near-ties): is the exact
+  float32 product (FMA, operands through shared memory) the bound?
+* ``load only BxW``: the rows read and each row's largest entry stored, no projection: the floor of
+  this access pattern.
 
 Inputs: ``(2, 12, 8192, 64)`` bf16, contiguous and as the model's strided view of its fused
 q/k/v projection (rows ``36·64`` elements apart); 16 buckets, one rotation per head.
@@ -26,7 +32,7 @@ import triton
 import triton.language as tl
 
 from sparseflash import _runtime
-from sparseflash.hashing import _lsh_kernel, lsh_ids, lsh_rotations
+from sparseflash.hashing import _lsh_kernel, lsh_argmax, lsh_ids, lsh_rotations
 
 from _rows import bench_ms, error_text, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
@@ -58,11 +64,66 @@ def _lsh_rows_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
     tl.store(OUT + bh * n + rows, ids.to(tl.int64), mask=rows < n)
 
 
-def _launch(kernel, x, rot, block, warps, **extra):
+@triton.jit
+def _lsh_loop_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
+                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr):
+    """The package kernel's steps over ``ITERS`` row blocks a program, loads pipelined."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    cols = tl.arange(0, BLOCK_D)
+    r = tl.arange(0, BLOCK_R)
+    rot = tl.load(R + h * sr_h + cols[:, None] * HALF + r[None, :],
+                  mask=(cols[:, None] < HEAD_DIM) & (r[None, :] < HALF), other=0.0)
+    for i in tl.range(0, ITERS, num_stages=STAGES):
+        rows = (tl.program_id(0) * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
+                    mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        x = x / tl.maximum(tl.max(tl.abs(x), 1), 1e-30)[:, None]
+        y = tl.dot(x, rot, input_precision="ieee")
+        tl.store(OUT + bh * n + rows, lsh_argmax(y, r[None, :], HALF, 1).to(tl.int64), mask=rows < n)
+
+
+@triton.jit
+def _lsh_tf32_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
+                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """The package kernel with TF32 products."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    r = tl.arange(0, BLOCK_R)
+    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
+                mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    x = x / tl.maximum(tl.max(tl.abs(x), 1), 1e-30)[:, None]
+    rot = tl.load(R + h * sr_h + cols[:, None] * HALF + r[None, :],
+                  mask=(cols[:, None] < HEAD_DIM) & (r[None, :] < HALF), other=0.0)
+    y = tl.dot(x, rot, input_precision="tf32")
+    tl.store(OUT + bh * n + rows, lsh_argmax(y, r[None, :], HALF, 1).to(tl.int64), mask=rows < n)
+
+
+@triton.jit
+def _load_only_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
+                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows in, each row's largest entry's sign out (int64): the same reads and writes, no projection."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
+                mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    tl.store(OUT + bh * n + rows, (tl.max(x, 1) > 0).to(tl.int64), mask=rows < n)
+
+
+def _launch(kernel, x, rot, block, warps, iters=1, **extra):
     B, H, N, D = x.shape
     half = rot.shape[-1]
     out = torch.empty((B, H, N), dtype=torch.int64, device=x.device)
-    kernel[(_runtime.cdiv(N, block), B * H)](
+    kernel[(_runtime.cdiv(N, block * iters), B * H)](
         x, rot, out, x.stride(0), x.stride(1), x.stride(2), D * half, H, N,
         HEAD_DIM=D, HALF=half, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK=block, num_warps=warps, **extra)
     return out
@@ -97,6 +158,13 @@ def main() -> int:
         cases = [(f"kernel {b}x{w}", lambda b=b, w=w: _launch(_lsh_kernel, x, rot, b, w, BLOCK_R=16))
                  for b, w in settings]
         cases += [(f"rows {b}x{w}", lambda b=b, w=w: _launch(_lsh_rows_kernel, x, rot, b, w)) for b, w in settings]
+        loops = [(32, 2, 2)] if cpu else [(b, i, s) for b in (64, 128) for i in (2, 4, 8) for s in (2, 3)]
+        cases += [(f"loop {b}x{i}x{s}", lambda b=b, i=i, s=s: _launch(_lsh_loop_kernel, x, rot, b, 4, iters=i, BLOCK_R=16,
+                                                                        ITERS=i, STAGES=s)) for b, i, s in loops]
+        cases += [(f"tf32 {b}x{w}", lambda b=b, w=w: _launch(_lsh_tf32_kernel, x, rot, b, w, BLOCK_R=16))
+                  for b, w in settings[:4]]
+        cases += [(f"load only {b}x{w}", lambda b=b, w=w: _launch(_load_only_kernel, x, rot, b, w))
+                  for b, w in settings[:4]]
         cases += [("torch eager", lambda: _torch_ids(x, rot))]
         if compiled is not None:
             cases += [("torch compiled", lambda: compiled(x, rot))]
