@@ -352,3 +352,12 @@ if [ "$stage" = 31 ]; then
   timeout $2 python -m pytest -m gpu -q -n 8 tests --ignore=tests/test_notebooks.py --ignore=tests/test_notebook_outputs.py -p no:cacheprovider > $OUT/gpu_tests_all_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_all_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_all_$KIND.log | tail -4
 fi
+if [ "$stage" = 32 ]; then
+  # The Gluon forward probe (tools/gluon_fwd_probe.py): two hand-scheduled Hopper forwards against
+  # SDPA cuDNN / flash and our Triton kernel, D 64/128, N 4k-16k, values checked. Arg: seconds.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout $2 python tools/gluon_fwd_probe.py --out $OUT/gluon_fwd_probe_$KIND.json > $OUT/gluon_fwd_probe.log 2>&1
+  echo "rc=$?"
+  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fwd_probe_$KIND.json'))['rows']]"
+fi
