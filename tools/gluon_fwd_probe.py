@@ -216,8 +216,7 @@ def main() -> int:
     args = p.parse_args()
     if args.compile_only:
         return _compile_only()
-    sys.path.insert(0, "tools")
-    from _rows import bench_ms, error_text, row_writer
+    from _rows import bench_ms, error_text, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
     import sparseflash as sf
     from torch.nn.attention import SDPBackend, sdpa_kernel

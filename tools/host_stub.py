@@ -54,10 +54,13 @@ def main() -> None:
         "qk_fwd_bwd": fwd_bwd(lambda q, k, v: sf.qk_sparse_attention(q, k, v, keep, keep)),
     }
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("rows", nargs="*", choices=[[]] + list(rows), default=[])
+    p.add_argument("rows", nargs="*", metavar="ROW", help=f"some of {', '.join(rows)} (default: all)")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--profile", choices=list(rows))
     args = p.parse_args()
+    unknown = sorted(set(args.rows) - set(rows))
+    if unknown:
+        p.error(f"unknown rows {unknown}; expected some of {list(rows)}")
     interpreter.InterpretedFunction.run = _stub
     for name in args.rows or list(rows):
         fn = rows[name]

@@ -38,16 +38,24 @@ from _rows import bench_ms, error_text, row_writer  # tools/_rows.py (the script
 
 
 @triton.jit
+def _load_rows(X, bh, H, rows, cols, sx_b, sx_h, sx_n, n, HEAD_DIM: tl.constexpr):
+    """Rows ``rows`` of head ``bh`` of ``X`` in float32 (zeros past ``n`` and ``HEAD_DIM``), as the
+    package kernel reads them."""
+    b = bh // H
+    h = bh % H
+    return tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
+                   mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _lsh_rows_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """The package kernel's ids, each projection a row reduction (no ``tl.dot``)."""
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
     h = bh % H
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
-    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
-                mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    x = _load_rows(X, bh, H, rows, cols, sx_b, sx_h, sx_n, n, HEAD_DIM)
     x = x / tl.maximum(tl.max(tl.abs(x), 1), 1e-30)[:, None]
     best_up = tl.full([BLOCK], float("-inf"), tl.float32)
     best_down = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -67,10 +75,10 @@ def _lsh_rows_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
 @triton.jit
 def _lsh_loop_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr):
-    """The package kernel's steps over ``ITERS`` row blocks a program, loads pipelined."""
+                     BLOCK: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """The package kernel's steps over ``ITERS`` row blocks a program, loads pipelined ``STAGES``
+    deep, products at ``PRECISION`` (the package's is ``"ieee"``)."""
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
     h = bh % H
     cols = tl.arange(0, BLOCK_D)
     r = tl.arange(0, BLOCK_R)
@@ -78,31 +86,10 @@ def _lsh_loop_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
                   mask=(cols[:, None] < HEAD_DIM) & (r[None, :] < HALF), other=0.0)
     for i in tl.range(0, ITERS, num_stages=STAGES):
         rows = (tl.program_id(0) * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
-                    mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        x = _load_rows(X, bh, H, rows, cols, sx_b, sx_h, sx_n, n, HEAD_DIM)
         x = x / tl.maximum(tl.max(tl.abs(x), 1), 1e-30)[:, None]
-        y = tl.dot(x, rot, input_precision="ieee")
+        y = tl.dot(x, rot, input_precision=PRECISION)
         tl.store(OUT + bh * n + rows, lsh_argmax(y, r[None, :], HALF, 1).to(tl.int64), mask=rows < n)
-
-
-@triton.jit
-def _lsh_tf32_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
-                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """The package kernel with TF32 products."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BLOCK_D)
-    r = tl.arange(0, BLOCK_R)
-    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
-                mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-    x = x / tl.maximum(tl.max(tl.abs(x), 1), 1e-30)[:, None]
-    rot = tl.load(R + h * sr_h + cols[:, None] * HALF + r[None, :],
-                  mask=(cols[:, None] < HEAD_DIM) & (r[None, :] < HALF), other=0.0)
-    y = tl.dot(x, rot, input_precision="tf32")
-    tl.store(OUT + bh * n + rows, lsh_argmax(y, r[None, :], HALF, 1).to(tl.int64), mask=rows < n)
 
 
 @triton.jit
@@ -110,12 +97,8 @@ def _load_only_kernel(X, R, OUT, sx_b, sx_h, sx_n, sr_h, H, n,
                       HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """Rows in, each row's largest entry's sign out (int64): the same reads and writes, no projection."""
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BLOCK_D)
-    x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_n + cols[None, :],
-                mask=(rows[:, None] < n) & (cols[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    x = _load_rows(X, bh, H, rows, tl.arange(0, BLOCK_D), sx_b, sx_h, sx_n, n, HEAD_DIM)
     tl.store(OUT + bh * n + rows, (tl.max(x, 1) > 0).to(tl.int64), mask=rows < n)
 
 
@@ -160,8 +143,11 @@ def main() -> int:
         cases += [(f"rows {b}x{w}", lambda b=b, w=w: _launch(_lsh_rows_kernel, x, rot, b, w)) for b, w in settings]
         loops = [(32, 2, 2)] if cpu else [(b, i, s) for b in (64, 128) for i in (2, 4, 8) for s in (2, 3)]
         cases += [(f"loop {b}x{i}x{s}", lambda b=b, i=i, s=s: _launch(_lsh_loop_kernel, x, rot, b, 4, iters=i, BLOCK_R=16,
-                                                                        ITERS=i, STAGES=s)) for b, i, s in loops]
-        cases += [(f"tf32 {b}x{w}", lambda b=b, w=w: _launch(_lsh_tf32_kernel, x, rot, b, w, BLOCK_R=16))
+                                                                        ITERS=i, STAGES=s, PRECISION="ieee"))
+                  for b, i, s in loops]
+        # One row block a program: the package kernel's steps with TF32 products.
+        cases += [(f"tf32 {b}x{w}", lambda b=b, w=w: _launch(_lsh_loop_kernel, x, rot, b, w, BLOCK_R=16, ITERS=1,
+                                                             STAGES=1, PRECISION="tf32"))
                   for b, w in settings[:4]]
         cases += [(f"load only {b}x{w}", lambda b=b, w=w: _launch(_load_only_kernel, x, rot, b, w))
                   for b, w in settings[:4]]
