@@ -357,7 +357,21 @@ if [ "$stage" = 32 ]; then
   # SDPA cuDNN / flash and our Triton kernel, D 64/128, N 4k-16k, values checked. Arg: seconds.
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  PYTHONPATH=. timeout $2 python tools/gluon_fwd_probe.py --out $OUT/gluon_fwd_probe_$KIND.json > $OUT/gluon_fwd_probe.log 2>&1
+  # Warp-specialised kernels in a process of their own (a barrier bug hangs, and the timeout ends it). Args: seconds
+  # for the plain kernels, for the warp-specialised ones.
+  for K in plain ws; do
+    T=$2; [ $K = ws ] && T=${3:-120}
+    PYTHONPATH=. timeout $T python tools/gluon_fwd_probe.py --kernels $K --out $OUT/gluon_fwd_probe_${K}_$KIND.json > $OUT/gluon_fwd_probe_$K.log 2>&1
+    echo "$K rc=$?"
+    python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fwd_probe_${K}_$KIND.json'))['rows']]"
+  done
+fi
+if [ "$stage" = 33 ]; then
+  # FlashAttention-3's forward schedule in Gluon (tools/gluon_fa3_probe.py): producer warp, two consumer
+  # warpgroups with intra- and inter-warpgroup overlap, against SDPA cuDNN / flash and our kernels. Arg: seconds.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "rc=$?"
-  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fwd_probe_$KIND.json'))['rows']]"
+  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_probe_$KIND.json'))['rows']]"
 fi
