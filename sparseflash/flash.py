@@ -23,6 +23,10 @@ its ``G`` query heads; the backward's programs share that work (:func:`owns_kv_t
 
 Everything works in base 2: ``exp(x) = exp2(x · log2 e)``, so scores are scaled by
 ``sm_scale · log2(e)`` once and the kernels use ``exp2``, which is what the hardware has.
+
+On Hopper GPUs (sm_90) the forward of long sequences runs :mod:`sparseflash.hopper`'s kernel
+instead (the same outputs, FlashAttention-3's schedule written in Gluon) where it was measured
+faster; the backward is always the one here.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _runtime
+from . import _runtime, hopper
 from .ops import attention_op, cfg_args, cfg_dict
 from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as flash.<name>)
     LOG2E,
@@ -397,6 +401,8 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None, *, window: int = 
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.is_cuda and hopper.usable(q, k, v, window=window, init=init, record=record):
+        return hopper.hopper_forward(q, k, v, causal, sm_scale)
     if init is None:
         o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
         lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)

@@ -371,7 +371,33 @@ if [ "$stage" = 33 ]; then
   # warpgroups with intra- and inter-warpgroup overlap, against SDPA cuDNN / flash and our kernels. Arg: seconds.
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  # Then the kernel's GPU tests (sparseflash/hopper.py). Args: seconds for the probe, for the tests.
+  # A smoke call first: a hang or a failure to compile stops the stage here, not after the probe's timeout.
+  timeout 90 python -c "
+import torch, sparseflash.hopper as h
+for D in (64, 128):
+    q = torch.randn(1, 2, 300, D, device='cuda', dtype=torch.bfloat16)
+    o, l = h.hopper_forward(q, q, q, True, D ** -0.5); torch.cuda.synchronize()
+    w = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    print('smoke D', D, 'max diff', (o.float() - w.float()).abs().max().item())
+" > $OUT/hopper_smoke.log 2>&1; rc=$?; tail -5 $OUT/hopper_smoke.log; [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
   PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "rc=$?"
+  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('lse_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_probe_$KIND.json'))['rows']]"
+  timeout ${3:-150} python -m pytest -m gpu -q -n 8 tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_hopper_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
+fi
+if [ "$stage" = 34 ]; then
+  # The Gluon forward in the package: the probe at 1k-16k, the dense bench rows (fwd, fwd+bwd) against SDPA
+  # cuDNN / flash, and the dense GPU tests (the backward reads the Gluon forward's lse). Args: probe s, bench s.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --seq-lens 1024 2048 4096 8192 16384 --out $OUT/gluon_fa3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
+  echo "probe rc=$?"
   python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_probe_$KIND.json'))['rows']]"
+  timeout $3 python -m sparseflash.bench --seq-lens 4096 8192 16384 --head-dim 64 128 --modes fwd fwd+bwd --no-check --variants sdpa_flash sdpa_cudnn ours_dense --kernel-time --no-progress --out $OUT/dense_gluon_$KIND.json > $OUT/dense_gluon.log 2>&1
+  echo "bench rc=$?"
+  python -c "import json; d=json.load(open('$OUT/dense_gluon_$KIND.json')); [print(r['variant'], r['mode'], r['D'], r['seq_len'], round(r['ms'], 4), round(r.get('kernel_ms') or 0, 4), round(r.get('speedup_vs_sdpa_flash') or 0, 3)) for r in d['rows'] if r['status'] == 'ok']"
+  timeout 150 python -m pytest -m gpu -q -n 8 tests/test_flash.py tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_flash_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_flash_hopper_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_flash_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
 fi

@@ -1,0 +1,104 @@
+"""The Gluon forward for Hopper GPUs (``sparseflash/hopper.py``) against the float64 reference: output
+and base-2 log-sum-exp, causal or not, grouped-query heads, ragged and unequal lengths, strided
+views; and through ``flash_attention`` (its forward, the Triton backward) with values and gradients.
+The kernel needs an sm_90 GPU; on the CPU only the eligibility rules are tested."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparseflash import hopper
+from sparseflash import reference as ref
+from sparseflash.flash import flash_attention
+
+bf16, f16 = torch.bfloat16, torch.float16
+TOL = {bf16: 1e-2, f16: 2e-3}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = (got.double() - want.double()).norm().item()
+    norm = want.double().norm().item()
+    return diff / norm if norm > 0 else diff
+
+
+def _lse2_reference(q, k, causal):
+    """Base-2 log-sum-exp of the scaled scores, float64 (what the backward reads)."""
+    G = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(G, dim=1)
+    s = q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(~ref.causal_mask(q.shape[2], k.shape[2], device=q.device), float("-inf"))
+    return torch.logsumexp(s, -1) / math.log(2)
+
+
+def test_usable_rules_on_cpu():
+    q = torch.randn(1, 2, 64, 64, dtype=bf16)
+    assert not hopper.usable(q, q, q, force=True)         # not CUDA
+    assert hopper._tma_ready(q)
+    assert not hopper._tma_ready(torch.randn(1, 2, 64, 65, dtype=bf16)[..., 1:])    # 2-byte offset, 130-byte rows
+    assert not hopper._tma_ready(torch.randn(1, 2, 64, 20, dtype=bf16))           # 40-byte row stride
+    assert not hopper._tma_ready(torch.randn(1, 2, 64, 64, dtype=bf16).transpose(-1, -2))
+
+
+HOPPER = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+                                 and hopper.AVAILABLE), reason="needs an sm_90 GPU and Gluon")
+
+# (B, H, Hkv, N, M, D, dtype, causal)
+CASES = [
+    (1, 2, 2, 1, 1, 64, bf16, True), (1, 2, 2, 7, 7, 128, f16, True), (2, 4, 2, 100, 100, 64, bf16, True),
+    (1, 2, 2, 257, 257, 128, bf16, False), (1, 3, 3, 1000, 1000, 64, f16, False),
+    (2, 2, 1, 4097, 4097, 128, bf16, True), (1, 2, 2, 777, 2049, 64, bf16, True),
+    (1, 2, 2, 2049, 777, 128, f16, True), (1, 2, 2, 4096, 4096, 64, bf16, True),
+]
+
+
+@pytest.mark.gpu
+@HOPPER
+@pytest.mark.parametrize("B,H,Hkv,N,M,D,dtype,causal", CASES,
+                         ids=[f"B{c[0]}H{c[1]}kv{c[2]}-N{c[3]}M{c[4]}-D{c[5]}-{str(c[6])[6:]}-{'causal' if c[7] else 'full'}"
+                              for c in CASES])
+@pytest.mark.parametrize("setting", ["default", "n64_s3", "no_pingpong"])
+def test_gpu_hopper_forward_matches_reference(seed, B, H, Hkv, N, M, D, dtype, causal, setting):
+    cfg = {"default": None, "n64_s3": dict(BLOCK_N=64, STAGES=3), "no_pingpong": dict(PINGPONG=False)}[setting]
+    q = torch.randn(B, H, N, D, device="cuda").to(dtype)
+    k, v = (torch.randn(B, Hkv, M, D, device="cuda").to(dtype) for _ in range(2))
+    o, lse2 = hopper.hopper_forward(q, k, v, causal, D ** -0.5, cfg)
+    torch.cuda.synchronize()
+    assert o.shape == q.shape and o.dtype == dtype and lse2.shape == (B, H, N)
+    assert not o.isnan().any() and not lse2.isnan().any()
+    want = ref.attention(q.double(), k.double(), v.double(), causal=causal)
+    assert rel_err(o, want) < TOL[dtype]
+    assert (lse2.double() - _lse2_reference(q, k, causal)).abs().max().item() < 1e-2
+
+
+@pytest.mark.gpu
+@HOPPER
+def test_gpu_hopper_forward_strided_views(seed):
+    B, N, H, D = 2, 1500, 4, 64
+    qkv = torch.randn(B, N, 3, H, D, device="cuda").to(bf16)
+    q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+    assert hopper._tma_ready(q)
+    o, _ = hopper.hopper_forward(q, k, v, True, D ** -0.5)
+    assert rel_err(o, ref.attention(q.double(), k.double(), v.double(), causal=True)) < TOL[bf16]
+
+
+@pytest.mark.gpu
+@HOPPER
+@pytest.mark.parametrize("D,dtype,causal", [(64, bf16, True), (128, f16, False), (128, bf16, True)])
+def test_gpu_flash_attention_with_hopper_forward(seed, monkeypatch, D, dtype, causal):
+    """flash_attention's forward through the Gluon kernel (every length), backward through Triton's."""
+    monkeypatch.setattr(hopper, "USE_FROM_SEQ_LEN", {64: 1, 128: 1})
+    B, H, N = 1, 2, 1025
+    q, k, v = (torch.randn(B, H, N, D, device="cuda").to(dtype).requires_grad_() for _ in range(3))
+    assert hopper.usable(q, k, v)
+    out = flash_attention(q, k, v, causal=causal)
+    do = torch.randn_like(out)
+    out.backward(do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref.attention(q64, k64, v64, causal=causal)
+    want.backward(do.double())
+    for got, exp in ((out, want), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert not got.isnan().any()
+        assert rel_err(got, exp) < TOL[dtype] * (1 if got is out else 2)
