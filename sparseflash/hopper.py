@@ -4,16 +4,17 @@ The same computation as :func:`sparseflash.flash.flash_forward` (``o = softmax(q
 the base-2 log-sum-exp ``lse2`` the backward reads), written in Gluon, Triton's lower-level dialect,
 where loads, barriers and the order of the tensor-core products are the program's own:
 
-* one program per 128 query rows of one head, in three warp-specialised partitions;
+* one program per ``64 · WARPGROUPS`` query rows of one head, in warp-specialised partitions;
 * a producer warp loads every K/V tile with the tensor-memory accelerator (TMA) into a
-  ``STAGES``-deep ring of shared memory (``kv_ready``: the tile has landed; ``kv_empty``: both
-  consumers are done with it, so it may be overwritten);
-* two consumer warpgroups own 64 rows each (their own running max ``m``, sum ``l`` and output)
-  and read the same K/V tiles.  Inside each (FlashAttention-3's intra-warpgroup overlap),
+  ``STAGES``-deep ring of shared memory (``kv_ready``: the tile has landed; ``kv_empty``: every
+  consumer is done with it, so it may be overwritten);
+* ``WARPGROUPS`` consumer warpgroups (2, or 3 with fewer registers each) own 64 rows each (their
+  own running max ``m``, sum ``l`` and output) and read the same K/V tiles.  Inside each
+  (FlashAttention-3's intra-warpgroup overlap),
   ``S_j = Q K_jᵀ`` and ``O += P_{j-1} V_{j-1}`` are issued together, the softmax of ``S_j`` runs
   while the second product is still on the tensor cores, and ``O`` is rescaled once it has landed;
-* ``PINGPONG``: the two warpgroups also take turns to issue their products (a pair of mbarriers),
-  so one's softmax runs while the other's products do (the inter-warpgroup schedule).
+* ``PINGPONG``: the warpgroups also take turns to issue their products (one mbarrier each, passed
+  round robin), so one's softmax runs while another's products do (the inter-warpgroup schedule).
 
 Tile skipping is the dense kernel's: under a causal mask the key tiles after the tile's last row
 are never loaded, and only tiles that cross a warpgroup's first row (or the ragged end of the keys)
@@ -48,10 +49,12 @@ from . import _runtime
 #: Head dims the kernel is built for (its tiles are whole wgmma instructions).
 HEAD_DIMS = (64, 128)
 
-#: Launch settings per head dim: keys per tile, ring depth, ping-pong (the fastest of
-#: ``tools/gluon_fa3_probe.py``'s settings at 8k-16k on an H100; three stages of 128 keys use 112 KB
-#: of shared memory at D=64 and 224 KB at D=128).
-CONFIG = {64: dict(BLOCK_N=128, STAGES=3, PINGPONG=True), 128: dict(BLOCK_N=128, STAGES=3, PINGPONG=True)}
+#: Launch settings per head dim: keys per tile, ring depth, consumer warpgroups, ping-pong (the
+#: fastest two-consumer settings of ``tools/gluon_fa3_probe.py`` at 8k-16k on an H100; three stages
+#: of 128 keys use 112 KB of shared memory at D=64 and 224 KB at D=128).  Three consumers (160
+#: registers a thread) spill with 128-key tiles, so they take 64-key tiles.
+CONFIG = {64: dict(BLOCK_N=128, STAGES=3, WARPGROUPS=2, PINGPONG=True),
+          128: dict(BLOCK_N=128, STAGES=3, WARPGROUPS=2, PINGPONG=True)}
 
 #: Where ``flash_forward`` uses this kernel on an sm_90 GPU: head dim -> shortest query length.
 #: Measured on an H100 (B=2, H=12, bf16, causal; two runs) against the Triton kernel: D=128 faster
@@ -61,7 +64,6 @@ CONFIG = {64: dict(BLOCK_N=128, STAGES=3, PINGPONG=True), 128: dict(BLOCK_N=128,
 USE_FROM_SEQ_LEN: dict[int, int] = {64: 16384, 128: 8192}
 
 _WG = 64      # rows of a consumer warpgroup
-_ROWS = 128   # rows of a program
 
 
 def _tma_ready(t: Tensor) -> bool:
@@ -107,14 +109,15 @@ if AVAILABLE:
 
     @gluon.jit
     def _take_turn(turn, wg: gl.constexpr, k, PINGPONG: gl.constexpr):
-        """Wait for this warpgroup's ``k``-th turn to issue products (warpgroup 0 goes first)."""
+        """Wait for this warpgroup's ``k``-th turn to issue products: warpgroup 0 goes first, each
+        passes the turn to the next (round robin); warpgroup 0's first wait passes at once."""
         if PINGPONG:
-            mbarrier.wait(turn.index(wg), (k & 1) ^ (1 - wg))
+            mbarrier.wait(turn.index(wg), (k & 1) ^ (1 if wg == 0 else 0))
 
     @gluon.jit
-    def _pass_turn(turn, wg: gl.constexpr, PINGPONG: gl.constexpr):
+    def _pass_turn(turn, wg: gl.constexpr, WARPGROUPS: gl.constexpr, PINGPONG: gl.constexpr):
         if PINGPONG:
-            mbarrier.arrive(turn.index(1 - wg))
+            mbarrier.arrive(turn.index((wg + 1) % WARPGROUPS))
 
     @gluon.jit
     def _softmax(s, rows, keys, m_i, l_i, n_k, qk_scale, CAUSAL: gl.constexpr, MASKED: gl.constexpr):
@@ -135,8 +138,8 @@ if AVAILABLE:
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
                   n_tiles, qk_scale, so_b, so_h, so_n,
-                  wg: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+                  wg: gl.constexpr, WARPGROUPS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
         """Consumer warpgroup ``wg``: rows ``q_lo + 64·wg ...`` over every key tile of the program."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -162,7 +165,7 @@ if AVAILABLE:
         _take_turn(turn, wg, 0, PINGPONG)
         s = warpgroup_mma(q_wg, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
-        _pass_turn(turn, wg, PINGPONG)
+        _pass_turn(turn, wg, WARPGROUPS, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s,))
         keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         p, alpha, m_i, l_i = _softmax(s, rows, keys, m_i, l_i, n_k, qk_scale, CAUSAL, True)
@@ -177,7 +180,7 @@ if AVAILABLE:
             s = warpgroup_mma(q_wg, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
             acc = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            _pass_turn(turn, wg, PINGPONG)
+            _pass_turn(turn, wg, WARPGROUPS, PINGPONG)
             s = warpgroup_mma_wait(1, deps=(s,))        # S_j has landed; P_{j-1} V_{j-1} may still run
             if j >= free:
                 p_new, alpha, m_i, l_i = _softmax(s, rows, keys, m_i, l_i, n_k, qk_scale, CAUSAL, True)
@@ -190,7 +193,7 @@ if AVAILABLE:
         last = (n_tiles - 1) % STAGES
         _take_turn(turn, wg, n_tiles, PINGPONG)
         acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        _pass_turn(turn, wg, PINGPONG)
+        _pass_turn(turn, wg, WARPGROUPS, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(last))
 
@@ -208,48 +211,61 @@ if AVAILABLE:
     @gluon.jit
     def _hopper_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, H, n_q, n_k, qk_scale, so_b, so_h, so_n,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
-        """Program ``(t, b·H + h)``: rows of query tile ``n_tiles - 1 - t`` (longest first) of head
-        ``h``, which reads kv head ``h // GROUP``."""
+                           STAGES: gl.constexpr, WARPGROUPS: gl.constexpr, CAUSAL: gl.constexpr,
+                           PINGPONG: gl.constexpr):
+        """Program ``(t, b·H + h)``: the ``64·WARPGROUPS`` rows of query tile ``n_tiles - 1 - t``
+        (longest first) of head ``h``, which reads kv head ``h // GROUP``."""
         q_tile = gl.num_programs(0) - 1 - gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // H
         h = bh % H
         hk = h // GROUP
-        q_lo = q_tile * 128
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        q_lo = q_tile * (64 * WARPGROUPS)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [WARPGROUPS] + q_desc.block_type.shape, q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [WARPGROUPS, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(kv_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)      # one arrival per consumer warpgroup
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
+            mbarrier.init(kv_empty.index(i), count=WARPGROUPS)      # one arrival per consumer warpgroup
+        for i in gl.static_range(WARPGROUPS):
+            mbarrier.init(turn.index(i), count=1)
         n_tiles = (n_k + BLOCK_N - 1) // BLOCK_N
         if CAUSAL:   # key tiles up to the tile's last row
-            n_tiles = gl.minimum(n_tiles, (gl.minimum(q_lo + 128, n_q) - 1) // BLOCK_N + 1)
-        mbarrier.expect(q_bar, 2 * 64 * HEAD_DIM * 2)      # two 64-row blocks of 16-bit values
-        tma.async_copy_global_to_shared(q_desc, [b, h, q_lo, 0], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [b, h, q_lo + 64, 0], q_bar, q_smem.index(1))
-        gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
-                         n_tiles, qk_scale, so_b, so_h, so_n, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG)),
-            (_consumer, (q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
-                         n_tiles, qk_scale, so_b, so_h, so_n, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG)),
-            (_loader, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, b, hk, n_tiles, BLOCK_N, STAGES)),
-        ], [4, 1], [240, 24])
+            n_tiles = gl.minimum(n_tiles, (gl.minimum(q_lo + 64 * WARPGROUPS, n_q) - 1) // BLOCK_N + 1)
+        mbarrier.expect(q_bar, WARPGROUPS * 64 * HEAD_DIM * 2)      # 64-row blocks of 16-bit values
+        for i in gl.static_range(WARPGROUPS):
+            tma.async_copy_global_to_shared(q_desc, [b, h, q_lo + 64 * i, 0], q_bar, q_smem.index(i))
+        # Registers: 240 a consumer thread with two consumers, 160 with three (FlashAttention-3's split).
+        # (The JIT takes no tuples of functions in variables: each partition list is written out.)
+        if WARPGROUPS == 2:
+            gl.warp_specialize([
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
+                             n_tiles, qk_scale, so_b, so_h, so_n, 0, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
+                             n_tiles, qk_scale, so_b, so_h, so_n, 1, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG)),
+                (_loader, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, b, hk, n_tiles, BLOCK_N, STAGES)),
+            ], [4, 1], [240, 24])
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
+                             n_tiles, qk_scale, so_b, so_h, so_n, 0, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
+                             n_tiles, qk_scale, so_b, so_h, so_n, 1, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, O, LSE, b, h, H, n_q, n_k, q_lo,
+                             n_tiles, qk_scale, so_b, so_h, so_n, 2, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG)),
+                (_loader, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, b, hk, n_tiles, BLOCK_N, STAGES)),
+            ], [4, 4, 1], [160, 160, 24])
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kv_ready.index(i))
             mbarrier.invalidate(kv_empty.index(i))
-        mbarrier.invalidate(turn.index(0))
-        mbarrier.invalidate(turn.index(1))
-
+        for i in gl.static_range(WARPGROUPS):
+            mbarrier.invalidate(turn.index(i))
 
 def descriptors(q: Tensor, k: Tensor, v: Tensor, block_n: int):
     """4-D TMA descriptors of q (64-row blocks) and k, v (``block_n``-row blocks), strides as given."""
@@ -276,8 +292,8 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: floa
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
     lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
     qd, kd, vd = descriptors(q, k, v, cfg["BLOCK_N"])
-    _hopper_fwd_kernel[(_runtime.cdiv(n_q, _ROWS), B * H)](
+    _hopper_fwd_kernel[(_runtime.cdiv(n_q, 64 * cfg["WARPGROUPS"]), B * H)](
         qd, kd, vd, o, lse2, H, n_q, n_k, sm_scale * math.log2(math.e), o.stride(0), o.stride(1), o.stride(2),
         GROUP=H // k.shape[1], HEAD_DIM=D, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CAUSAL=bool(causal),
-        PINGPONG=cfg["PINGPONG"], num_warps=4)
+        WARPGROUPS=cfg["WARPGROUPS"], PINGPONG=cfg["PINGPONG"], num_warps=4)
     return o, lse2

@@ -59,9 +59,10 @@ CASES = [
 @pytest.mark.parametrize("B,H,Hkv,N,M,D,dtype,causal", CASES,
                          ids=[f"B{c[0]}H{c[1]}kv{c[2]}-N{c[3]}M{c[4]}-D{c[5]}-{str(c[6])[6:]}-{'causal' if c[7] else 'full'}"
                               for c in CASES])
-@pytest.mark.parametrize("setting", ["default", "n64_s3", "no_pingpong"])
+@pytest.mark.parametrize("setting", ["default", "n64_s3", "no_pingpong", "three_warpgroups"])
 def test_gpu_hopper_forward_matches_reference(seed, B, H, Hkv, N, M, D, dtype, causal, setting):
-    cfg = {"default": None, "n64_s3": dict(BLOCK_N=64, STAGES=3), "no_pingpong": dict(PINGPONG=False)}[setting]
+    cfg = {"default": None, "n64_s3": dict(BLOCK_N=64, STAGES=3), "no_pingpong": dict(PINGPONG=False),
+           "three_warpgroups": dict(BLOCK_N=64, STAGES=4, WARPGROUPS=3)}[setting]
     q = torch.randn(B, H, N, D, device="cuda").to(dtype)
     k, v = (torch.randn(B, Hkv, M, D, device="cuda").to(dtype) for _ in range(2))
     o, lse2 = hopper.hopper_forward(q, k, v, causal, D ** -0.5, cfg)

@@ -401,3 +401,21 @@ if [ "$stage" = 34 ]; then
   timeout 150 python -m pytest -m gpu -q -n 8 tests/test_flash.py tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_flash_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_flash_hopper_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_flash_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
 fi
+if [ "$stage" = 35 ]; then
+  # Three consumer warpgroups in the Gluon forward: a smoke call, the probe at 4k-16k, the kernel's GPU tests.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout 60 python -c "
+import torch, sparseflash.hopper as h
+for D in (64, 128):
+    q = torch.randn(1, 2, 300, D, device='cuda', dtype=torch.bfloat16)
+    o, l = h.hopper_forward(q, q, q, True, D ** -0.5, dict(BLOCK_N=64, STAGES=4, WARPGROUPS=3)); torch.cuda.synchronize()
+    w = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    print('smoke D', D, 'max diff', (o.float() - w.float()).abs().max().item())
+" > $OUT/hopper_smoke.log 2>&1; rc=$?; tail -5 $OUT/hopper_smoke.log; [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
+  PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_wg3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
+  echo "probe rc=$?"
+  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_wg3_probe_$KIND.json'))['rows']]"
+  timeout $3 python -m pytest -m gpu -q -n 8 tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_hopper_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
+fi
