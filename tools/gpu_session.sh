@@ -419,3 +419,15 @@ for D in (64, 128):
   timeout $3 python -m pytest -m gpu -q -n 8 tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_hopper_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
 fi
+if [ "$stage" = 36 ]; then
+  # The Gluon backward probe (tools/gluon_bwd_probe.py): dK/dV and dQ kernels with the forward's structure,
+  # against our Triton backward and SDPA cuDNN / flash's. A smoke call first. Arg: seconds for the probe.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  PYTHONPATH=. timeout 90 python tools/gluon_bwd_probe.py --seq-lens 256 --out $OUT/gluon_bwd_smoke_$KIND.json > $OUT/gluon_bwd_smoke.log 2>&1; rc=$?
+  python -c "import json; [print(r['D'], r['N'], r['variant'], r.get('max_diff'), r.get('error', '')[:300]) for r in json.load(open('$OUT/gluon_bwd_smoke_$KIND.json'))['rows'] if 'gluon_s' in r['variant']]"
+  [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
+  PYTHONPATH=. timeout $2 python tools/gluon_bwd_probe.py --out $OUT/gluon_bwd_probe_$KIND.json > $OUT/gluon_bwd_probe.log 2>&1
+  echo "probe rc=$?"
+  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_bwd_probe_$KIND.json'))['rows']]"
+fi
