@@ -67,10 +67,11 @@ _WG = 64      # rows of a consumer warpgroup
 
 
 def _tma_ready(t: Tensor) -> bool:
-    """A TMA descriptor needs a 16-byte aligned base, unit last stride and 16-byte aligned strides."""
+    """A TMA descriptor needs a 16-byte aligned base, unit last stride and 16-byte aligned, nonzero
+    strides (a broadcast dimension, stride 0, is not one a descriptor can describe)."""
     es = t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((s * es) % 16 == 0 for s in t.stride()[:-1]))
+            and all(s > 0 and (s * es) % 16 == 0 for s in t.stride()[:-1]))
 
 
 @functools.lru_cache(maxsize=None)

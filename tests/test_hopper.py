@@ -40,6 +40,7 @@ def test_usable_rules_on_cpu():
     assert not hopper._tma_ready(torch.randn(1, 2, 64, 65, dtype=bf16)[..., 1:])    # 2-byte offset, 130-byte rows
     assert not hopper._tma_ready(torch.randn(1, 2, 64, 20, dtype=bf16))           # 40-byte row stride
     assert not hopper._tma_ready(torch.randn(1, 2, 64, 64, dtype=bf16).transpose(-1, -2))
+    assert not hopper._tma_ready(torch.randn(1, 1, 64, 64, dtype=bf16).expand(1, 4, 64, 64))   # broadcast heads
 
 
 HOPPER = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
