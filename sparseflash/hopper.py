@@ -268,12 +268,18 @@ if AVAILABLE:
         for i in gl.static_range(WARPGROUPS):
             mbarrier.invalidate(turn.index(i))
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    """The swizzled shared-memory layout of a ``(1, 1, rows, head_dim)`` tile (built once: Gluon's
+    ``get_default_for`` costs about as much host time as the descriptor itself)."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim],
+                                                gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
 def descriptors(q: Tensor, k: Tensor, v: Tensor, block_n: int):
     """4-D TMA descriptors of q (64-row blocks) and k, v (``block_n``-row blocks), strides as given."""
     D = q.shape[-1]
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    lay_q = gl.NVMMASharedLayout.get_default_for([1, 1, _WG, D], gdt)
-    lay_kv = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, D], gdt)
+    lay_q, lay_kv = _smem_layout(_WG, D, q.dtype), _smem_layout(block_n, D, q.dtype)
     return (TensorDescriptor.from_tensor(q, [1, 1, _WG, D], lay_q),
             TensorDescriptor.from_tensor(k, [1, 1, block_n, D], lay_kv),
             TensorDescriptor.from_tensor(v, [1, 1, block_n, D], lay_kv))

@@ -43,6 +43,18 @@ def test_usable_rules_on_cpu():
     assert not hopper._tma_ready(torch.randn(1, 1, 64, 64, dtype=bf16).expand(1, 4, 64, 64))   # broadcast heads
 
 
+@pytest.mark.skipif(not hopper.AVAILABLE, reason="needs Gluon (Triton 3.6+)")
+def test_descriptors_on_cpu():
+    """The descriptors are plain host objects: 4-D blocks of 64 query rows and ``block_n`` key rows,
+    the strides of the views as given, one shared-memory layout object per tile shape."""
+    q = torch.randn(2, 3, 100, 64, dtype=bf16)
+    kv = torch.randn(2, 100, 1, 64, dtype=bf16).transpose(1, 2)     # (B, Hkv=1, M, D), strided
+    qd, kd, vd = hopper.descriptors(q, kv, kv, 128)
+    assert list(qd.block_shape) == [1, 1, 64, 64] and list(kd.block_shape) == [1, 1, 128, 64]
+    assert list(kd.strides) == list(kv.stride()) and list(qd.shape) == [2, 3, 100, 64]
+    assert kd.layout is vd.layout is hopper.descriptors(q, kv, kv, 128)[1].layout
+
+
 HOPPER = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
                                  and hopper.AVAILABLE), reason="needs an sm_90 GPU and Gluon")
 
