@@ -34,6 +34,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from sparseflash.hopper import _pass_turn, _take_turn
+
 
 @gluon.jit
 def _ring_loader(a_desc, b_desc, a_smem, b_smem, ready, empty, b, h, first, count,
@@ -52,8 +54,9 @@ def _ring_loader(a_desc, b_desc, a_smem, b_smem, ready, empty, b, h, first, coun
 
 @gluon.jit
 def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE, DELTA, DK, DV, b, h, H, n, k_lo,
-                   q_first, count, qk_scale, sm_scale,
-                   wg: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+                   q_first, count, qk_scale, sm_scale, turn,
+                   wg: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                   PINGPONG: gl.constexpr):
     t_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
     g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
@@ -73,8 +76,10 @@ def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE, D
         q_t = q_smem.index(stage).reshape([64, HEAD_DIM])
         do_t = do_smem.index(stage).reshape([64, HEAD_DIM])
         mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+        _take_turn(turn, wg, 2 * i, PINGPONG)
         st = warpgroup_mma(k_w, q_t.permute((1, 0)), t_zero, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v_w, do_t.permute((1, 0)), t_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, wg, 2, PINGPONG)
         queries = q_lo + gl.arange(0, 64, layout=gl.SliceLayout(0, t_layout))
         lse = gl.load(LSE + base + queries, mask=queries < n, other=0.0)
         delta = gl.load(DELTA + base + queries, mask=queries < n, other=0.0)
@@ -83,8 +88,12 @@ def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE, D
         if CAUSAL:
             pt = gl.where(keys[:, None] <= queries[None, :], pt, 0.0)
         dst = pt * (dpt - delta[None, :])
-        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do_t, dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), a_layout), q_t, dk, is_async=True)
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        dst_a = gl.convert_layout(dst.to(dtype), a_layout)
+        _take_turn(turn, wg, 2 * i + 1, PINGPONG)
+        dv = warpgroup_mma(pt_a, do_t, dv, is_async=True)
+        dk = warpgroup_mma(dst_a, q_t, dk, is_async=True)
+        _pass_turn(turn, wg, 2, PINGPONG)
         dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(empty.index(stage))
     rows = k_lo + wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, g_layout))
@@ -96,7 +105,7 @@ def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE, D
 
 @gluon.jit
 def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, H, n, qk_scale, sm_scale,
-                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
     """Program ``(t, b·H + h)``: keys ``128·t ...`` of head ``h`` (causal: the lowest keys see the
     most queries, and start first)."""
     bh = gl.program_id(1)
@@ -110,6 +119,9 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, H, n, qk_s
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -124,9 +136,9 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, H, n, qk_s
         tma.async_copy_global_to_shared(v_desc, [b, h, k_lo + 64 * i, 0], kv_bar, v_smem.index(i))
     gl.warp_specialize([
         (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE, DELTA, DK, DV, b, h, H, n,
-                          k_lo, q_first, count, qk_scale, sm_scale, 0, HEAD_DIM, CAUSAL, STAGES)),
+                          k_lo, q_first, count, qk_scale, sm_scale, turn, 0, HEAD_DIM, CAUSAL, STAGES, PINGPONG)),
         (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE, DELTA, DK, DV, b, h, H, n,
-                          k_lo, q_first, count, qk_scale, sm_scale, 1, HEAD_DIM, CAUSAL, STAGES)),
+                          k_lo, q_first, count, qk_scale, sm_scale, turn, 1, HEAD_DIM, CAUSAL, STAGES, PINGPONG)),
         (_ring_loader, (q_desc, do_desc, q_smem, do_smem, ready, empty, b, h, q_first, count, 64, STAGES)),
     ], [4, 1], [240, 24])
     mbarrier.invalidate(kv_bar)
@@ -137,9 +149,9 @@ def _dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, H, n, qk_s
 
 @gluon.jit
 def _dq_consumer(q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE, DELTA, DQ, b, h, H, n, q_lo, count,
-                 qk_scale, sm_scale,
+                 qk_scale, sm_scale, turn,
                  wg: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 STAGES: gl.constexpr):
+                 STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -160,15 +172,20 @@ def _dq_consumer(q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE, DELT
         k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
         v_t = v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        _take_turn(turn, wg, 2 * j, PINGPONG)
         s = warpgroup_mma(q_w, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dp = warpgroup_mma(do_w, v_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, wg, 2, PINGPONG)
         s, dp = warpgroup_mma_wait(0, deps=(s, dp))
         p = gl.exp2(s * qk_scale - lse[:, None])
         if CAUSAL:
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             p = gl.where(keys[None, :] <= rows[:, None], p, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k_t, dq, is_async=True)
+        ds_a = gl.convert_layout(ds.to(dtype), a_layout)
+        _take_turn(turn, wg, 2 * j + 1, PINGPONG)
+        dq = warpgroup_mma(ds_a, k_t, dq, is_async=True)
+        _pass_turn(turn, wg, 2, PINGPONG)
         dq = warpgroup_mma_wait(0, deps=(dq,))
         mbarrier.arrive(empty.index(stage))
     o_rows = q_lo + wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, g_layout))
@@ -179,7 +196,8 @@ def _dq_consumer(q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE, DELT
 
 @gluon.jit
 def _dq_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, H, n, qk_scale, sm_scale,
-               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+               PINGPONG: gl.constexpr):
     """Program ``(t, b·H + h)``: queries of tile ``n_tiles - 1 - t`` (128 rows, longest first)."""
     bh = gl.program_id(1)
     b = bh // H
@@ -192,6 +210,9 @@ def _dq_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, H, n, qk_scale, 
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -205,9 +226,9 @@ def _dq_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, H, n, qk_scale, 
         tma.async_copy_global_to_shared(do_desc, [b, h, q_lo + 64 * i, 0], q_bar, do_smem.index(i))
     gl.warp_specialize([
         (_dq_consumer, (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE, DELTA, DQ, b, h, H, n, q_lo, count,
-                        qk_scale, sm_scale, 0, HEAD_DIM, BLOCK_N, CAUSAL, STAGES)),
+                        qk_scale, sm_scale, turn, 0, HEAD_DIM, BLOCK_N, CAUSAL, STAGES, PINGPONG)),
         (_dq_consumer, (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE, DELTA, DQ, b, h, H, n, q_lo, count,
-                        qk_scale, sm_scale, 1, HEAD_DIM, BLOCK_N, CAUSAL, STAGES)),
+                        qk_scale, sm_scale, turn, 1, HEAD_DIM, BLOCK_N, CAUSAL, STAGES, PINGPONG)),
         (_ring_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, b, h, 0, count, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
     mbarrier.invalidate(q_bar)
@@ -223,7 +244,7 @@ def _desc(t, rows):
 
 
 def gluon_backward(q, k, v, do, lse2, delta, sm_scale, *, causal=True, dkdv_stages=2, dq_block_n=64, dq_stages=3,
-                   parts=("dkdv", "dq")):
+                   pingpong=False, parts=("dkdv", "dq")):
     """``(dq, dk, dv)`` of contiguous ``(B, H, N, D)`` inputs (no grouped heads), from ``lse2`` (base 2)
     and ``delta`` as the package computes them; ``parts`` runs only some of the two kernels."""
     B, H, N, D = q.shape
@@ -234,17 +255,20 @@ def gluon_backward(q, k, v, do, lse2, delta, sm_scale, *, causal=True, dkdv_stag
     if "dkdv" in parts:
         _dkdv_kernel[(triton.cdiv(N, 128), B * H)](
             _desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(do, 64), lse2, delta, dk, dv, H, N, qk_scale, sm_scale,
-            HEAD_DIM=D, STAGES=dkdv_stages, CAUSAL=causal, num_warps=4)
+            HEAD_DIM=D, STAGES=dkdv_stages, CAUSAL=causal, PINGPONG=pingpong, num_warps=4)
     if "dq" in parts:
         _dq_kernel[(triton.cdiv(N, 128), B * H)](
             _desc(q, 64), _desc(do, 64), _desc(k, dq_block_n), _desc(v, dq_block_n), lse2, delta, dq, H, N, qk_scale,
-            sm_scale, HEAD_DIM=D, BLOCK_N=dq_block_n, STAGES=dq_stages, CAUSAL=causal, num_warps=4)
+            sm_scale, HEAD_DIM=D, BLOCK_N=dq_block_n, STAGES=dq_stages, CAUSAL=causal, PINGPONG=pingpong,
+            num_warps=4)
     return dq, dk, dv
 
 
-#: (dK/dV stages, dQ keys per tile, dQ stages) timed at each head dim.  (At D=128 the dK/dV kernel
+#: (dK/dV stages, dQ keys per tile, dQ stages, ping-pong turns between the two consumers) timed at
+#: each head dim.  (At D=128 the dK/dV kernel
 #: spills ~430 B a thread: two 64×128 float32 accumulators and the 64×64 score tiles in 240 registers.)
-SETTINGS = {64: [(2, 64, 3), (3, 128, 2), (4, 64, 4)], 128: [(2, 64, 3), (3, 64, 2), (2, 128, 2)]}
+SETTINGS = {64: [(2, 64, 3, False), (2, 64, 3, True), (3, 128, 2, True), (4, 64, 4, True)],
+            128: [(2, 64, 3, False), (2, 64, 3, True), (3, 64, 2, True), (2, 128, 2, True)]}
 
 
 def _compile_only() -> int:
@@ -275,18 +299,19 @@ def _compile_only() -> int:
 
     for D in (64, 128):
         t = torch.empty(1, 2, 256, D, dtype=torch.bfloat16)
-        for dkdv_stages, bn, dq_stages in SETTINGS[D]:
+        for dkdv_stages, bn, dq_stages, pingpong in SETTINGS[D]:
             for name, fn in (
                 ("dkdv", lambda: build(_dkdv_kernel, {"q_desc": _desc(t, 64), "k_desc": _desc(t, 64),
                                                       "v_desc": _desc(t, 64), "do_desc": _desc(t, 64)},
                                        dict(LSE="*fp32", DELTA="*fp32", DK="*bf16", DV="*bf16"),
-                                       dict(HEAD_DIM=D, STAGES=dkdv_stages, CAUSAL=True))),
+                                       dict(HEAD_DIM=D, STAGES=dkdv_stages, CAUSAL=True, PINGPONG=pingpong))),
                 ("dq", lambda: build(_dq_kernel, {"q_desc": _desc(t, 64), "do_desc": _desc(t, 64),
                                                   "k_desc": _desc(t, bn), "v_desc": _desc(t, bn)},
                                      dict(LSE="*fp32", DELTA="*fp32", DQ="*bf16"),
-                                     dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CAUSAL=True))),
+                                     dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CAUSAL=True,
+                                          PINGPONG=pingpong))),
             ):
-                label = f"D={D} {name} dkdv_stages={dkdv_stages} dq_block_n={bn} dq_stages={dq_stages}"
+                label = f"D={D} {name} dkdv_stages={dkdv_stages} dq_block_n={bn} dq_stages={dq_stages} pp={pingpong}"
                 try:
                     print(f"{label}: {fn()}")
                 except Exception as e:  # noqa: BLE001
@@ -333,9 +358,9 @@ def main() -> int:
             cases = {"sdpa_cudnn_bwd": sdpa_bwd(SDPBackend.CUDNN_ATTENTION),
                      "sdpa_flash_bwd": sdpa_bwd(SDPBackend.FLASH_ATTENTION),
                      "ours_triton_bwd": lambda: flash_backward(q, k, v, o, lse2, do, True, sm_scale, cfg)}
-            for dkdv_stages, bn, dq_stages in SETTINGS[D]:
-                kw = dict(dkdv_stages=dkdv_stages, dq_block_n=bn, dq_stages=dq_stages)
-                tag = f"s{dkdv_stages}_dq_n{bn}_s{dq_stages}"
+            for dkdv_stages, bn, dq_stages, pingpong in SETTINGS[D]:
+                kw = dict(dkdv_stages=dkdv_stages, dq_block_n=bn, dq_stages=dq_stages, pingpong=pingpong)
+                tag = f"s{dkdv_stages}_dq_n{bn}_s{dq_stages}{'_pp' if pingpong else ''}"
                 cases[f"gluon_{tag}"] = lambda kw=kw: gluon_backward(q, k, v, do, lse2, softmax_delta(o, do),
                                                                      sm_scale, **kw)
                 cases[f"gluon_dkdv_{tag}"] = lambda kw=kw: gluon_backward(q, k, v, do, lse2, delta, sm_scale,
