@@ -268,6 +268,11 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
     ``dtype``: ``DENSE_CUDA_FORWARD``; ``NOTES.md``; a narrow ``window``: ``DENSE_CUDA_BAND``;
     the sparse ones on the head dim: ``SPARSE_CUDA_DEFAULT``).  On the CPU
     interpreter tiles default to 32 so that small inputs still span several tiles.
+
+    ``hopper`` (dense only): 1 (the default) lets the dense forward run :mod:`sparseflash.hopper`'s
+    kernel where it is faster (sm_90 GPUs, long sequences), 0 keeps it on the Triton kernel; it is 0
+    whenever ``kernel_options`` sets the forward's tiles or launch (``BLOCK_M``, ``BLOCK_N``,
+    ``num_warps``, ``num_stages``), so that those are what runs.
     """
     if device.type == "cuda":
         cfg = dict(SPARSE_CUDA_DEFAULT)
@@ -278,6 +283,10 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
     else:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1,
                    bwd_BLOCK=0, bwd_STEP=0)
+    cfg["hopper"] = 1
+    if kernel_options and "hopper" not in kernel_options and any(
+            key in kernel_options for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")):
+        cfg["hopper"] = 0
     if kernel_options:
         unknown = set(kernel_options) - set(cfg)
         if unknown:
@@ -289,6 +298,8 @@ def kernel_config(head_dim: int, device: torch.device, kernel_options: dict | No
         if bad:
             raise ValueError(f"kernel_options values must be ints, got {bad}")
         cfg.update(kernel_options)
+    if cfg["hopper"] not in (0, 1):
+        raise ValueError(f"hopper must be 0 or 1, got {cfg['hopper']}")
     for name in ("num_warps", "num_stages", "bwd_num_warps", "bwd_num_stages"):
         if cfg[name] < 1:
             raise ValueError(f"{name} must be at least 1, got {cfg[name]}")

@@ -401,7 +401,7 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None, *, window: int = 
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if q.is_cuda and hopper.usable(q, k, v, window=window, init=init, record=record):
+    if cfg.get("hopper", 1) and q.is_cuda and hopper.usable(q, k, v, window=window, init=init, record=record):
         return hopper.hopper_forward(q, k, v, causal, sm_scale)
     if init is None:
         o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
@@ -505,7 +505,8 @@ def flash_attention(
             ``0 <= i - j < window`` (its own and the ``window - 1`` before it; causal only).
             ``0`` (default): no window.  Only the diagonal band of tiles is visited, so the
             work grows as ``N · window`` instead of ``N²``.
-        kernel_options: override tile sizes / warps / stages (see :func:`kernel_config`).
+        kernel_options: override tile sizes / warps / stages (see :func:`kernel_config`);
+            ``{"hopper": 0}`` keeps the forward on the Triton kernel on Hopper GPUs.
         tile_record: a :class:`sparseflash.tiles.TileRecord` to count which
             (query tile, key tile) pairs each pass computed.
 

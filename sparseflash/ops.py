@@ -35,7 +35,7 @@ from ._steps import run_attention
 #: Order of a kernel configuration (see :func:`sparseflash._steps.kernel_config`) as an
 #: op argument: ops take ``int[]``, not dicts.
 CFG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "bwd_num_warps", "bwd_num_stages", "bwd_BLOCK",
-            "bwd_STEP")
+            "bwd_STEP", "hopper")
 
 
 def cfg_args(cfg: dict) -> list[int]:

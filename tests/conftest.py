@@ -10,6 +10,8 @@
   set ``SPARSEFLASH_SEED=<n>`` to replay a failing run.
 * Process-wide float32 precision flags (TF32, which the trainer turns on) are put back
   after every test, so no test's tolerance depends on which tests ran before it.
+* ``sparseflash`` is imported before any test module, so Triton's interpreter is on (without a
+  GPU) before any module imports triton.
 """
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         os.environ.setdefault(_name, _threads)
 
 import pytest  # noqa: E402
+
+# sparseflash decides whether Triton's interpreter is on (no GPU: TRITON_INTERPRET=1) when it is
+# first imported, and Triton must not have defined any kernel before that: imported here, ahead
+# of every test module, so no test's outcome depends on which module imported triton first.
+import sparseflash._runtime  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):

@@ -116,3 +116,19 @@ def test_gpu_flash_attention_with_hopper_forward(seed, monkeypatch, D, dtype, ca
     for got, exp in ((out, want), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert not got.isnan().any()
         assert rel_err(got, exp) < TOL[dtype] * (1 if got is out else 2)
+
+
+@pytest.mark.gpu
+@HOPPER
+def test_gpu_kernel_options_keep_the_triton_forward(monkeypatch):
+    """``kernel_options`` that set the forward's tiles, or ``{"hopper": 0}``, keep the Triton forward."""
+    monkeypatch.setattr(hopper, "USE_FROM_SEQ_LEN", {64: 1, 128: 1})
+    calls = []
+    real = hopper.hopper_forward
+    monkeypatch.setattr(hopper, "hopper_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = torch.randn(1, 2, 300, 64, device="cuda", dtype=bf16)
+    flash_attention(q, q, q)
+    assert calls == [1]
+    flash_attention(q, q, q, kernel_options={"hopper": 0})
+    flash_attention(q, q, q, kernel_options={"BLOCK_M": 64})
+    assert calls == [1]

@@ -62,3 +62,15 @@ def test_host_tile_arithmetic_matches_triton():
         for d in (1, 7, 16, 64, 128):
             assert _runtime.cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert _runtime.cdiv(0, 64) == 0
+
+
+def test_hopper_forward_switch():
+    """``hopper`` (the dense forward may run sparseflash.hopper's kernel): on by default, off when
+    kernel_options set the forward's tiles or launch (so those are what runs), or when asked."""
+    assert kernel_config(128, CUDA, dense=True, seq_len=16384, dtype=bf16)["hopper"] == 1
+    for opts in (dict(BLOCK_M=64), dict(BLOCK_N=32), dict(num_warps=4), dict(num_stages=2), dict(hopper=0)):
+        assert kernel_config(128, CUDA, opts, dense=True, seq_len=16384, dtype=bf16)["hopper"] == 0, opts
+    assert kernel_config(128, CUDA, dict(bwd_num_stages=1), dense=True, seq_len=16384, dtype=bf16)["hopper"] == 1
+    assert kernel_config(128, CUDA, dict(BLOCK_M=64, hopper=1), dense=True, seq_len=16384, dtype=bf16)["hopper"] == 1
+    with pytest.raises(ValueError, match="hopper must be 0 or 1"):
+        kernel_config(128, CUDA, dict(hopper=2), dense=True, seq_len=16384, dtype=bf16)

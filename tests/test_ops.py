@@ -53,7 +53,7 @@ def _fwd_bwd(fn, q, k, v, do):
 
 def test_cfg_round_trip():
     cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3, bwd_num_warps=4, bwd_num_stages=2, bwd_BLOCK=128,
-               bwd_STEP=32)
+               bwd_STEP=32, hopper=0)
     assert cfg_dict(cfg_args(cfg)) == cfg
 
 
