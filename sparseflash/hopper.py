@@ -98,7 +98,7 @@ if AVAILABLE:
     @gluon.jit
     def _loader(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, b, hk, n_tiles,
                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """The producer warp: key tile ``j`` into stage ``j % STAGES`` once both consumers released the
+        """The producer warp: key tile ``j`` into stage ``j % STAGES`` once every consumer released the
         tile that held it before (a fresh barrier's parity-1 wait passes at once)."""
         kv_bytes: gl.constexpr = 2 * BLOCK_N * k_desc.block_type.shape[3] * 2     # K and V, 16-bit values
         for j in range(n_tiles):
