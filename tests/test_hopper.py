@@ -132,3 +132,18 @@ def test_gpu_kernel_options_keep_the_triton_forward(monkeypatch):
     flash_attention(q, q, q, kernel_options={"hopper": 0})
     flash_attention(q, q, q, kernel_options={"BLOCK_M": 64})
     assert calls == [1]
+
+
+def test_probe_file_draws(tmp_path):
+    """``tools/plot_hopper_forward.py`` draws the committed probe file (the README's figure)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "hopper.png"
+    proc = subprocess.run([sys.executable, str(root / "tools" / "plot_hopper_forward.py"),
+                           str(root / "results" / "logs" / "gluon_fa3_probe_h100.json"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
