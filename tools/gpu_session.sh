@@ -431,3 +431,17 @@ if [ "$stage" = 36 ]; then
   echo "probe rc=$?"
   python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_bwd_probe_$KIND.json'))['rows']]"
 fi
+if [ "$stage" = 37 ]; then
+  # One call for the Gluon work left: the Gluon kernel's GPU tests (three consumers and the hopper switch
+  # included), the host cost of a call, then the backward probe (stage 36) and the three-consumer forward
+  # probe (stage 35's probe). Args: seconds for the backward probe, for the forward probe.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout 150 python -m pytest -m gpu -q -n 8 tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_hopper_$KIND.log
+  grep -v "Warn\|warn" $OUT/gpu_tests_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
+  PYTHONPATH=. timeout 60 python tools/hopper_host_cost.py > $OUT/hopper_host_cost_$KIND.log 2>&1; cat $OUT/hopper_host_cost_$KIND.log
+  bash tools/gpu_session.sh 36 ${2:-200} | grep -v "^GPU"
+  PYTHONPATH=. timeout ${3:-130} python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_wg3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
+  echo "fwd probe rc=$?"
+  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_wg3_probe_$KIND.json'))['rows']]"
+fi
