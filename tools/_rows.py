@@ -39,3 +39,39 @@ def row_writer(doc: dict, path: str):
             json.dump(doc, f, indent=1)
         os.replace(tmp, path)
     return put
+
+
+def probe_writer(path: str, **meta):
+    """``row_writer`` of a new document whose meta names the GPU, torch, triton and the command line
+    (and ``meta``'s own fields)."""
+    import sys
+
+    import torch
+    import triton
+
+    doc = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                    "argv": sys.argv, **meta}, "rows": []}
+    return row_writer(doc, path)
+
+
+def time_cases(put, base: dict, cases: dict, flops: float, check=None, no_grad: bool = True) -> None:
+    """One row a case (``base`` plus ``variant``): one call, ``check(name, result)``'s fields (its
+    differences from a reference), then the call's ``do_bench`` time and TFLOP/s for ``flops``, all
+    under ``torch.no_grad()`` unless ``no_grad`` is false.  A case that raises is a row with its
+    error, not a stop."""
+    import contextlib
+
+    import torch
+
+    for name, fn in cases.items():
+        row = dict(base, variant=name)
+        try:
+            with torch.no_grad() if no_grad else contextlib.nullcontext():
+                got = fn()
+                if check is not None:
+                    row.update(check(name, got))
+                row["ms"] = bench_ms(fn, "cuda")
+            row["tflops"] = flops / row["ms"] / 1e9
+        except Exception as e:  # noqa: BLE001  (a setting that fails is a row, not a stop)
+            row["error"] = error_text(e)
+        put(row)

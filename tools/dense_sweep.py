@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sparseflash import flash
 from sparseflash._steps import kernel_config
 
-from _rows import max_diff, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
+from _rows import max_diff, probe_writer  # tools/_rows.py (the script's own folder is on sys.path)
 
 FWD = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
        for (bm, bn), w, s in itertools.product([(64, 64), (128, 64), (128, 128), (128, 32)], (4, 8), (2, 3, 4))]
@@ -61,11 +61,7 @@ def main() -> int:
     args = p.parse_args()
     t0 = time.time()
     dev = torch.device("cuda")
-    doc = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                    "argv": sys.argv, "batch": args.batch, "heads": args.heads, "dtype": "bfloat16", "causal": True},
-           "rows": []}
-
-    put = row_writer(doc, args.out)
+    put = probe_writer(args.out, batch=args.batch, heads=args.heads, dtype="bfloat16", causal=True)
 
     for D, N in itertools.product(args.head_dims, args.seq_lens):
         B, H = args.batch, args.heads

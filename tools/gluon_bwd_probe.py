@@ -273,49 +273,21 @@ SETTINGS = {64: [(2, 64, 3, False), (2, 64, 3, True), (3, 128, 2, True), (4, 64,
 
 def _compile_only() -> int:
     """sm_90 compiles of both kernels at every setting, with ptxas's spill report."""
-    import subprocess
-    import tempfile
+    from _sm90 import compile_sm90, print_compile  # tools/_sm90.py
 
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    def build(kernel, descs, ptrs, const):
-        names = kernel.arg_names
-        sig = {nm: native_specialize_impl(BaseBackend, d, False, True, True)[0] for nm, d in descs.items()}
-        sig.update(ptrs)
-        sig.update(H="i32", n="i32", qk_scale="fp32", sm_scale="fp32")
-        sig.update({c: "constexpr" for c in const})
-        src = GluonASTSource(kernel, {nm: sig[nm] for nm in names},
-                             constexprs={(names.index(c),): v for c, v in const.items()})
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-        with tempfile.TemporaryDirectory() as d:
-            open(f"{d}/k.ptx", "w").write(ck.asm["ptx"])
-            r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                               capture_output=True, text=True)
-        spills = [ln.strip() for ln in r.stderr.splitlines() if "spill" in ln]
-        return f"shared {ck.metadata.shared} B, wgmma {ck.asm['ptx'].count('wgmma.mma_async')}, {spills}"
-
+    scalars = dict(LSE="*fp32", DELTA="*fp32", H="i32", n="i32", qk_scale="fp32", sm_scale="fp32")
     for D in (64, 128):
         t = torch.empty(1, 2, 256, D, dtype=torch.bfloat16)
         for dkdv_stages, bn, dq_stages, pingpong in SETTINGS[D]:
-            for name, fn in (
-                ("dkdv", lambda: build(_dkdv_kernel, {"q_desc": _desc(t, 64), "k_desc": _desc(t, 64),
-                                                      "v_desc": _desc(t, 64), "do_desc": _desc(t, 64)},
-                                       dict(LSE="*fp32", DELTA="*fp32", DK="*bf16", DV="*bf16"),
-                                       dict(HEAD_DIM=D, STAGES=dkdv_stages, CAUSAL=True, PINGPONG=pingpong))),
-                ("dq", lambda: build(_dq_kernel, {"q_desc": _desc(t, 64), "do_desc": _desc(t, 64),
-                                                  "k_desc": _desc(t, bn), "v_desc": _desc(t, bn)},
-                                     dict(LSE="*fp32", DELTA="*fp32", DQ="*bf16"),
-                                     dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CAUSAL=True,
-                                          PINGPONG=pingpong))),
-            ):
-                label = f"D={D} {name} dkdv_stages={dkdv_stages} dq_block_n={bn} dq_stages={dq_stages} pp={pingpong}"
-                try:
-                    print(f"{label}: {fn()}")
-                except Exception as e:  # noqa: BLE001
-                    print(f"{label}: {type(e).__name__}: {str(e)[:3000]}")
+            label = f"dkdv_stages={dkdv_stages} dq_block_n={bn} dq_stages={dq_stages} pp={pingpong}"
+            dkdv = dict(q_desc=_desc(t, 64), k_desc=_desc(t, 64), v_desc=_desc(t, 64), do_desc=_desc(t, 64),
+                        DK="*bf16", DV="*bf16", **scalars)
+            print_compile(f"D={D} dkdv {label}", lambda: compile_sm90(
+                _dkdv_kernel, dkdv, dict(HEAD_DIM=D, STAGES=dkdv_stages, CAUSAL=True, PINGPONG=pingpong), 4))
+            dq = dict(q_desc=_desc(t, 64), do_desc=_desc(t, 64), k_desc=_desc(t, bn), v_desc=_desc(t, bn), DQ="*bf16",
+                      **scalars)
+            print_compile(f"D={D} dq {label}", lambda: compile_sm90(
+                _dq_kernel, dq, dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CAUSAL=True, PINGPONG=pingpong), 4))
     return 0
 
 
@@ -327,7 +299,7 @@ def main() -> int:
     args = p.parse_args()
     if args.compile_only:
         return _compile_only()
-    from _rows import bench_ms, error_text, row_writer  # tools/_rows.py
+    from _rows import probe_writer, time_cases  # tools/_rows.py
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -335,9 +307,7 @@ def main() -> int:
     from sparseflash._steps import kernel_config, softmax_delta
     from sparseflash.flash import flash_backward, flash_forward
 
-    doc = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                    "argv": sys.argv}, "rows": []}
-    put = row_writer(doc, args.out)
+    put = probe_writer(args.out)
     hopper.USE_FROM_SEQ_LEN = {}      # lse2 from the Triton forward (the two agree to ~2e-6)
     for D in (64, 128):
         for N in args.seq_lens:
@@ -367,17 +337,11 @@ def main() -> int:
                                                                           parts=("dkdv",), **kw)
                 cases[f"gluon_dq_{tag}"] = lambda kw=kw: gluon_backward(q, k, v, do, lse2, delta, sm_scale,
                                                                         parts=("dq",), **kw)
-            for name, fn in cases.items():
-                row = {"D": D, "N": N, "variant": name}
-                try:
-                    got = fn()
-                    if name.startswith("gluon_s"):
-                        row["max_diff"] = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
-                    row["ms"] = bench_ms(fn, "cuda")
-                    row["tflops"] = flops / row["ms"] / 1e9
-                except Exception as e:  # noqa: BLE001  (a setting that fails is a row, not a stop)
-                    row["error"] = error_text(e)
-                put(row)
+            def check(name, got):   # the whole backward's gradients against ours; the parts unchecked
+                if not name.startswith("gluon_s"):
+                    return {}
+                return {"max_diff": max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))}
+            time_cases(put, {"D": D, "N": N}, cases, flops, check, no_grad=False)
     return 0
 
 

@@ -16,7 +16,6 @@ import argparse
 import sys
 
 import torch
-import triton
 
 from gluon_fwd_probe import gluon_attention
 from sparseflash import hopper
@@ -30,33 +29,18 @@ SETTINGS = {64: [(128, 3, 2, True), (64, 4, 3, True), (64, 6, 3, True), (64, 4, 
 
 def _compile_only() -> int:
     """sm_90 compiles of every setting, causal, bf16, 4-D descriptors (no GPU needed: Triton ships ptxas)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from _sm90 import compile_sm90, print_compile  # tools/_sm90.py
 
-    kernel = hopper._hopper_fwd_kernel
     for D in (64, 128):
         for block_n, stages, warpgroups, pingpong in SETTINGS[D]:
             q = torch.empty(1, 2, 256, D, dtype=torch.bfloat16)
-            sig = {name: native_specialize_impl(BaseBackend, d, False, True, True)[0]
-                   for name, d in zip(("q_desc", "k_desc", "v_desc"), hopper.descriptors(q, q, q, block_n))}
-            sig.update(O="*bf16", LSE="*fp32", H="i32", n_q="i32", n_k="i32", qk_scale="fp32", so_b="i32",
-                       so_h="i32", so_n="i32")
+            args = dict(zip(("q_desc", "k_desc", "v_desc"), hopper.descriptors(q, q, q, block_n)), O="*bf16",
+                        LSE="*fp32", H="i32", n_q="i32", n_k="i32", qk_scale="fp32", so_b="i32", so_h="i32",
+                        so_n="i32")
             const = dict(GROUP=1, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, CAUSAL=True,
                          PINGPONG=pingpong)
-            names = kernel.arg_names
-            sig.update({k: "constexpr" for k in const})
-            src = GluonASTSource(kernel, {n: sig[n] for n in names},
-                                 constexprs={(names.index(k),): v for k, v in const.items()},
-                                 attrs={(names.index("O"),): [["tt.divisibility", 16]]})
-            label = f"D={D} BLOCK_N={block_n} stages={stages} warpgroups={warpgroups} pingpong={pingpong}"
-            try:
-                ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-                ptx = ck.asm["ptx"]
-                print(f"{label}: shared {ck.metadata.shared} B, warps {ck.metadata.num_warps}, "
-                      f"wgmma {ptx.count('wgmma.mma_async')}, wait_group {ptx.count('wgmma.wait_group')}")
-            except Exception as e:  # noqa: BLE001
-                print(f"{label}: {type(e).__name__}: {str(e)[:3000]}")
+            print_compile(f"D={D} BLOCK_N={block_n} stages={stages} warpgroups={warpgroups} pingpong={pingpong}",
+                          lambda: compile_sm90(hopper._hopper_fwd_kernel, args, const, 4, aligned=("O",)))
     return 0
 
 
@@ -68,7 +52,7 @@ def main() -> int:
     args = p.parse_args()
     if args.compile_only:
         return _compile_only()
-    from _rows import bench_ms, error_text, row_writer  # tools/_rows.py
+    from _rows import probe_writer, time_cases  # tools/_rows.py
 
     import sparseflash as sf
     from sparseflash._steps import kernel_config
@@ -83,9 +67,7 @@ def main() -> int:
         finally:
             hopper.USE_FROM_SEQ_LEN = table
 
-    doc = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                    "argv": sys.argv}, "rows": []}
-    put = row_writer(doc, args.out)
+    put = probe_writer(args.out)
     for D in (64, 128):
         for N in args.seq_lens:
             torch.manual_seed(0)
@@ -109,20 +91,14 @@ def main() -> int:
                 cfg = dict(BLOCK_N=block_n, STAGES=stages, WARPGROUPS=warpgroups, PINGPONG=pingpong)
                 cases[f"fa3_n{block_n}_s{stages}_wg{warpgroups}{'_pingpong' if pingpong else ''}"] = (
                     lambda cfg=cfg: hopper.hopper_forward(q, k, v, True, D ** -0.5, cfg))
-            for name, fn in cases.items():
-                row = {"D": D, "N": N, "variant": name}
-                try:
-                    with torch.no_grad():
-                        got = fn()
-                        if isinstance(got, tuple):     # (o, lse2) from the package's kernels
-                            row["lse_diff"] = (got[1] - lse_want).abs().max().item()
-                            got = got[0]
-                        row["max_diff"] = (got.float() - want.float()).abs().max().item()
-                        row["ms"] = bench_ms(fn, "cuda")
-                    row["tflops"] = flops / row["ms"] / 1e9
-                except Exception as e:  # noqa: BLE001  (a setting that fails is a row, not a stop)
-                    row["error"] = error_text(e)
-                put(row)
+            def check(name, got):
+                diffs = {}
+                if isinstance(got, tuple):     # (o, lse2) from the package's kernels
+                    diffs["lse_diff"] = (got[1] - lse_want).abs().max().item()
+                    got = got[0]
+                diffs["max_diff"] = (got.float() - want.float()).abs().max().item()
+                return diffs
+            time_cases(put, {"D": D, "N": N}, cases, flops, check)
     return 0
 
 

@@ -27,7 +27,6 @@ import math
 import sys
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -274,32 +273,17 @@ def gluon_attention(q, k, v, *, block_n=128, stages=2, overlap=False, ws=False, 
 
 def _compile_only() -> int:
     """sm_90 compiles of every setting the probe times (no GPU needed: Triton ships ptxas)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from _sm90 import compile_sm90, print_compile  # tools/_sm90.py
 
     for D in (64, 128):
         for block_n, stages, overlap, ws in SETTINGS[D]:
-            kernel = _gluon_ws_fwd_kernel if ws else _gluon_fwd_kernel
             q = torch.empty(1, 1, 256, D, dtype=torch.bfloat16)
-            descs = _descriptors(q, q, q, block_n)
-            sig = {name: native_specialize_impl(BaseBackend, d, False, True, True)[0]
-                   for name, d in zip(("q_desc", "k_desc", "v_desc"), descs)}
-            sig.update(O="*bf16", n="i32", qk_scale="fp32")
+            args = dict(zip(("q_desc", "k_desc", "v_desc"), _descriptors(q, q, q, block_n)), O="*bf16", n="i32",
+                        qk_scale="fp32")
             const = dict(HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, OVERLAP=overlap, num_warps=8)
-            names = kernel.arg_names
-            sig.update({k: "constexpr" for k in const})
-            src = GluonASTSource(kernel, {n: sig[n] for n in names},
-                                 constexprs={(names.index(k),): v for k, v in const.items()},
-                                 attrs={(names.index("O"),): [["tt.divisibility", 16]]})
-            try:
-                ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
-                ptx = ck.asm["ptx"]
-                print(f"D={D} BLOCK_N={block_n} stages={stages} overlap={overlap} ws={ws}: shared {ck.metadata.shared} B, "
-                      f"wgmma {ptx.count('wgmma.mma_async')}, wait_group {ptx.count('wgmma.wait_group')}")
-            except Exception as e:  # noqa: BLE001
-                print(f"D={D} BLOCK_N={block_n} stages={stages} overlap={overlap} ws={ws}: {type(e).__name__}: "
-                      f"{str(e)[:1500]}")
+            print_compile(f"D={D} BLOCK_N={block_n} stages={stages} overlap={overlap} ws={ws}",
+                          lambda: compile_sm90(_gluon_ws_fwd_kernel if ws else _gluon_fwd_kernel, args, const, 8,
+                                               aligned=("O",)))
     return 0
 
 
@@ -320,14 +304,12 @@ def main() -> int:
     args = p.parse_args()
     if args.compile_only:
         return _compile_only()
-    from _rows import bench_ms, error_text, row_writer  # tools/_rows.py (the script's own folder is on sys.path)
+    from _rows import probe_writer, time_cases  # tools/_rows.py (the script's own folder is on sys.path)
 
     import sparseflash as sf
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    doc = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                    "argv": sys.argv}, "rows": []}
-    put = row_writer(doc, args.out)
+    put = probe_writer(args.out)
     for D in (64, 128):
         for N in (4096, 8192, 16384):
             torch.manual_seed(0)
@@ -348,16 +330,8 @@ def main() -> int:
                 tag = '_ws' if ws else '_overlap' if overlap else ''
                 cases[f"gluon_n{block_n}_s{stages}{tag}"] = (
                     lambda b=block_n, s=stages, o=overlap, w=ws: gluon_attention(q, k, v, block_n=b, stages=s, overlap=o, ws=w))
-            for name, fn in cases.items():
-                row = {"D": D, "N": N, "variant": name}
-                try:
-                    with torch.no_grad():
-                        row["max_diff"] = (fn().float() - want.float()).abs().max().item()
-                        row["ms"] = bench_ms(fn, "cuda")
-                    row["tflops"] = flops / row["ms"] / 1e9
-                except Exception as e:  # noqa: BLE001  (a setting that fails is a row, not a stop)
-                    row["error"] = error_text(e)
-                put(row)
+            time_cases(put, {"D": D, "N": N}, cases, flops,
+                       lambda name, got: {"max_diff": (got.float() - want.float()).abs().max().item()})
     return 0
 
 
