@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import err as rel_err  # relative Frobenius error, NaN refused
 
 from sparseflash import hopper
 from sparseflash import reference as ref
@@ -15,12 +16,6 @@ from sparseflash.flash import flash_attention
 
 bf16, f16 = torch.bfloat16, torch.float16
 TOL = {bf16: 1e-2, f16: 2e-3}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    diff = (got.double() - want.double()).norm().item()
-    norm = want.double().norm().item()
-    return diff / norm if norm > 0 else diff
 
 
 def _lse2_reference(q, k, causal):
