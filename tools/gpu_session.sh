@@ -3,6 +3,10 @@
 stage=$1
 export TRITON_CACHE_DIR=/tmp/tc
 CFGS="sdpa sdpa_cudnn hash16w128 none dense hash16w0 qk0.3"
+# One line a row of a probe's JSON file (tools/_rows.py): D, N, variant, ms, TFLOP/s, its checks, its error.
+probe_rows() {
+  python -c "import json, sys; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), *(r[k] for k in ('max_diff', 'lse_diff') if k in r), r.get('error', '')[:300]) for r in json.load(open(sys.argv[1]))['rows']]" "$1"
+}
 if [ "$stage" = 1 ]; then
   nvidia-smi -L
   timeout 170 python -m pytest -m gpu -q tests/test_train.py -k reduce_overhead -p no:cacheprovider > $OUT/gpu_test.log 2>&1; echo "rc=$?" >> $OUT/gpu_test.log
@@ -363,7 +367,7 @@ if [ "$stage" = 32 ]; then
     T=$2; [ $K = ws ] && T=${3:-120}
     PYTHONPATH=. timeout $T python tools/gluon_fwd_probe.py --kernels $K --out $OUT/gluon_fwd_probe_${K}_$KIND.json > $OUT/gluon_fwd_probe_$K.log 2>&1
     echo "$K rc=$?"
-    python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fwd_probe_${K}_$KIND.json'))['rows']]"
+    probe_rows $OUT/gluon_fwd_probe_${K}_$KIND.json
   done
 fi
 if [ "$stage" = 33 ]; then
@@ -383,7 +387,7 @@ for D in (64, 128):
 " > $OUT/hopper_smoke.log 2>&1; rc=$?; tail -5 $OUT/hopper_smoke.log; [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
   PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "rc=$?"
-  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('lse_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_probe_$KIND.json'))['rows']]"
+  probe_rows $OUT/gluon_fa3_probe_$KIND.json
   timeout ${3:-150} python -m pytest -m gpu -q -n 8 tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_hopper_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
 fi
@@ -394,7 +398,7 @@ if [ "$stage" = 34 ]; then
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --seq-lens 1024 2048 4096 8192 16384 --out $OUT/gluon_fa3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "probe rc=$?"
-  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_probe_$KIND.json'))['rows']]"
+  probe_rows $OUT/gluon_fa3_probe_$KIND.json
   timeout $3 python -m sparseflash.bench --seq-lens 4096 8192 16384 --head-dim 64 128 --modes fwd fwd+bwd --no-check --variants sdpa_flash sdpa_cudnn ours_dense --kernel-time --no-progress --out $OUT/dense_gluon_$KIND.json > $OUT/dense_gluon.log 2>&1
   echo "bench rc=$?"
   python -c "import json; d=json.load(open('$OUT/dense_gluon_$KIND.json')); [print(r['variant'], r['mode'], r['D'], r['seq_len'], round(r['ms'], 4), round(r.get('kernel_ms') or 0, 4), round(r.get('speedup_vs_sdpa_flash') or 0, 3)) for r in d['rows'] if r['status'] == 'ok']"
@@ -415,7 +419,7 @@ for D in (64, 128):
 " > $OUT/hopper_smoke.log 2>&1; rc=$?; tail -5 $OUT/hopper_smoke.log; [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
   PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_wg3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "probe rc=$?"
-  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_wg3_probe_$KIND.json'))['rows']]"
+  probe_rows $OUT/gluon_fa3_wg3_probe_$KIND.json
   timeout $3 python -m pytest -m gpu -q -n 8 tests/test_hopper.py -p no:cacheprovider > $OUT/gpu_tests_hopper_$KIND.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests_hopper_$KIND.log
   grep -v "Warn\|warn" $OUT/gpu_tests_hopper_$KIND.log | grep -E "FAILED|Error|passed|failed|rc=" | head -20
 fi
@@ -429,7 +433,7 @@ if [ "$stage" = 36 ]; then
   [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
   PYTHONPATH=. timeout $2 python tools/gluon_bwd_probe.py --out $OUT/gluon_bwd_probe_$KIND.json > $OUT/gluon_bwd_probe.log 2>&1
   echo "probe rc=$?"
-  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_bwd_probe_$KIND.json'))['rows']]"
+  probe_rows $OUT/gluon_bwd_probe_$KIND.json
 fi
 if [ "$stage" = 37 ]; then
   # One call for the Gluon work left: the Gluon kernel's GPU tests (three consumers and the hopper switch
@@ -443,5 +447,5 @@ if [ "$stage" = 37 ]; then
   bash tools/gpu_session.sh 36 ${2:-200} | grep -v "^GPU"
   PYTHONPATH=. timeout ${3:-130} python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_wg3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "fwd probe rc=$?"
-  python -c "import json; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), r.get('max_diff'), r.get('error', '')[:200]) for r in json.load(open('$OUT/gluon_fa3_wg3_probe_$KIND.json'))['rows']]"
+  probe_rows $OUT/gluon_fa3_wg3_probe_$KIND.json
 fi
