@@ -59,14 +59,7 @@ def main() -> int:
     from sparseflash.flash import flash_forward
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def triton_only(fn):
-        """``fn()`` with the Gluon forward switched off (the Triton kernel at every length)."""
-        table, hopper.USE_FROM_SEQ_LEN = hopper.USE_FROM_SEQ_LEN, {}
-        try:
-            return fn()
-        finally:
-            hopper.USE_FROM_SEQ_LEN = table
-
+    triton_only = {"hopper": 0}     # kernel_options that keep the Triton forward at every length
     put = probe_writer(args.out)
     for D in (64, 128):
         for N in args.seq_lens:
@@ -75,8 +68,8 @@ def main() -> int:
             flops = 2 * 2 * 12 * N * N * D   # causal: half of 4·N²·D per head
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            lse_want = triton_only(lambda: flash_forward(q, k, v, True, D ** -0.5, kernel_config(D, q.device, dense=True, seq_len=N,
-                                                                            dtype=q.dtype))[1])
+            lse_want = flash_forward(q, k, v, True, D ** -0.5, kernel_config(D, q.device, triton_only, dense=True,
+                                                                            seq_len=N, dtype=q.dtype))[1]
 
             def sdpa(backend):
                 def run():
@@ -84,7 +77,7 @@ def main() -> int:
                         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
                 return run
             cases = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-                     "ours_triton": lambda: triton_only(lambda: sf.flash_attention(q, k, v, causal=True)),
+                     "ours_triton": lambda: sf.flash_attention(q, k, v, causal=True, kernel_options=triton_only),
                      "ours_dense": lambda: sf.flash_attention(q, k, v, causal=True),   # the package's choice
                      "gluon_fa2_n128_s2": lambda: gluon_attention(q, k, v, block_n=128, stages=2)}
             for block_n, stages, warpgroups, pingpong in SETTINGS[D]:

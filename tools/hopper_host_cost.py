@@ -26,10 +26,8 @@ def per_call_us(fn, reps=300):
 
 
 q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
-cfg = kernel_config(128, q.device, dense=True, seq_len=256, dtype=q.dtype)
-table, hopper.USE_FROM_SEQ_LEN = hopper.USE_FROM_SEQ_LEN, {}
+cfg = kernel_config(128, q.device, dense=True, seq_len=256, dtype=q.dtype)   # 256: below every USE_FROM_SEQ_LEN
 print("triton flash_forward", round(per_call_us(lambda: flash_forward(q, q, q, True, 0.1, cfg)), 1), "us")
-hopper.USE_FROM_SEQ_LEN = table
 print("hopper_forward", round(per_call_us(lambda: hopper.hopper_forward(q, q, q, True, 0.1)), 1), "us")
 print("descriptors x3", round(per_call_us(lambda: hopper.descriptors(q, q, q, 128)), 1), "us")
 print("usable", round(per_call_us(lambda: hopper.usable(q, q, q, force=True)), 1), "us")
