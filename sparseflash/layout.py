@@ -130,8 +130,12 @@ class Layout:
     """Where each token of one side (queries or keys) sits, per (batch, head): ``H`` is the
     query heads for the query side, the kv heads for the key side (grouped-query attention).
 
-    Attributes (``L = layout_length(N, ids, block)`` slots, ``ids`` the id range
-    ``[0, ids)`` it was built for):
+    Stored as two int32 buffers, so that a kernel takes each side in one argument:
+    ``slots`` ``(3, B, H, L)`` holds ``index``, ``pos``, ``bucket`` (``L = layout_length(N,
+    ids, block)`` slots, ``ids`` the id range ``[0, ids)`` it was built for) and ``tables``
+    ``(2, B, H, n_buckets)`` holds ``start``, ``count`` (None where only the slots were kept).
+    The fields, views of them:
+
         index: int32 ``(B, H, L)``: the token in each slot; ``N`` for a padding slot.
         pos: int32 ``(B, H, L)``: that token's position (the causal coordinate);
             :data:`Q_PAD` or :data:`K_PAD` (the side's padding) for padding and dropped tokens.
@@ -140,23 +144,42 @@ class Layout:
         start: int32 ``(B, H, n_buckets)``: first slot of each run (a multiple of
             ``block``); count: int32 ``(B, H, n_buckets)``: tokens in it.  Runs of buckets
             are padded to whole tiles; the overflow run is not.
+
+    Attributes:
         n_buckets: the runs, ``ids + 1`` with ``overflow`` (the last is the overflow run).
         block: as built.
         overflow: whether the last run is the overflow run (ids outside ``[0, ids)``).
     """
 
-    index: Tensor
-    pos: Tensor
-    bucket: Tensor
-    start: Tensor
-    count: Tensor
+    slots: Tensor
+    tables: Tensor | None
     n_buckets: int
     block: int
     overflow: bool = False
 
     @property
+    def index(self) -> Tensor:
+        return self.slots[0]
+
+    @property
+    def pos(self) -> Tensor:
+        return self.slots[1]
+
+    @property
+    def bucket(self) -> Tensor:
+        return self.slots[2]
+
+    @property
+    def start(self) -> Tensor | None:
+        return None if self.tables is None else self.tables[0]
+
+    @property
+    def count(self) -> Tensor | None:
+        return None if self.tables is None else self.tables[1]
+
+    @property
     def n_slots(self) -> int:
-        return self.index.shape[-1]
+        return self.slots.shape[-1]
 
     @property
     def n_tiles(self) -> int:
@@ -227,8 +250,8 @@ def reference_layout(shape, *, buckets: Tensor | None = None, keep: Tensor | Non
     b_sorted = torch.where(key_sorted < runs, key_sorted, -1)
     spos = torch.full((B, H, L), pad, dtype=torch.long, device=device).scatter_(-1, slot, p_sorted)
     sbucket = torch.full((B, H, L), -1, dtype=torch.long, device=device).scatter_(-1, slot, b_sorted)
-    return Layout(index.int(), spos.int(), sbucket.int(), run_start[..., :runs].int().contiguous(),
-                  counts[..., :runs].int().contiguous(), runs, block, bool(overflow))
+    tables = torch.stack([run_start[..., :runs], counts[..., :runs]])
+    return Layout(torch.stack([index, spos, sbucket]).int(), tables.int(), runs, block, bool(overflow))
 
 
 @triton.jit
@@ -273,6 +296,25 @@ def _side_args(QX, KX, side, q_off, k_off):
 
 
 @triton.jit
+def field_row(BUF, field, n_rows, row, length):
+    """Row ``row`` of field ``field`` in a buffer ``(fields, n_rows, length)``: how the kernels
+    read a :class:`Layout`'s ``slots`` (index, pos, bucket) and ``tables`` (start, count) and
+    a :class:`~sparseflash.plan.TilePlan`'s runs, each passed as one pointer."""
+    return BUF + (field * n_rows + row) * length
+
+
+@triton.jit
+def _side_field(QBUF, KBUF, side, field, bh, q_length, k_length, GROUP: tl.constexpr):
+    """Head ``bh``'s row of field ``field`` of the query side's buffer (axis 2 = 0; ``B·Hq``
+    heads, the grid's axis 1) or the key side's (``B·Hq / GROUP`` heads)."""
+    heads = tl.num_programs(1).to(tl.int64)
+    if side == 0:
+        return field_row(QBUF, field, heads, bh, q_length)
+    else:
+        return field_row(KBUF, field, heads // GROUP, bh, k_length)
+
+
+@triton.jit
 def _idle_key_program(bh, side, GROUP: tl.constexpr):
     """Whether a program of the layout kernels has no head: the grid spans the ``B·Hq``
     query heads, and the key side (axis 2 = 1) has only ``B·Hq / GROUP``."""
@@ -280,13 +322,15 @@ def _idle_key_program(bh, side, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, COUNTS, DROPS, OVERS,
-                  n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, fill, q_shift,
+def _count_kernel(QB, QKEEP, KB, KKEEP, QSLOTS, KSLOTS, COUNTS, n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks,
+                  fill, q_shift,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, OVERFLOW: tl.constexpr, NB: tl.constexpr,
                   CHUNK: tl.constexpr, GROUP: tl.constexpr):
     """Grid ``(chunks, B·Hq, 2)``, axis 2 the side: pad this chunk's share of the slots,
     and count this chunk's tokens per bucket, dropped and (``OVERFLOW``) in the overflow
-    run (the first pass of a counting sort).  The key side has ``Hkv = Hq / GROUP`` heads."""
+    run (the first pass of a counting sort).  The key side has ``Hkv = Hq / GROUP`` heads.
+    ``COUNTS`` holds the counts per bucket lane ``(B·Hq, 2, chunks, NB)``, then the dropped
+    ``(B·Hq, 2, chunks)``, then the overflow run's."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
@@ -296,9 +340,9 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, 
     n = tl.where(side == 0, n_q, n_k)
     n_slots = tl.where(side == 0, n_q_slots, n_k_slots)
     pad = tl.where(side == 0, -1, 2147483647)
-    INDEX = _side_args(QINDEX, KINDEX, side, bh * n_q_slots, bh * n_k_slots)
-    SPOS = _side_args(QSPOS, KSPOS, side, bh * n_q_slots, bh * n_k_slots)
-    SB = _side_args(QSB, KSB, side, bh * n_q_slots, bh * n_k_slots)
+    INDEX = _side_field(QSLOTS, KSLOTS, side, 0, bh, n_q_slots, n_k_slots, GROUP)
+    SPOS = _side_field(QSLOTS, KSLOTS, side, 1, bh, n_q_slots, n_k_slots, GROUP)
+    SB = _side_field(QSLOTS, KSLOTS, side, 2, bh, n_q_slots, n_k_slots, GROUP)
     for s0 in range(c * fill, (c + 1) * fill, CHUNK):
         s = s0 + tl.arange(0, CHUNK)
         live = (s < n_slots) & (s < (c + 1) * fill)
@@ -309,15 +353,16 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB, 
                           OVERFLOW, CHUNK)
     ids = tl.arange(0, NB)
     row = (bh * 2 + side) * n_chunks + c
+    DROPS = COUNTS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks * NB
     tl.store(COUNTS + row * NB + ids, tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0))
     tl.store(DROPS + row, tl.sum(((b == -1) & (t < n)).to(tl.int32), 0))
     if OVERFLOW:
+        OVERS = DROPS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks
         tl.store(OVERS + row, tl.sum((b == -2).to(tl.int32), 0))
 
 
 @triton.jit
-def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KINDEX, KSPOS, KSB,
-                  QSTART, QCOUNT, KSTART, KCOUNT, COUNTS, DROPS, OVERS,
+def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, KTAB, COUNTS,
                   n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, q_shift,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr, OVERFLOW: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
@@ -342,6 +387,7 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     ids = tl.arange(0, NB)
     chunks = tl.arange(0, N_CHUNKS)
     rows = (bh * 2 + side) * n_chunks + chunks
+    DROPS = COUNTS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks * NB
     counts = tl.load(COUNTS + rows[:, None] * NB + ids[None, :], mask=chunks[:, None] < n_chunks, other=0)
     total = tl.sum(counts, 0)
     seen = tl.sum(tl.where(chunks[:, None] < c, counts, 0), 0)
@@ -351,8 +397,8 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     starts = tl.cumsum(aligned, 0) - aligned
     n_aligned = tl.sum(aligned, 0)
     if c == 0:
-        tl.store(_side_args(QSTART, KSTART, side, bh * n_runs, bh * n_runs) + ids, starts, mask=ids < n_buckets)
-        tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_runs, bh * n_runs) + ids, total, mask=ids < n_buckets)
+        tl.store(_side_field(QTAB, KTAB, side, 0, bh, n_runs, n_runs, GROUP) + ids, starts, mask=ids < n_buckets)
+        tl.store(_side_field(QTAB, KTAB, side, 1, bh, n_runs, n_runs, GROUP) + ids, total, mask=ids < n_buckets)
     t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift, HAS_BUCKET, HAS_KEEP,
                           OVERFLOW, CHUNK)
     onehot = (b[:, None] == ids[None, :]).to(tl.int32)
@@ -362,12 +408,13 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
     if OVERFLOW:
         # The overflow run starts where the buckets' runs end (on a tile boundary); the dropped
         # tokens follow it directly.
+        OVERS = DROPS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks
         overs = tl.load(OVERS + rows, mask=chunks < n_chunks, other=0)
         n_over = tl.sum(overs, 0)
         over = (b == -2).to(tl.int32)
         if c == 0:
-            tl.store(_side_args(QSTART, KSTART, side, bh * n_runs, bh * n_runs) + n_buckets, n_aligned)
-            tl.store(_side_args(QCOUNT, KCOUNT, side, bh * n_runs, bh * n_runs) + n_buckets, n_over)
+            tl.store(_side_field(QTAB, KTAB, side, 0, bh, n_runs, n_runs, GROUP) + n_buckets, n_aligned)
+            tl.store(_side_field(QTAB, KTAB, side, 1, bh, n_runs, n_runs, GROUP) + n_buckets, n_over)
         over_slot = n_aligned + tl.sum(tl.where(chunks < c, overs, 0), 0) + tl.cumsum(over, 0) - over
         slot = tl.where(b == -2, over_slot, slot)
         n_aligned += n_over
@@ -376,10 +423,11 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QINDEX, QSPOS, QSB, KI
         p = tl.load(_side_args(QPOS_IN, KPOS_IN, side, bh * n_q, bh * n_k) + t, mask=t < n, other=0)
     else:
         p = tl.where(side == 0, t - q_shift, t)
-    slot_off = tl.where(side == 0, bh * n_q_slots, bh * n_k_slots)
-    tl.store(_side_args(QINDEX, KINDEX, side, slot_off, slot_off) + slot, t, mask=t < n)
-    tl.store(_side_args(QSPOS, KSPOS, side, slot_off, slot_off) + slot, tl.where(b != -1, p, pad), mask=t < n)
-    tl.store(_side_args(QSB, KSB, side, slot_off, slot_off) + slot, tl.where(b == -2, n_buckets, b), mask=t < n)
+    tl.store(_side_field(QSLOTS, KSLOTS, side, 0, bh, n_q_slots, n_k_slots, GROUP) + slot, t, mask=t < n)
+    tl.store(_side_field(QSLOTS, KSLOTS, side, 1, bh, n_q_slots, n_k_slots, GROUP) + slot, tl.where(b != -1, p, pad),
+             mask=t < n)
+    tl.store(_side_field(QSLOTS, KSLOTS, side, 2, bh, n_q_slots, n_k_slots, GROUP) + slot,
+             tl.where(b == -2, n_buckets, b), mask=t < n)
 
 
 #: Largest bucket count the counting-sort kernels take; more buckets use the sort.
@@ -438,36 +486,34 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     nb, chunk, n_chunks = chunking
     n_runs = n_buckets + overflow
     Lq, Lk = layout_length(N, n_buckets, block_m), layout_length(n_k, n_buckets, block_n)
-    i32 = dict(dtype=torch.int32, device=device)
-    # Each side's (index, pos, bucket) and (start, count) are views of one buffer, split once
-    # here: an eager call's host time is mostly such Python steps (tools/launch_cost.py).
-    q_side = torch.empty((3, B, H, Lq), **i32).unbind(0)
-    k_side = torch.empty((3, B, k_heads, Lk), **i32).unbind(0)
-    runs = torch.empty((2 * B * (H + k_heads) * n_runs,), **i32)  # each side's start and count
-    q_runs = runs[: 2 * B * H * n_runs].view(2, B, H, n_runs).unbind(0)
-    k_runs = runs[2 * B * H * n_runs:].view(2, B, k_heads, n_runs).unbind(0)
-    rows = B * H * 2 * n_chunks
-    counts = torch.empty((rows * (nb + 1 + overflow),), **i32)
-    per_chunk, drops, overs = counts[: rows * nb], counts[rows * nb: rows * (nb + 1)], counts[rows * (nb + 1):]
+    # One buffer per side and per table, each passed whole: the kernels find the fields (index,
+    # pos, bucket; start, count) themselves, since every view made here would cost the host
+    # about what a small launch's arguments do (an eager call's host time is mostly such
+    # steps: tools/host_stub.py).
+    i32 = torch.int32
+    q_slots = torch.empty((3, B, H, Lq), dtype=i32, device=device)
+    k_slots = torch.empty((3, B, k_heads, Lk), dtype=i32, device=device)
+    q_tab = torch.empty((2, B, H, n_runs), dtype=i32, device=device)
+    k_tab = torch.empty((2, B, k_heads, n_runs), dtype=i32, device=device)
+    # Per (head, side, chunk): a count per bucket lane, then the dropped, then the overflow run's.
+    counts = torch.empty((B * H * 2 * n_chunks * (nb + 2),), dtype=i32, device=device)
 
     def arg(t):  # absent inputs pass a stand-in the kernels never read
-        return runs if t is None else t.contiguous()
+        return counts if t is None else t.contiguous()
 
     # One program per (chunk, batch and query head, side); with fewer kv heads the key
     # side's surplus programs return at once.
     flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, OVERFLOW=overflow, NB=nb, CHUNK=chunk,
                  GROUP=group)
     grid = (n_chunks, B * H, 2)
-    overs = overs if overflow else drops  # a stand-in without the overflow run
-    _count_kernel[grid](arg(q_buckets), arg(q_keep), arg(k_buckets), arg(k_keep), *q_side, *k_side, per_chunk, drops,
-                        overs, N, n_k, Lq, Lk, n_buckets, n_chunks, -(-max(Lq, Lk) // n_chunks), q_shift, **flags,
-                        num_warps=4)
-    _place_kernel[grid](arg(q_buckets), arg(q_keep), arg(q_pos), arg(k_buckets), arg(k_keep), arg(k_pos),
-                        *q_side, *k_side, *q_runs, *k_runs, per_chunk, drops, overs, N, n_k, Lq, Lk, n_buckets,
-                        n_chunks, q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+    qb, kb, qk, kk = arg(q_buckets), arg(k_buckets), arg(q_keep), arg(k_keep)
+    _count_kernel[grid](qb, qk, kb, kk, q_slots, k_slots, counts, N, n_k, Lq, Lk, n_buckets, n_chunks,
+                        -(-max(Lq, Lk) // n_chunks), q_shift, **flags, num_warps=4)
+    _place_kernel[grid](qb, qk, arg(q_pos), kb, kk, arg(k_pos), q_slots, k_slots, q_tab, k_tab, counts, N, n_k, Lq, Lk,
+                        n_buckets, n_chunks, q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         N_CHUNKS=_runtime.next_power_of_2(n_chunks), **flags, num_warps=4)
-    return (Layout(*q_side, *q_runs, n_runs, block_m, overflow),
-            Layout(*k_side, *k_runs, n_runs, block_n, overflow))
+    return (Layout(q_slots, q_tab, n_runs, block_m, overflow),
+            Layout(k_slots, k_tab, n_runs, block_n, overflow))
 
 
 def dense_bucket_ids(q_buckets: Tensor, k_buckets: Tensor, n_buckets: int | None = None, *,

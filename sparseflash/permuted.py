@@ -75,6 +75,7 @@ from .layout import (  # noqa: F401  (re-exported for existing imports)
     bucket_sort_layout,
     compact_layout,
     dense_bucket_ids,
+    field_row,
     gather_tokens,
     scatter_tokens,
 )
@@ -182,7 +183,7 @@ def _dq_tile(dq, q, do, lse2, delta, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB,
 
 @triton.jit
 def _layout_fwd_kernel(
-    Q, K, V, O, LSE, QIDX, QPOS, KIDX, KPOS, QLAB, KLAB, QRUNS, REC,
+    Q, K, V, O, LSE, QSLOTS, KSLOTS, QLAB, KLAB, RUNS, REC,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -191,14 +192,17 @@ def _layout_fwd_kernel(
     """Program ``(q_tile, b·H + h)``: query tile ``q_tile`` of query head ``h``'s layout,
     over the key tiles of its run in kv head ``h // GROUP``'s key layout.  ``LABELS``: the
     masked tiles also require equal ids, read from ``QLAB`` ``(B, H, n_q)`` and ``KLAB``
-    ``(B, Hkv, n_k)`` (contiguous, any integer dtype) in token order."""
+    ``(B, Hkv, n_k)`` (contiguous, any integer dtype) in token order.  ``QSLOTS``, ``KSLOTS``:
+    the layouts' slots ``(3, B·H, ·)``; ``RUNS``: the tile plan's runs."""
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
+    heads = tl.num_programs(1).to(tl.int64)
+    QIDX = field_row(QSLOTS, 0, heads, bh64, n_q_slots)
     # A tile that starts with padding is padding throughout (every run's tiles start with a
     # token): nothing to compute or store.  The layout's static length leaves many such
     # tiles where most runs are empty (hash attention's default budget of ids, say).
-    if tl.load(QIDX + bh64 * n_q_slots + q_tile * BLOCK_M) >= n_q:
+    if tl.load(QIDX + q_tile * BLOCK_M) >= n_q:
         return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -207,10 +211,9 @@ def _layout_fwd_kernel(
     K += b * sk_b + hk * sk_h
     V += b * sv_b + hk * sv_h
     O += b * so_b + h * so_h
-    QIDX += bh64 * n_q_slots
-    QPOS += bh64 * n_q_slots
-    KIDX += kv_head(bh64, GROUP) * n_k_slots
-    KPOS += kv_head(bh64, GROUP) * n_k_slots
+    QPOS = field_row(QSLOTS, 1, heads, bh64, n_q_slots)
+    KIDX = field_row(KSLOTS, 0, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
+    KPOS = field_row(KSLOTS, 1, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
     QLAB += bh64 * n_q
     KLAB += kv_head(bh64, GROUP) * n_k
     n_q_tiles = n_q_slots // BLOCK_M
@@ -224,7 +227,7 @@ def _layout_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    run = QRUNS + (bh64 * n_q_tiles + q_tile) * 3
+    run = RUNS + (bh64 * n_q_tiles + q_tile) * 3
     lo = tl.load(run)
     full = tl.load(run + 1)
     hi = tl.load(run + 2)
@@ -245,7 +248,7 @@ def _layout_fwd_kernel(
 
 @triton.jit
 def _layout_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QIDX, QPOS, KIDX, KPOS, QLAB, KLAB, QRUNS, KRUNS, REC_KV, REC_Q,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QSLOTS, KSLOTS, QLAB, KLAB, RUNS, REC_KV, REC_Q,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
     H, n_q, n_k, n_q_slots, n_k_slots, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -258,16 +261,24 @@ def _layout_bwd_kernel(
 
     With ``GROUP > 1``, dK and dV sum over the group's query heads, as in the dense
     backward: the owning program (:func:`owns_kv_tile`) walks each head's run of query
-    tiles (``KRUNS`` of that head), accumulating in float32.  ``LABELS``: as in the forward.
+    tiles (``KRUNS`` of that head), accumulating in float32.  ``LABELS``, ``QSLOTS``, ``KSLOTS``:
+    as in the forward; ``RUNS``: the tile plan's runs (``QRUNS``, then ``KRUNS``).
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
+    heads = tl.num_programs(1).to(tl.int64)
     n_q_tiles = n_q_slots // BLOCK_M
     n_k_tiles = n_k_slots // BLOCK_N
+    QIDX = field_row(QSLOTS, 0, heads, bh64, n_q_slots)
+    QPOS = field_row(QSLOTS, 1, heads, bh64, n_q_slots)
+    KIDX = field_row(KSLOTS, 0, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
+    KPOS = field_row(KSLOTS, 1, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
+    QRUNS = RUNS
+    KRUNS = RUNS + heads * n_q_tiles * 3
     # Tiles of padding only (the first slot says: see the forward) have no gradient rows.
-    k_first = tl.load(KIDX + kv_head(bh64, GROUP) * n_k_slots + tile * BLOCK_N, mask=tile < n_k_tiles, other=n_k)
-    q_first = tl.load(QIDX + bh64 * n_q_slots + tile * BLOCK_M, mask=tile < n_q_tiles, other=n_q)
+    k_first = tl.load(KIDX + tile * BLOCK_N, mask=tile < n_k_tiles, other=n_k)
+    q_first = tl.load(QIDX + tile * BLOCK_M, mask=tile < n_q_tiles, other=n_q)
     if (k_first >= n_k) & (q_first >= n_q):
         return
     b = (bh // H).to(tl.int64)
@@ -279,10 +290,6 @@ def _layout_bwd_kernel(
     DO += b * sdo_b + h * sdo_h
     LSE += bh64 * n_q
     DELTA += bh64 * n_q
-    QIDX += bh64 * n_q_slots
-    QPOS += bh64 * n_q_slots
-    KIDX += kv_head(bh64, GROUP) * n_k_slots
-    KPOS += kv_head(bh64, GROUP) * n_k_slots
     QLAB += bh64 * n_q
     KLAB += kv_head(bh64, GROUP) * n_k
     DQ += bh64 * n_q * HEAD_DIM
@@ -358,7 +365,7 @@ class LayoutPlan:
     def label_args(self) -> tuple:
         """The kernels' ``QLAB, KLAB`` pointers and ``LABELS`` flag (stand-ins without labels)."""
         if self.q_labels is None:
-            return self.q.index, self.k.index, False
+            return self.q.slots, self.k.slots, False
         return self.q_labels, self.k_labels, True
 
 
@@ -379,7 +386,7 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     (rec,) = record_buffers(record, ["fwd"], (B, H, n_qt, n_kt), q.device, lse2)
     q_lab, k_lab, labels = plan.label_args()
     _layout_fwd_kernel[(n_qt, B * H)](
-        q, k, v, o, lse2, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos, q_lab, k_lab, plan.tiles.q_runs, rec,
+        q, k, v, o, lse2, plan.q.slots, plan.k.slots, q_lab, k_lab, plan.tiles.runs, rec,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E,
@@ -406,8 +413,7 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
     rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
     q_lab, k_lab, labels = plan.label_args()
     _layout_bwd_kernel[(max(n_qt, n_kt), B * H)](
-        q, k, v, do, lse2, delta, dq, dk, dv, plan.q.index, plan.q.pos, plan.k.index, plan.k.pos, q_lab, k_lab,
-        plan.tiles.q_runs, plan.tiles.k_runs, rec_kv, rec_q,
+        q, k, v, do, lse2, delta, dq, dk, dv, plan.q.slots, plan.k.slots, q_lab, k_lab, plan.tiles.runs, rec_kv, rec_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E, sm_scale,
@@ -421,20 +427,8 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
 # --------------------------------------------------------------------------------------
 # Registered ops (see ops.py): the layout-and-plan op, and the attention op pair
 # --------------------------------------------------------------------------------------
-# An op may not return tensors that share memory, and the layout kernels write each
-# side's index, position and bucket into one buffer (and both tile plans into another),
-# so the ops pass those buffers whole, flat, and the kernels' side takes views again.
-
-
-def _packed(parts: list[Tensor]) -> Tensor:
-    """The flat buffer holding ``parts`` back to back (one copy if they are not)."""
-    base = parts[0]._base
-    if (base is not None and base.is_contiguous() and all(p._base is base for p in parts)
-            and sum(p.numel() for p in parts) == base.numel()
-            and all(p.is_contiguous() and p.data_ptr() == base.data_ptr() + i * p.numel() * p.element_size()
-                    for i, p in enumerate(parts))):
-        return base.view(-1)
-    return torch.cat([p.reshape(-1) for p in parts])
+# The layout-and-plan op returns each side's slots and the tile plan's runs flat (three
+# buffers, as the kernels take them); the attention op's side views them again.
 
 
 def _plan_sizes(B, Hq, n_q, Hkv, n_k, n_buckets, block_m, block_n):
@@ -450,9 +444,7 @@ def _bucket_plan(q_buckets, k_buckets, q_keep, k_keep, q_pos, k_pos, B, Hq, n_q,
     ql, kl = bucket_layouts((B, Hq, n_q), q_buckets=q_buckets, k_buckets=k_buckets, q_keep=q_keep, k_keep=k_keep,
                             q_pos=q_pos, k_pos=k_pos, n_buckets=n_buckets, block_m=block_m, block_n=block_n,
                             n_k=n_k, k_heads=Hkv, q_shift=q_shift, overflow=overflow, device=given[0].device)
-    tiles = tile_plan(ql, kl)
-    return (_packed([ql.index, ql.pos, ql.bucket]), _packed([kl.index, kl.pos, kl.bucket]),
-            _packed([tiles.q_runs, tiles.k_runs]))
+    return ql.slots.view(-1), kl.slots.view(-1), tile_plan(ql, kl).runs
 
 
 _bucket_plan_op = define_op("bucket_plan", (
@@ -475,15 +467,12 @@ def _unpack_plan(q: Tensor, k: Tensor, q_slots: Tensor, k_slots: Tensor, runs: T
     """A :class:`LayoutPlan` viewing the flat buffers of :func:`_bucket_plan_op`
     (only the fields the attention kernels read; ``n_buckets``: the layouts' runs)."""
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
-    qi, qp, qb = q_slots.view(3, B, Hq, -1).unbind(0)
-    ki, kp, kb = k_slots.view(3, B, Hkv, -1).unbind(0)
-    n_qt, n_kt = qi.shape[-1] // block_m, ki.shape[-1] // block_n
-    q_runs = runs[: B * Hq * n_qt * 3].view(B, Hq, n_qt, 3)
-    k_runs = runs[B * Hq * n_qt * 3:].view(B, -1, n_kt, 3)
+    q_slots, k_slots = q_slots.view(3, B, Hq, -1), k_slots.view(3, B, Hkv, -1)
+    shape = (B, Hq, q_slots.shape[-1] // block_m, k_slots.shape[-1] // block_n)
     overflow = q_labels is not None
-    return LayoutPlan(Layout(qi, qp, qb, None, None, n_buckets, block_m, overflow),
-                      Layout(ki, kp, kb, None, None, n_buckets, block_n, overflow),
-                      TilePlan(q_runs, k_runs, block_m, block_n), q_labels, k_labels)
+    return LayoutPlan(Layout(q_slots, None, n_buckets, block_m, overflow),
+                      Layout(k_slots, None, n_buckets, block_n, overflow),
+                      TilePlan(runs, shape, block_m, block_n), q_labels, k_labels)
 
 
 def _layout_forward_op(q, k, v, q_slots, k_slots, runs, q_labels, k_labels, n_buckets, sm_scale, cfg, window,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _runtime  # (first: may turn on Triton's interpreter)
 from ._steps import kv_head
-from .layout import INT32_MAX, PAD, Layout, _group
+from .layout import INT32_MAX, PAD, Layout, _group, field_row
 
 
 # --------------------------------------------------------------------------------------
@@ -145,12 +145,32 @@ class TilePlan:
     as in any run, but no tile is mask-free (query tile: ``full = lo``; key tile:
     ``full = hi``).  So "visited" there means "holds a causal pair", not "holds an allowed
     pair": ids outside the fast range cost about dense attention among themselves.
+
+    Stored as one flat int32 buffer ``runs``, the query tiles' runs then the key tiles', so that
+    a kernel takes the plan in one argument; ``q_runs`` and ``k_runs`` are views of it.
     """
 
-    q_runs: Tensor
-    k_runs: Tensor
+    runs: Tensor
+    shape: tuple[int, int, int, int]  #: ``(B, H, n_q_tiles, n_k_tiles)``
     block_m: int
     block_n: int
+
+    @classmethod
+    def of(cls, q_runs: Tensor, k_runs: Tensor, block_m: int, block_n: int) -> "TilePlan":
+        """The plan holding ``q_runs`` ``(B, H, n_q_tiles, 3)`` and ``k_runs`` ``(B, H, n_k_tiles, 3)``."""
+        B, H, n_qt, _ = q_runs.shape
+        runs = torch.cat([q_runs.reshape(-1), k_runs.reshape(-1)]).int()
+        return cls(runs, (B, H, n_qt, k_runs.shape[-2]), block_m, block_n)
+
+    @property
+    def q_runs(self) -> Tensor:
+        B, H, n_qt, _ = self.shape
+        return self.runs[: B * H * n_qt * 3].view(B, H, n_qt, 3)
+
+    @property
+    def k_runs(self) -> Tensor:
+        B, H, n_qt, n_kt = self.shape
+        return self.runs[B * H * n_qt * 3:].view(B, H, n_kt, 3)
 
     def visited(self) -> Tensor:
         """bool ``(B, H, n_q_tiles, n_k_tiles)``: the pairs the forward computes."""
@@ -208,25 +228,27 @@ def _store_run(OUT, lo, full, hi, live):
 
 
 @triton.jit
-def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KRUNS,
-                 n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets, overflow_run,
+def _plan_kernel(QSLOTS, QTAB, KSLOTS, KTAB, RUNS, n_q_slots, n_k_slots, n_q_tiles, n_k_tiles, n_buckets, overflow_run,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr,
                  GROUP: tl.constexpr):
     """Grid ``(tile chunks, B·Hq, 2)``: axis 2 picks the query tiles' runs (0) or the key
     tiles' runs (1); each lane finds its tile's bucket run and searches it twice.  Query
     head ``h`` meets the key layout of kv head ``h // GROUP``.  ``n_buckets`` runs per head;
-    ``overflow_run``: the overflow run's index (-1: none), whose tiles are all masked."""
+    ``overflow_run``: the overflow run's index (-1: none), whose tiles are all masked.
+    Each side's ``SLOTS`` and ``TAB`` are a :class:`~sparseflash.layout.Layout`'s buffers,
+    ``RUNS`` the :class:`TilePlan`'s (the query tiles' runs, then the key tiles')."""
     bh = tl.program_id(1).to(tl.int64)
     bhk = kv_head(bh, GROUP)
+    heads = tl.num_programs(1).to(tl.int64)
     t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    QPOS += bh * n_q_slots
-    QSB += bh * n_q_slots
-    KPOS += bhk * n_k_slots
-    KSB += bhk * n_k_slots
-    QSTART += bh * n_buckets
-    QCOUNT += bh * n_buckets
-    KSTART += bhk * n_buckets
-    KCOUNT += bhk * n_buckets
+    QPOS = field_row(QSLOTS, 1, heads, bh, n_q_slots)
+    QSB = field_row(QSLOTS, 2, heads, bh, n_q_slots)
+    KPOS = field_row(KSLOTS, 1, heads // GROUP, bhk, n_k_slots)
+    KSB = field_row(KSLOTS, 2, heads // GROUP, bhk, n_k_slots)
+    QSTART = field_row(QTAB, 0, heads, bh, n_buckets)
+    QCOUNT = field_row(QTAB, 1, heads, bh, n_buckets)
+    KSTART = field_row(KTAB, 0, heads // GROUP, bhk, n_buckets)
+    KCOUNT = field_row(KTAB, 1, heads // GROUP, bhk, n_buckets)
     if tl.program_id(2) == 0:
         live, real, bb, qmin, qmax = _tile_span(QSB, QPOS, QSTART, QCOUNT, t, n_q_tiles, BLOCK_M)
         ks, ke, _, _ = _bucket_tiles(KSTART, KCOUNT, bb, real, BLOCK_N)
@@ -236,7 +258,7 @@ def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KR
         full = _first_true(ks, hi, KPOS, BLOCK_N, BLOCK_N - 1, qmin, n_k_slots - 1, False, STEPS)
         # The overflow run mixes ids: every tile there needs the id test of the mask.
         full = tl.where(real & (bb == overflow_run), ks, full)
-        _store_run(QRUNS + (bh * n_q_tiles + t) * 3, ks, full, hi, live)
+        _store_run(RUNS + (bh * n_q_tiles + t) * 3, ks, full, hi, live)
     else:
         live, real, bb, kmin, kmax = _tile_span(KSB, KPOS, KSTART, KCOUNT, t, n_k_tiles, BLOCK_N)
         qs, qe, q_start, q_count = _bucket_tiles(QSTART, QCOUNT, bb, real, BLOCK_M)
@@ -244,7 +266,7 @@ def _plan_kernel(QPOS, QSB, QSTART, QCOUNT, KPOS, KSB, KSTART, KCOUNT, QRUNS, KR
         lo = _first_true(qs, qe, QPOS, BLOCK_M, BLOCK_M - 1, kmin, q_start + q_count - 1, True, STEPS)
         full = _first_true(lo, qe, QPOS, BLOCK_M, 0, kmax, n_q_slots - 1, True, STEPS)
         full = tl.where(real & (bb == overflow_run), qe, full)
-        _store_run(KRUNS + (bh * n_k_tiles + t) * 3, lo, full, qe, live)
+        _store_run(RUNS + (heads * n_q_tiles + bh * n_k_tiles + t) * 3, lo, full, qe, live)
 
 
 def _check_same_runs(q_layout: Layout, k_layout: Layout) -> None:
@@ -261,22 +283,19 @@ def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     runs, both with or both without the overflow run).
     """
     _check_same_runs(q_layout, k_layout)
-    B, H, Lq = q_layout.index.shape
+    _, B, H, Lq = q_layout.slots.shape
     Lk = k_layout.n_slots
-    group = _group(H, k_layout.index.shape[1])
+    group = _group(H, k_layout.slots.shape[2])
     bm, bn = q_layout.block, k_layout.block
     n_qt, n_kt = Lq // bm, Lk // bn
-    runs = torch.empty(B * H * 3 * (n_qt + n_kt), dtype=torch.int32, device=q_layout.index.device)
-    q_runs = runs[: B * H * n_qt * 3].view(B, H, n_qt, 3)
-    k_runs = runs[B * H * n_qt * 3:].view(B, H, n_kt, 3)
+    runs = torch.empty(B * H * 3 * (n_qt + n_kt), dtype=torch.int32, device=q_layout.slots.device)
     chunk = 256 if _runtime.INTERPRET else 64  # tiles per program (the interpreter: fewer, wider programs)
     _plan_kernel[(_runtime.cdiv(max(n_qt, n_kt), chunk), B * H, 2)](
-        q_layout.pos, q_layout.bucket, q_layout.start, q_layout.count,
-        k_layout.pos, k_layout.bucket, k_layout.start, k_layout.count, q_runs, k_runs,
+        q_layout.slots, q_layout.tables, k_layout.slots, k_layout.tables, runs,
         Lq, Lk, n_qt, n_kt, q_layout.n_buckets, q_layout.overflow_run,
         BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, STEPS=max(n_qt, n_kt).bit_length() + 1, GROUP=group, num_warps=2,
     )
-    return TilePlan(q_runs, k_runs, bm, bn)
+    return TilePlan(runs, (B, H, n_qt, n_kt), bm, bn)
 
 
 def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
@@ -331,4 +350,4 @@ def reference_tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     # kernel's plan; compare runs only where they are non-empty.
     q_runs = runs(visited, free_fwd, True)
     k_runs = runs(visited.transpose(-1, -2), free_kv.transpose(-1, -2), False)
-    return TilePlan(q_runs, k_runs, bm, bn)
+    return TilePlan.of(q_runs, k_runs, bm, bn)

@@ -306,7 +306,7 @@ def test_layout_and_plan_match_pytorch(seed, kind, Hq, Hkv, N, n_k, n_buckets, b
 
 def _head(layout, h):
     """Head ``h`` of a layout, as a one-head layout."""
-    return replace(layout, **{n: getattr(layout, n)[:, h:h + 1] for n in ("index", "pos", "bucket", "start", "count")})
+    return replace(layout, slots=layout.slots[:, :, h:h + 1], tables=layout.tables[:, :, h:h + 1])
 
 
 def test_layout_bad_heads():

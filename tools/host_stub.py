@@ -2,6 +2,13 @@
 the launches, on any machine (CPU tensors, the interpreter's launcher replaced by a no-op).
 
     PYTHONPATH=. python tools/host_stub.py [--reps 100] [ROW ...]     # --profile ROW: cProfile one row
+    PYTHONPATH=/tmp/t36:. python tools/host_stub.py --launch-path      # with Triton's launch path
+
+``--launch-path`` runs each launch through Triton's own ``JITFunction.run`` (the binder that
+specialises every argument, the cache key, the global-value check) against a faked sm_90 device,
+stopping before the driver call, so the Python part of a real launch is in the row too.  Run it with
+the Triton the GPU has on ``PYTHONPATH`` (3.6: ``pip install --target /tmp/t36 triton==3.6.0
+--no-deps``): the launch path differs between versions.
 
 Each row: the minimum (and median) over 15 rounds of ``--reps`` back-to-back calls, per call, in µs,
 and the launches a call makes.  Tiny shapes (B=1, H=4, N=512, D=64, bf16), so the CPU work of the
@@ -31,6 +38,47 @@ def _stub(self, *args, **kwargs):
     LAUNCHES[0] += 1
 
 
+class _FakeKernel:
+    """What ``JITFunction.run`` finds in its cache: a compiled kernel whose launch does nothing."""
+    function = packed_metadata = None
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, *args):
+        pass
+
+
+def _launch_path_stub():
+    """A stub that runs Triton's launch path (``JITFunction.run``) up to the driver call."""
+    import triton.runtime.jit as jit
+    from triton.backends.compiler import GPUTarget
+
+    class Active:  # the driver's few calls before a launch, for one sm_90 device
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device: 0)
+        get_current_target = staticmethod(lambda: GPUTarget("cuda", 90, 32))
+
+    jit.driver = type("Driver", (), {"active": Active()})()
+    jitted = {}
+
+    def fake_compile(jf):
+        def compile(key, *args, **kwargs):
+            kernel = jf.device_caches[0][0][key] = _FakeKernel()
+            return kernel
+        return compile
+
+    def stub(self, *args, grid, warmup, **kwargs):
+        LAUNCHES[0] += 1
+        jf = jitted.get(self.fn)
+        if jf is None:
+            jf = jitted[self.fn] = jit.JITFunction(self.fn, **self.kwargs)
+            jf._do_compile = fake_compile(jf)
+        return jf.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    return stub
+
+
 def main() -> None:
     B, H, N, D = 1, 4, 512, 64
     torch.manual_seed(0)
@@ -57,11 +105,13 @@ def main() -> None:
     p.add_argument("rows", nargs="*", metavar="ROW", help=f"some of {', '.join(rows)} (default: all)")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--profile", choices=list(rows))
+    p.add_argument("--launch-path", action="store_true",
+                   help="run each launch through Triton's JITFunction.run (faked sm_90 device, no driver call)")
     args = p.parse_args()
     unknown = sorted(set(args.rows) - set(rows))
     if unknown:
         p.error(f"unknown rows {unknown}; expected some of {list(rows)}")
-    interpreter.InterpretedFunction.run = _stub
+    interpreter.InterpretedFunction.run = _launch_path_stub() if args.launch_path else _stub
     for name in args.rows or list(rows):
         fn = rows[name]
         for _ in range(20):
