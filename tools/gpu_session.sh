@@ -322,11 +322,12 @@ if [ "$stage" = 28 ]; then
   grep -v Warn $OUT/train_$KIND.log | tail -16
 fi
 if [ "$stage" = 30 ]; then
-  # Eager host time, A/B: the bench's no_grad forward rows with the package in ab_base/ (the tree before
-  # the change, untracked, carried) against this tree's, ABAB on one machine. Arg: seconds per run.
+  # Eager host time, A/B: the bench's rows with the package in ab_base/ (the tree before the change,
+  # untracked: git archive <commit> | tar -x -C ab_base) against this tree's, ABAB on one machine.
+  # Args: seconds per run; the modes (default fwd, the no_grad forward; "fwd+bwd" the training call's).
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  A="--seq-lens 2048 4096 8192 --head-dim 64 128 --modes fwd --buckets 16 --keep-rates 0.3 --windows 256 --no-check"
+  A="--seq-lens 2048 4096 8192 --head-dim 64 128 --modes ${3:-fwd} --buckets 16 --keep-rates 0.3 --windows 256 --no-check"
   A="$A --variants sdpa_flash sdpa_cudnn ours_dense ours_hash_16 ours_hash_16_w256 ours_qk_0.3 --kernel-time --no-progress"
   for r in 1 2; do
     for t in base new; do
@@ -343,7 +344,7 @@ for f in sorted(glob.glob(f"{out}/host_ab_*_{kind}.json")):
     t = f.split("host_ab_")[1].split("_")[0]
     for r in json.load(open(f))["rows"]:
         if r["status"] == "ok":
-            rows.setdefault((r["variant"], r["D"], r["seq_len"]), {}).setdefault(t, []).append((r["ms"], r["kernel_ms"]))
+            rows.setdefault((r["variant"], r["mode"], r["D"], r["seq_len"]), {}).setdefault(t, []).append((r["ms"], r["kernel_ms"]))
 for key, d in sorted(rows.items()):
     print(*key, *(f"{t} " + " ".join(f"{ms:.3f}" for ms, _ in d.get(t, [])) for t in ("base", "new")),
           "kernel", " ".join(f"{k:.3f}" for _, k in d.get("new", [])))
