@@ -376,7 +376,7 @@ def softmax_delta(o: Tensor, do: Tensor) -> Tensor:
     delta = _runtime.new_output((B, H, n), torch.float32, o.device)
     block = 64
     _delta_kernel[(_runtime.cdiv(n, block), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, n,
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, n,
         HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK=block, num_warps=4)
     return delta
 

@@ -413,8 +413,7 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None, *, window: int = 
     (rec,) = record_buffers(record, [record_prefix + "fwd"], (B, H, grid[1], _runtime.cdiv(n_k, BN)), q.device, lse2)
     _flash_fwd_kernel[grid](
         q, k, v, o, lse2, rec,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, n_q, n_k, sm_scale * LOG2E, window,
         CAUSAL=causal, WINDOWED=window > 0, INIT=init is not None, HEAD_DIM=D,
         BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK_M=BM, BLOCK_N=BN, DOT_PRECISION=dot_precision(q.dtype),
@@ -457,8 +456,7 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None, *, 
                                    (B, H, _runtime.cdiv(n_q, BM), _runtime.cdiv(n_k, BN)), q.device, delta)
     _flash_bwd_kernel[(max(_runtime.cdiv(n_q, tiles["BLOCK_Q"]), _runtime.cdiv(n_k, tiles["BLOCK_KV"])), B * H)](
         q, k, v, do, lse2, delta, dq, dk, dv, rec_kv, rec_q,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         H, n_q, n_k, sm_scale * LOG2E, sm_scale, window,
         CAUSAL=causal, WINDOWED=window > 0, ACCUMULATE=accumulate is not None, HEAD_DIM=D,
         BLOCK_D=max(16, _runtime.next_power_of_2(D)), **tiles, DOT_PRECISION=dot_precision(q.dtype),

@@ -387,8 +387,7 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     q_lab, k_lab, labels = plan.label_args()
     _layout_fwd_kernel[(n_qt, B * H)](
         q, k, v, o, lse2, plan.q.slots, plan.k.slots, q_lab, k_lab, plan.tiles.runs, rec,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
         DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // k.shape[1], LABELS=labels,
@@ -414,8 +413,7 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
     q_lab, k_lab, labels = plan.label_args()
     _layout_bwd_kernel[(max(n_qt, n_kt), B * H)](
         q, k, v, do, lse2, delta, dq, dk, dv, plan.q.slots, plan.k.slots, q_lab, k_lab, plan.tiles.runs, rec_kv, rec_q,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK_M=plan.q.block, BLOCK_N=plan.k.block,
         DOT_PRECISION=dot_precision(q.dtype), RECORD=record is not None, GROUP=H // h_kv, LABELS=labels,
