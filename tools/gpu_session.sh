@@ -324,10 +324,11 @@ fi
 if [ "$stage" = 30 ]; then
   # Eager host time, A/B: the bench's rows with the package in ab_base/ (the tree before the change,
   # untracked: git archive <commit> | tar -x -C ab_base) against this tree's, ABAB on one machine.
-  # Args: seconds per run; the modes (default fwd, the no_grad forward; "fwd+bwd" the training call's).
+  # Args: seconds per run; the modes (default fwd, the no_grad forward; "fwd+bwd" the training call's);
+  # the lengths (default "2048 4096 8192").
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  A="--seq-lens 2048 4096 8192 --head-dim 64 128 --modes ${3:-fwd} --buckets 16 --keep-rates 0.3 --windows 256 --no-check"
+  A="--seq-lens ${4:-2048 4096 8192} --head-dim 64 128 --modes ${3:-fwd} --buckets 16 --keep-rates 0.3 --windows 256 --no-check"
   A="$A --variants sdpa_flash sdpa_cudnn ours_dense ours_hash_16 ours_hash_16_w256 ours_qk_0.3 --kernel-time --no-progress"
   for r in 1 2; do
     for t in base new; do
