@@ -131,6 +131,24 @@ def test_bad_layout_args():
         reference_layout((1, 1, 4), n_buckets=0, block=16, pad=Q_PAD)
 
 
+def test_tile_plan_refuses_layouts_it_would_misread():
+    """The plan kernel reads each layout buffer whole, by offsets: a strided view (one head of a
+    larger layout) or a layout without its tables is refused, not misread."""
+    from dataclasses import replace
+
+    ql, kl = (reference_layout((1, 2, 40), buckets=torch.randint(0, 3, (1, 2, 40)), n_buckets=3, block=16, pad=pad)
+              for pad in (Q_PAD, K_PAD))
+    one = lambda lay: replace(lay, slots=lay.slots[:, :, :1], tables=lay.tables[:, :, :1])  # noqa: E731
+    with pytest.raises(ValueError, match="contiguous"):
+        tile_plan(one(ql), one(kl))
+    with pytest.raises(ValueError, match="no tables"):
+        tile_plan(replace(ql, tables=None), kl)
+    contiguous = lambda lay: replace(lay, slots=lay.slots[:, :, :1].contiguous(),  # noqa: E731
+                                     tables=lay.tables[:, :, :1].contiguous())
+    got, want = tile_plan(contiguous(ql), contiguous(kl)), reference_tile_plan(one(ql), one(kl))
+    assert torch.equal(got.visited(), want.visited())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["qk", "hash", "permuted"])
 def test_cuda_graph_capture_and_replay(kind):
