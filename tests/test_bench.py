@@ -604,7 +604,7 @@ def test_new_flags_in_help():
     proc = subprocess.run([sys.executable, "-m", "sparseflash.bench", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "RuntimeWarning" not in proc.stderr
-    for flag in ("--shapes", "--force", "--flex-max-n", "--kernel-time", "BxHxN"):
+    for flag in ("--shapes", "--force", "--flex-max-n", "--kernel-time", "--graph-time", "BxHxN"):
         assert flag in proc.stdout
 
 
@@ -635,6 +635,62 @@ def test_host_bound_ratio_and_busy_time():
             dict(base, variant="ours_dense", family="dense", param=None, ms=2.0, kernel_ms=None)]
     add_ratios(rows)
     assert rows[0]["host_bound_ratio"] == pytest.approx(2.0) and rows[1]["host_bound_ratio"] is None
+
+
+def test_graph_time_ratios_and_cpu_rows():
+    """graph_ms is CUDA-only (None on CPU, the row still timed); its ratios come from the baselines'
+    graph_ms in the same configuration and mode."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import sparseflash as sf
+    from sparseflash.bench import add_ratios, time_mode
+
+    q, k, v, g = (torch.randn(1, 1, 32, 16) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    args = SimpleNamespace(warmup=0, rep=0, kernel_time=False, graph_time=True)
+    res = time_mode(lambda q, k, v: sf.flash_attention(q, k, v), "fwd+bwd", q, k, v, g, torch.device("cpu"), args,
+                    interpreted=True)
+    assert res["graph_ms"] is None and res["ms"] > 0 and q.grad is None
+
+    base = dict(config="c", mode="fwd+bwd", status="ok", family="hash", param=16, impl="ours")
+    rows = [dict(base, variant="ours_hash_16", ms=3.0, graph_ms=0.5),
+            dict(base, variant="sdpa_flash", family="dense", param=None, ms=2.0, graph_ms=1.5),
+            dict(base, variant="sdpa_cudnn", family="dense", param=None, ms=1.0, graph_ms=None)]
+    add_ratios(rows)
+    assert rows[0]["graph_speedup_vs_sdpa_flash"] == pytest.approx(3.0)
+    assert rows[0]["graph_speedup_vs_sdpa_cudnn"] is None and rows[0]["speedup_vs_sdpa_flash"] == pytest.approx(2 / 3)
+
+    from sparseflash.bench.report import summary_table
+    for r in rows:
+        r.update(B=1, H=1, D=16, dtype="bf16", seq_len=64)
+    table = summary_table(rows).splitlines()
+    at = table.index("bf16 B=1 H=1 D=16 fwd+bwd, CUDA-graph replays (graph_ms): speedup vs sdpa_flash")
+    assert table[at + 2].split() == ["ours_hash_16", "3.00x"] and table[at + 4].split() == ["sdpa_cudnn", "?"]
+    assert "0.67x" in next(line for line in table[:at] if line.startswith("ours_hash_16"))
+
+
+@pytest.mark.gpu
+def test_gpu_graph_time():
+    """On CUDA the captured call is timed by its replays; the gradients stay cleared afterwards."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import sparseflash as sf
+    from sparseflash.bench import time_mode
+
+    q, k, v, g = (torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ids = torch.randint(0, 16, (2, 4, 1024), device="cuda")
+    args = SimpleNamespace(warmup=5, rep=20, kernel_time=False, graph_time=True)
+    for fn in (lambda q, k, v: sf.flash_attention(q, k, v),
+               lambda q, k, v: sf.hash_sparse_attention(q, k, v, ids, ids, n_buckets=16)):
+        for mode in ("fwd", "fwd+bwd"):
+            res = time_mode(fn, mode, q, k, v, g, torch.device("cuda"), args)
+            assert res["graph_ms"] is not None and 0 < res["graph_ms"] < 10 * res["ms"], (mode, res)
+            assert q.grad is None
 
 
 def test_ours_hash_passes_n_buckets(monkeypatch):

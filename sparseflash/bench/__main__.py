@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel-time", action=argparse.BooleanOptionalAction, default=False,
                    help="also record kernel_ms, the GPU busy time of one call (torch.profiler), and "
                         "host_bound_ratio = ms / kernel_ms, to tell launch-bound rows (>> 1) from kernel-bound ones")
+    p.add_argument("--graph-time", action=argparse.BooleanOptionalAction, default=False,
+                   help="also record graph_ms (CUDA only): the call captured once in a CUDA graph and timed by its "
+                        "replays, i.e. the GPU's time with the gaps between kernels but none of the host's Python, "
+                        "as a model compiled with mode='reduce-overhead' replays it; and graph_speedup_vs_sdpa_*")
     p.add_argument("--naive-max-n", type=int, default=4096, help="run the naive variant only up to this N")
     p.add_argument("--flex-max-n", type=int, default=None,
                    help="run the FlexAttention variants only up to this N (default: every N; their compilation "

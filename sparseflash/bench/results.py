@@ -63,6 +63,11 @@ ROW_FIELDS = {
              f"{CPU_TIMER} (CPU, PyTorch); only {GPU_TIMER} rows are GPU timings",
     "kernel_ms": "GPU busy time per call (union of its kernels' intervals, torch.profiler; --kernel-time only): "
                  "ms / kernel_ms >> 1 means launch- or host-bound",
+    "graph_ms": "CUDA only (--graph-time): median time of the call captured once in a CUDA graph and replayed "
+                "(triton.do_bench over replays): the GPU's time, gaps between kernels included, without the host's "
+                "Python and launch costs, as a model compiled with mode='reduce-overhead' pays",
+    "graph_speedup_vs_sdpa_flash": "graph_ms(sdpa_flash) / graph_ms, same config and mode (--graph-time only)",
+    "graph_speedup_vs_sdpa_cudnn": "graph_ms(sdpa_cudnn) / graph_ms (--graph-time only)",
     "host_bound_ratio": "ms / kernel_ms (--kernel-time only): about 1 when the GPU is busy all the time, "
                         "well above 1 when it waits for the host (launches, Python, synchronisations)",
     "peak_mem_gb": "CUDA only: torch.cuda.max_memory_allocated over one call after reset_peak_memory_stats, "
@@ -267,20 +272,25 @@ def merge_rows(kept: list[dict], new: list[dict]) -> list[dict]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Fill speedup_*, tile_efficiency and host_bound_ratio from rows of the same configuration and mode."""
+    """Fill speedup_*, graph_speedup_*, tile_efficiency and host_bound_ratio from rows of the same
+    configuration and mode."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r.get("config"), r.get("mode")), {})[r.get("variant")] = r
     for by_name in groups.values():
-        def ms_of(name):
+        def ms_of(name, key="ms"):
             r = by_name.get(name)
-            return r["ms"] if r is not None and r.get("status") == "ok" and r.get("ms") else None
+            return r[key] if r is not None and r.get("status") == "ok" and r.get(key) else None
 
         for r in by_name.values():
             ms = r.get("ms") if r.get("status") == "ok" else None
             for base in BASELINES:
                 b = ms_of(base)
                 r[f"speedup_vs_{base}"] = (b / ms) if (b and ms) else None
+            g_ms = r.get("graph_ms") if r.get("status") == "ok" else None
+            for base in ("sdpa_flash", "sdpa_cudnn"):
+                b = ms_of(base, "graph_ms")
+                r[f"graph_speedup_vs_{base}"] = (b / g_ms) if (b and g_ms) else None
             if r.get("family") == "dense":
                 flex_name = "flex_dense"
             elif r.get("pattern"):

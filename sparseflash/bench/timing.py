@@ -9,7 +9,9 @@ PyTorch code; neither says anything about GPU speed.
 
 Small problems are host-bound: the GPU idles between launches and ``ms`` measures
 Python and launch overhead.  ``--kernel-time`` also records ``kernel_ms``, the GPU
-busy time of one call from ``torch.profiler`` (:func:`kernel_ms`).
+busy time of one call from ``torch.profiler`` (:func:`kernel_ms`), and ``--graph-time``
+records ``graph_ms``, the call captured in a CUDA graph and timed by its replays: the GPU's
+time with the gaps between kernels, as a model compiled with ``mode="reduce-overhead"`` pays.
 
 Memory: on CUDA every row records ``peak_mem_gb``, ``torch.cuda.max_memory_allocated``
 over one call after ``reset_peak_memory_stats`` (inputs, outputs and gradients
@@ -173,9 +175,11 @@ def kernel_ms(step: Callable, device: torch.device, grads, reps: int = 3) -> flo
 
 
 def time_mode(fn, mode: str, q, k, v, grad, device, args, interpreted: bool = False, log=None) -> dict:
-    """Time one variant in one mode: ``{"ms", "timer", "kernel_ms", "peak_mem_gb"}``.
+    """Time one variant in one mode: ``{"ms", "timer", "kernel_ms", "graph_ms", "peak_mem_gb"}``.
 
-    ``kernel_ms`` only with ``--kernel-time``; ``peak_mem_gb`` only on CUDA;
+    ``kernel_ms`` only with ``--kernel-time``; ``graph_ms`` only with ``--graph-time`` on CUDA (the
+    step captured in a CUDA graph, gradients cleared before it as before each eager call, and its
+    replays timed); ``peak_mem_gb`` only on CUDA;
     ``interpreted``: ``fn`` runs Triton kernels in the interpreter (CPU timer label).
     """
     qkv = [q, k, v]
@@ -193,7 +197,7 @@ def time_mode(fn, mode: str, q, k, v, grad, device, args, interpreted: bool = Fa
         with torch.enable_grad():
             out = fn(q, k, v)
         step, grads, ctx = (lambda: out.backward(grad, retain_graph=True)), qkv, torch.enable_grad
-    res = {"ms": None, "timer": None, "kernel_ms": None, "peak_mem_gb": None}
+    res = {"ms": None, "timer": None, "kernel_ms": None, "graph_ms": None, "peak_mem_gb": None}
     try:
         with ctx():
             if device.type == "cuda":
@@ -211,6 +215,16 @@ def time_mode(fn, mode: str, q, k, v, grad, device, args, interpreted: bool = Fa
                 except Exception as e:  # noqa: BLE001  (a profiler problem must not cost the row)
                     if log is not None:
                         log(f"kernel_ms: profiler failed: {type(e).__name__}: {e}")
+            if getattr(args, "graph_time", False) and device.type == "cuda":
+                def fresh_step():  # the captured call assigns its gradients, as an eager call after do_bench's reset
+                    _clear_grads(grads)
+                    step()
+                try:
+                    res["graph_ms"], _ = measure(fresh_step, device, args.warmup, args.rep, grads, graph=True)
+                except Exception as e:  # noqa: BLE001  (a call that cannot be captured keeps its eager row)
+                    if log is not None:
+                        log(f"graph_ms: capture or replay failed: {type(e).__name__}: {e}")
+                    _sync(device)
         return res
     finally:
         del out
