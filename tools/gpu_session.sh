@@ -451,3 +451,14 @@ if [ "$stage" = 37 ]; then
   echo "fwd probe rc=$?"
   probe_rows $OUT/gluon_fa3_wg3_probe_$KIND.json
 fi
+if [ "$stage" = 38 ]; then
+  # The 4k/8k kernel rows three ways: eager wall time, GPU busy time (--kernel-time) and CUDA-graph
+  # replays (--graph-time), baselines in the same run. Arg: seconds.
+  nvidia-smi -L
+  KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
+  timeout ${2:-240} python -m sparseflash.bench --seq-lens 4096 8192 --head-dim 64 128 --modes fwd fwd+bwd \
+    --buckets 16 --keep-rates 0.3 --windows 256 --no-check --kernel-time --graph-time --no-progress \
+    --variants sdpa_flash sdpa_cudnn ours_dense ours_hash_16 ours_hash_16_default ours_hash_16_w256 ours_qk_0.3 \
+    --out $OUT/bench_graph_$KIND.json > $OUT/bench_graph.log 2>&1; echo "rc=$?"
+  grep -v "Warn\|warn" $OUT/bench_graph.log | tail -60
+fi
