@@ -400,9 +400,17 @@ class KernelAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no derivative: differentiating them again raises
     def backward(ctx, do):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must refuse a second derivative
+            return _backward_once(ctx, do)
+        # The usual backward runs with grad mode off: nothing to guard (once_differentiable's wrapper
+        # costs a few µs of host time a call).
         return (*ctx.backward_pass(*ctx.saved_tensors, do), None, None)
+
+
+@once_differentiable  # the backward kernels have no derivative: differentiating them again raises
+def _backward_once(ctx, do):
+    return (*ctx.backward_pass(*ctx.saved_tensors, do), None, None)
 
 
 def run_attention(q: Tensor, k: Tensor, v: Tensor, forward_pass, backward_pass) -> Tensor:
