@@ -285,10 +285,10 @@ def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     _check_same_runs(q_layout, k_layout)
     for side, lay in (("query", q_layout), ("key", k_layout)):
         # The kernel reads each buffer whole, by offsets: a view of a larger one would be misread.
-        if lay.tables is None or not (lay.slots.is_contiguous() and lay.tables.is_contiguous()):
-            raise ValueError(f"the {side} layout's slots and tables must be contiguous tensors (as bucket_layouts "
-                             f"and reference_layout build them); got a layout with "
-                             f"{'no tables' if lay.tables is None else 'a strided view'}")
+        if lay.tables is None or not all(t.is_contiguous() and t.dtype == torch.int32 for t in (lay.slots, lay.tables)):
+            raise ValueError(f"the {side} layout's slots and tables must be contiguous int32 tensors (as "
+                             f"bucket_layouts and reference_layout build them); got a layout with "
+                             f"{'no tables' if lay.tables is None else 'a strided view or another dtype'}")
     _, B, H, Lq = q_layout.slots.shape
     Lk = k_layout.n_slots
     group = _group(H, k_layout.slots.shape[2])

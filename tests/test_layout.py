@@ -143,6 +143,8 @@ def test_tile_plan_refuses_layouts_it_would_misread():
         tile_plan(one(ql), one(kl))
     with pytest.raises(ValueError, match="no tables"):
         tile_plan(replace(ql, tables=None), kl)
+    with pytest.raises(ValueError, match="int32"):
+        tile_plan(replace(ql, slots=ql.slots.long()), kl)
     contiguous = lambda lay: replace(lay, slots=lay.slots[:, :, :1].contiguous(),  # noqa: E731
                                      tables=lay.tables[:, :, :1].contiguous())
     got, want = tile_plan(contiguous(ql), contiguous(kl)), reference_tile_plan(one(ql), one(kl))
