@@ -11,6 +11,10 @@ host path is exercised), tensor operations with a dispatch mode.
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +79,15 @@ def test_eager_call_launches_and_tensor_ops(name, stubbed):
     assert len(stubbed) == fwd_bwd_launches, stubbed
     # autograd's own: a detach per saved input it may hand back.
     assert set(mode.ops) <= {"empty", "detach"} and mode.ops["empty"] == fwd_bwd_allocs, mode.ops
+
+
+def test_host_stub_tool_runs_both_ways():
+    """``tools/host_stub.py`` (the numbers behind these counts) still runs: launches stubbed, and through
+    the installed Triton's own launch path against a faked sm_90 device."""
+    root = Path(__file__).resolve().parent.parent
+    for extra in ([], ["--launch-path"]):
+        proc = subprocess.run([sys.executable, str(root / "tools" / "host_stub.py"), "--reps", "1", "hash16_fwd_bwd",
+                               *extra], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "hash16_fwd_bwd" in proc.stdout and "launches/call 6.0" in proc.stdout, proc.stdout
