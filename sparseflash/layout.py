@@ -276,13 +276,13 @@ def _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET: tl.constexpr, HAS_K
 
 
 @triton.jit
-def _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift,
-                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, OVERFLOW: tl.constexpr, CHUNK: tl.constexpr):
-    """Tokens of chunk ``c`` of one side of one head, and their buckets (-1: dropped, -2:
-    overflow; queries before ``q_shift`` are dropped too)."""
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    b = _token_bucket(_side_args(QB, KB, side, bh * n_q, bh * n_k), _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k),
-                      t, n, n_buckets, HAS_BUCKET, HAS_KEEP, OVERFLOW)
+def _step_buckets(BUCKET, KEEP, side, start, n, n_buckets, q_shift, HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  OVERFLOW: tl.constexpr, SUB: tl.constexpr):
+    """Tokens ``start ... start + SUB - 1`` of one side of one head (``BUCKET``, ``KEEP``: that head's
+    ids and keep flags), and their buckets (-1: dropped, -2: overflow; queries before ``q_shift``
+    are dropped too)."""
+    t = start + tl.arange(0, SUB)
+    b = _token_bucket(BUCKET, KEEP, t, n, n_buckets, HAS_BUCKET, HAS_KEEP, OVERFLOW)
     return t, tl.where((side == 0) & (t < q_shift), -1, b)
 
 
@@ -325,10 +325,11 @@ def _idle_key_program(bh, side, GROUP: tl.constexpr):
 def _count_kernel(QB, QKEEP, KB, KKEEP, QSLOTS, KSLOTS, COUNTS, n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks,
                   fill, q_shift,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, OVERFLOW: tl.constexpr, NB: tl.constexpr,
-                  CHUNK: tl.constexpr, GROUP: tl.constexpr):
+                  CHUNK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr):
     """Grid ``(chunks, B·Hq, 2)``, axis 2 the side: pad this chunk's share of the slots,
-    and count this chunk's tokens per bucket, dropped and (``OVERFLOW``) in the overflow
-    run (the first pass of a counting sort).  The key side has ``Hkv = Hq / GROUP`` heads.
+    and count this chunk's ``CHUNK`` tokens per bucket, dropped and (``OVERFLOW``) in the
+    overflow run (the first pass of a counting sort), ``SUB`` tokens a step (the one-hot
+    tile is ``(SUB, NB)``).  The key side has ``Hkv = Hq / GROUP`` heads.
     ``COUNTS`` holds the counts per bucket lane ``(B·Hq, 2, chunks, NB)``, then the dropped
     ``(B·Hq, 2, chunks)``, then the overflow run's."""
     c = tl.program_id(0)
@@ -343,34 +344,44 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QSLOTS, KSLOTS, COUNTS, n_q, n_k, n_q_sl
     INDEX = _side_field(QSLOTS, KSLOTS, side, 0, bh, n_q_slots, n_k_slots, GROUP)
     SPOS = _side_field(QSLOTS, KSLOTS, side, 1, bh, n_q_slots, n_k_slots, GROUP)
     SB = _side_field(QSLOTS, KSLOTS, side, 2, bh, n_q_slots, n_k_slots, GROUP)
-    for s0 in range(c * fill, (c + 1) * fill, CHUNK):
-        s = s0 + tl.arange(0, CHUNK)
+    for s0 in range(c * fill, (c + 1) * fill, SUB):
+        s = s0 + tl.arange(0, SUB)
         live = (s < n_slots) & (s < (c + 1) * fill)
         tl.store(INDEX + s, tl.zeros_like(s) + n, mask=live)
         tl.store(SPOS + s, tl.zeros_like(s) + pad, mask=live)
         tl.store(SB + s, tl.zeros_like(s) - 1, mask=live)
-    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift, HAS_BUCKET, HAS_KEEP,
-                          OVERFLOW, CHUNK)
     ids = tl.arange(0, NB)
+    per_bucket = tl.zeros([NB], tl.int32)
+    n_drop = 0
+    n_over = 0
+    BUCKET = _side_args(QB, KB, side, bh * n_q, bh * n_k)
+    KEEP = _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k)
+    for step in tl.static_range(CHUNK // SUB):  # unrolled (one step, no loop, on a GPU up to 16 buckets)
+        t, b = _step_buckets(BUCKET, KEEP, side, c * CHUNK + step * SUB, n, n_buckets, q_shift, HAS_BUCKET,
+                             HAS_KEEP, OVERFLOW, SUB)
+        per_bucket += tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0)
+        n_drop += tl.sum(((b == -1) & (t < n)).to(tl.int32), 0)
+        n_over += tl.sum((b == -2).to(tl.int32), 0)
     row = (bh * 2 + side) * n_chunks + c
     DROPS = COUNTS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks * NB
-    tl.store(COUNTS + row * NB + ids, tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0))
-    tl.store(DROPS + row, tl.sum(((b == -1) & (t < n)).to(tl.int32), 0))
+    tl.store(COUNTS + row * NB + ids, per_bucket)
+    tl.store(DROPS + row, n_drop)
     if OVERFLOW:
         OVERS = DROPS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks
-        tl.store(OVERS + row, tl.sum((b == -2).to(tl.int32), 0))
+        tl.store(OVERS + row, n_over)
 
 
 @triton.jit
 def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, KTAB, COUNTS,
                   n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, q_shift,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr, OVERFLOW: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
                   N_CHUNKS: tl.constexpr, GROUP: tl.constexpr):
     """Grid ``(chunks, B·Hq, 2)``: the second pass.  Each program adds up the counts of
     the chunks before its own, lays the buckets' runs out on tile boundaries (then the
     overflow run, with ``OVERFLOW``, then the dropped tokens, both unpadded), and writes its
-    tokens to their slots, in order inside a run."""
+    ``CHUNK`` tokens to their slots, in order inside a run, ``SUB`` a step (each step's slots
+    continue from the last's)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
@@ -399,51 +410,71 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, 
     if c == 0:
         tl.store(_side_field(QTAB, KTAB, side, 0, bh, n_runs, n_runs, GROUP) + ids, starts, mask=ids < n_buckets)
         tl.store(_side_field(QTAB, KTAB, side, 1, bh, n_runs, n_runs, GROUP) + ids, total, mask=ids < n_buckets)
-    t, b = _chunk_buckets(QB, QKEEP, KB, KKEEP, side, bh, c, n, n_q, n_k, n_buckets, q_shift, HAS_BUCKET, HAS_KEEP,
-                          OVERFLOW, CHUNK)
-    onehot = (b[:, None] == ids[None, :]).to(tl.int32)
-    before = tl.cumsum(onehot, 0) - onehot  # same-bucket tokens earlier in this chunk
-    slot = tl.sum(onehot * ((starts + seen)[None, :] + before), 1)
-    dropped = ((b == -1) & (t < n)).to(tl.int32)
+    # Where this chunk's tokens go: each bucket's run from where the chunks before it ended; the
+    # overflow run starts where the buckets' runs end (on a tile boundary), the dropped tokens
+    # directly after it.
+    base = starts + seen
+    drop_base = n_aligned + n_dropped
     if OVERFLOW:
-        # The overflow run starts where the buckets' runs end (on a tile boundary); the dropped
-        # tokens follow it directly.
         OVERS = DROPS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks
         overs = tl.load(OVERS + rows, mask=chunks < n_chunks, other=0)
         n_over = tl.sum(overs, 0)
-        over = (b == -2).to(tl.int32)
         if c == 0:
             tl.store(_side_field(QTAB, KTAB, side, 0, bh, n_runs, n_runs, GROUP) + n_buckets, n_aligned)
             tl.store(_side_field(QTAB, KTAB, side, 1, bh, n_runs, n_runs, GROUP) + n_buckets, n_over)
-        over_slot = n_aligned + tl.sum(tl.where(chunks < c, overs, 0), 0) + tl.cumsum(over, 0) - over
-        slot = tl.where(b == -2, over_slot, slot)
-        n_aligned += n_over
-    slot = tl.where(b != -1, slot, n_aligned + n_dropped + tl.cumsum(dropped, 0) - dropped)
-    if HAS_POS:
-        p = tl.load(_side_args(QPOS_IN, KPOS_IN, side, bh * n_q, bh * n_k) + t, mask=t < n, other=0)
-    else:
-        p = tl.where(side == 0, t - q_shift, t)
-    tl.store(_side_field(QSLOTS, KSLOTS, side, 0, bh, n_q_slots, n_k_slots, GROUP) + slot, t, mask=t < n)
-    tl.store(_side_field(QSLOTS, KSLOTS, side, 1, bh, n_q_slots, n_k_slots, GROUP) + slot, tl.where(b != -1, p, pad),
-             mask=t < n)
-    tl.store(_side_field(QSLOTS, KSLOTS, side, 2, bh, n_q_slots, n_k_slots, GROUP) + slot,
-             tl.where(b == -2, n_buckets, b), mask=t < n)
+        over_base = n_aligned + tl.sum(tl.where(chunks < c, overs, 0), 0)
+        drop_base += n_over
+    INDEX = _side_field(QSLOTS, KSLOTS, side, 0, bh, n_q_slots, n_k_slots, GROUP)
+    SPOS = _side_field(QSLOTS, KSLOTS, side, 1, bh, n_q_slots, n_k_slots, GROUP)
+    SB = _side_field(QSLOTS, KSLOTS, side, 2, bh, n_q_slots, n_k_slots, GROUP)
+    BUCKET = _side_args(QB, KB, side, bh * n_q, bh * n_k)
+    KEEP = _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k)
+    for step in tl.static_range(CHUNK // SUB):  # unrolled (one step, no loop, on a GPU up to 16 buckets)
+        t, b = _step_buckets(BUCKET, KEEP, side, c * CHUNK + step * SUB, n, n_buckets, q_shift, HAS_BUCKET,
+                             HAS_KEEP, OVERFLOW, SUB)
+        onehot = (b[:, None] == ids[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, 0) - onehot  # same-bucket tokens earlier in this step
+        slot = tl.sum(onehot * (base[None, :] + before), 1)
+        base += tl.sum(onehot, 0)
+        dropped = ((b == -1) & (t < n)).to(tl.int32)
+        if OVERFLOW:
+            over = (b == -2).to(tl.int32)
+            slot = tl.where(b == -2, over_base + tl.cumsum(over, 0) - over, slot)
+            over_base += tl.sum(over, 0)
+        slot = tl.where(b != -1, slot, drop_base + tl.cumsum(dropped, 0) - dropped)
+        drop_base += tl.sum(dropped, 0)
+        if HAS_POS:
+            p = tl.load(_side_args(QPOS_IN, KPOS_IN, side, bh * n_q, bh * n_k) + t, mask=t < n, other=0)
+        else:
+            p = tl.where(side == 0, t - q_shift, t)
+        tl.store(INDEX + slot, t, mask=t < n)
+        tl.store(SPOS + slot, tl.where(b != -1, p, pad), mask=t < n)
+        tl.store(SB + slot, tl.where(b == -2, n_buckets, b), mask=t < n)
 
 
 #: Largest bucket count the counting-sort kernels take; more buckets use the sort.
 MAX_KERNEL_BUCKETS = 256
 
 
-def _chunking(n: int, n_buckets: int) -> tuple[int, int, int] | None:
-    """``(NB, CHUNK, n_chunks)`` of the counting-sort kernels, or None where the sort is better."""
+def _chunking(n: int, n_buckets: int) -> tuple[int, int, int, int] | None:
+    """``(NB, SUB, CHUNK, n_chunks)`` of the counting-sort kernels, or None where the sort is better.
+
+    A program takes ``CHUNK`` tokens, ``SUB`` a step: its one-hot tile is ``(SUB, NB)``, about 8192
+    elements, so that it stays in registers.  Each program of the second pass reads the counts of
+    every chunk (``n_chunks × NB``), so one step a program, ``8192 / NB`` tokens, would make that
+    work grow as ``NB³`` at a given length.  So with 32 and 64 buckets a program takes two or four
+    steps (512 tokens on a GPU: 64 buckets, hash attention's default, then read 16 times fewer
+    counts).  Up to 16 buckets one step already covers 512 tokens or more; above 64 buckets more
+    unrolled steps spill registers in the sm_90 compile, so those stay at one step.  The
+    interpreter runs programs one after another: fewer, wider ones are cheaper there.
+    """
     nb = max(2, _runtime.next_power_of_2(n_buckets))
-    # A chunk's one-hot tile is (CHUNK, NB); the interpreter runs programs one after another,
-    # so fewer, wider ones are cheaper there (a GPU wants them in registers).
-    chunk = max(16, min(1024, (32768 if _runtime.INTERPRET else 8192) // nb))
-    n_chunks = max(1, -(-n // chunk))
+    sub = max(16, min(1024, 8192 // nb))
+    steps = 1 if nb > 64 else max(1, min(4, (2048 if _runtime.INTERPRET else 512) // sub))
+    n_chunks = max(1, -(-n // (sub * steps)))
     if n_buckets > MAX_KERNEL_BUCKETS or n_chunks * nb > 32768:
         return None
-    return nb, chunk, n_chunks
+    return nb, sub, sub * steps, n_chunks
 
 
 def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep=None, q_pos=None,
@@ -483,7 +514,7 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
                                  block=block_m, pad=Q_PAD, shift=q_shift, overflow=overflow, device=device),
                 reference_layout((B, k_heads, n_k), buckets=k_buckets, keep=k_keep, pos=k_pos, n_buckets=n_buckets,
                                  block=block_n, pad=K_PAD, overflow=overflow, device=device))
-    nb, chunk, n_chunks = chunking
+    nb, sub, chunk, n_chunks = chunking
     n_runs = n_buckets + overflow
     Lq, Lk = layout_length(N, n_buckets, block_m), layout_length(n_k, n_buckets, block_n)
     # One buffer per side and per table, each passed whole: the kernels find the fields (index,
@@ -504,7 +535,7 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     # One program per (chunk, batch and query head, side); with fewer kv heads the key
     # side's surplus programs return at once.
     flags = dict(HAS_BUCKET=q_buckets is not None, HAS_KEEP=q_keep is not None, OVERFLOW=overflow, NB=nb, CHUNK=chunk,
-                 GROUP=group)
+                 SUB=sub, GROUP=group)
     grid = (n_chunks, B * H, 2)
     qb, kb, qk, kk = arg(q_buckets), arg(k_buckets), arg(q_keep), arg(k_keep)
     _count_kernel[grid](qb, qk, kb, kk, q_slots, k_slots, counts, N, n_k, Lq, Lk, n_buckets, n_chunks,

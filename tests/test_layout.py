@@ -51,6 +51,8 @@ CASES = [  # (kind, N, n_k, n_buckets, block_m, block_n)
     ("out-of-range", 200, None, 5, 16, 16),
     # hash attention's overflow run (ids mostly in range): several chunks, prefix over chunks
     ("overflow", 2100, None, 16, 64, 32),
+    ("overflow", 2500, None, 64, 32, 32),    # hash attention's default budget: four steps a chunk, five chunks
+    ("buckets", 300, None, 100, 16, 16),      # above 64 buckets: one step a chunk
     ("overflow", 100, None, 300, 16, 16),     # more buckets than tokens: the sort fallback
     ("both", 150, None, 4, 32, 16),
     ("overflow", 90, 130, 4, 16, 16),         # different query and key lengths
