@@ -133,6 +133,32 @@ def test_bad_layout_args():
         reference_layout((1, 1, 4), n_buckets=0, block=16, pad=Q_PAD)
 
 
+def test_counting_sort_chunks(monkeypatch):
+    """The GPU's chunking (pure host arithmetic, checked here with the interpreter's switch off): up
+    to 16 buckets one step of the (SUB, NB) tile a program, as measured; 32 and 64 buckets ~512
+    tokens in 2 and 4 steps, so the second pass reads 16 times fewer counts at 64; above 64 one
+    step (more unrolled steps spill in the sm_90 compile); too many chunks × lanes: the sort."""
+    from sparseflash import _runtime
+    from sparseflash.layout import MAX_KERNEL_BUCKETS, _chunking
+
+    monkeypatch.setattr(_runtime, "INTERPRET", False)
+    assert _chunking(16384, 16) == (16, 512, 512, 32)
+    assert _chunking(8192, 2) == (2, 1024, 1024, 8)
+    assert _chunking(16384, 32) == (32, 256, 512, 32)
+    assert _chunking(16384, 64) == (64, 128, 512, 32)
+    assert _chunking(8192, 100) == (128, 64, 64, 128)
+    assert _chunking(4096, 256) == (256, 32, 32, 128)
+    assert _chunking(8192, 256) is None and _chunking(16, MAX_KERNEL_BUCKETS + 1) is None
+    for n in (1, 7, 100, 257, 4096, 65537):
+        for nb in (1, 3, 16, 33, 64, 65, 200):
+            got = _chunking(n, nb)
+            if got is None:
+                continue
+            NB, sub, chunk, n_chunks = got
+            assert NB >= nb and sub * NB <= 8192 and chunk % sub == 0 and chunk // sub <= 4
+            assert n_chunks * chunk >= n > (n_chunks - 1) * chunk or n_chunks == 1
+
+
 def test_tile_plan_refuses_layouts_it_would_misread():
     """The plan kernel reads each layout buffer whole, by offsets: a strided view (one head of a
     larger layout) or a layout without its tables is refused, not misread."""
