@@ -287,15 +287,6 @@ def _step_buckets(BUCKET, KEEP, side, start, n, n_buckets, q_shift, HAS_BUCKET: 
 
 
 @triton.jit
-def _side_args(QX, KX, side, q_off, k_off):
-    """The query side's pointer (axis 2 = 0) or the key side's, offset to this head."""
-    if side == 0:
-        return QX + q_off
-    else:
-        return KX + k_off
-
-
-@triton.jit
 def field_row(BUF, field, n_rows, row, length):
     """Row ``row`` of field ``field`` in a buffer ``(fields, n_rows, length)``: how the kernels
     read a :class:`Layout`'s ``slots`` (index, pos, bucket) and ``tables`` (start, count) and
@@ -306,7 +297,8 @@ def field_row(BUF, field, n_rows, row, length):
 @triton.jit
 def _side_field(QBUF, KBUF, side, field, bh, q_length, k_length, GROUP: tl.constexpr):
     """Head ``bh``'s row of field ``field`` of the query side's buffer (axis 2 = 0; ``B·Hq``
-    heads, the grid's axis 1) or the key side's (``B·Hq / GROUP`` heads)."""
+    heads, the grid's axis 1) or the key side's (``B·Hq / GROUP`` heads); field 0 of a per-token
+    input ``(B, H, N)`` (ids, keep flags, positions) is that head's row of it."""
     heads = tl.num_programs(1).to(tl.int64)
     if side == 0:
         return field_row(QBUF, field, heads, bh, q_length)
@@ -354,14 +346,15 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QSLOTS, KSLOTS, COUNTS, n_q, n_k, n_q_sl
     per_bucket = tl.zeros([NB], tl.int32)
     n_drop = 0
     n_over = 0
-    BUCKET = _side_args(QB, KB, side, bh * n_q, bh * n_k)
-    KEEP = _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k)
+    BUCKET = _side_field(QB, KB, side, 0, bh, n_q, n_k, GROUP)
+    KEEP = _side_field(QKEEP, KKEEP, side, 0, bh, n_q, n_k, GROUP)
     for step in tl.static_range(CHUNK // SUB):  # unrolled (one step, no loop, on a GPU up to 16 buckets)
         t, b = _step_buckets(BUCKET, KEEP, side, c * CHUNK + step * SUB, n, n_buckets, q_shift, HAS_BUCKET,
                              HAS_KEEP, OVERFLOW, SUB)
         per_bucket += tl.sum((b[:, None] == ids[None, :]).to(tl.int32), 0)
         n_drop += tl.sum(((b == -1) & (t < n)).to(tl.int32), 0)
-        n_over += tl.sum((b == -2).to(tl.int32), 0)
+        if OVERFLOW:
+            n_over += tl.sum((b == -2).to(tl.int32), 0)
     row = (bh * 2 + side) * n_chunks + c
     DROPS = COUNTS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks * NB
     tl.store(COUNTS + row * NB + ids, per_bucket)
@@ -427,8 +420,9 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, 
     INDEX = _side_field(QSLOTS, KSLOTS, side, 0, bh, n_q_slots, n_k_slots, GROUP)
     SPOS = _side_field(QSLOTS, KSLOTS, side, 1, bh, n_q_slots, n_k_slots, GROUP)
     SB = _side_field(QSLOTS, KSLOTS, side, 2, bh, n_q_slots, n_k_slots, GROUP)
-    BUCKET = _side_args(QB, KB, side, bh * n_q, bh * n_k)
-    KEEP = _side_args(QKEEP, KKEEP, side, bh * n_q, bh * n_k)
+    BUCKET = _side_field(QB, KB, side, 0, bh, n_q, n_k, GROUP)
+    KEEP = _side_field(QKEEP, KKEEP, side, 0, bh, n_q, n_k, GROUP)
+    POS_IN = _side_field(QPOS_IN, KPOS_IN, side, 0, bh, n_q, n_k, GROUP)
     for step in tl.static_range(CHUNK // SUB):  # unrolled (one step, no loop, on a GPU up to 16 buckets)
         t, b = _step_buckets(BUCKET, KEEP, side, c * CHUNK + step * SUB, n, n_buckets, q_shift, HAS_BUCKET,
                              HAS_KEEP, OVERFLOW, SUB)
@@ -444,7 +438,7 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, 
         slot = tl.where(b != -1, slot, drop_base + tl.cumsum(dropped, 0) - dropped)
         drop_base += tl.sum(dropped, 0)
         if HAS_POS:
-            p = tl.load(_side_args(QPOS_IN, KPOS_IN, side, bh * n_q, bh * n_k) + t, mask=t < n, other=0)
+            p = tl.load(POS_IN + t, mask=t < n, other=0)
         else:
             p = tl.where(side == 0, t - q_shift, t)
         tl.store(INDEX + slot, t, mask=t < n)
