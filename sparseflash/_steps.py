@@ -401,16 +401,18 @@ class KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must refuse a second derivative
-            return _backward_once(ctx, do)
-        # The usual backward runs with grad mode off: nothing to guard (once_differentiable's wrapper
-        # costs a few µs of host time a call).
-        return (*ctx.backward_pass(*ctx.saved_tensors, do), None, None)
+        # create_graph=True (grad mode on here): the gradients must refuse a second derivative.  The
+        # usual backward runs with grad mode off: nothing to guard, and once_differentiable's
+        # wrapper costs a few µs of host time a call.
+        return (_backward_once if torch.is_grad_enabled() else _backward)(ctx, do)
 
 
-@once_differentiable  # the backward kernels have no derivative: differentiating them again raises
-def _backward_once(ctx, do):
+def _backward(ctx, do):
     return (*ctx.backward_pass(*ctx.saved_tensors, do), None, None)
+
+
+#: The backward kernels have no derivative: differentiating their results again raises.
+_backward_once = once_differentiable(_backward)
 
 
 def run_attention(q: Tensor, k: Tensor, v: Tensor, forward_pass, backward_pass) -> Tensor:
