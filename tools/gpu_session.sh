@@ -7,6 +7,23 @@ CFGS="sdpa sdpa_cudnn hash16w128 none dense hash16w0 qk0.3"
 probe_rows() {
   python -c "import json, sys; [print(r['D'], r['N'], r['variant'], round(r.get('ms', 0), 4), round(r.get('tflops', 0)), *(r[k] for k in ('max_diff', 'lse_diff') if k in r), r.get('error', '')[:300]) for r in json.load(open(sys.argv[1]))['rows']]" "$1"
 }
+# The Gluon forward (sparseflash/hopper.py) once at D 64 and 128 against SDPA, before a stage's probe: a hang
+# or a failure to compile ends the stage here, not after the probe's timeout. Args: seconds; the launch
+# settings (a Python dict, or None for the defaults).
+hopper_smoke() {
+  timeout $1 python -c "
+import torch, sparseflash.hopper as h
+for D in (64, 128):
+    q = torch.randn(1, 2, 300, D, device='cuda', dtype=torch.bfloat16)
+    o, l = h.hopper_forward(q, q, q, True, D ** -0.5, $2); torch.cuda.synchronize()
+    w = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    print('smoke D', D, 'max diff', (o.float() - w.float()).abs().max().item())
+" > $OUT/hopper_smoke.log 2>&1
+  local rc=$?
+  tail -5 $OUT/hopper_smoke.log
+  [ $rc = 0 ] || echo "smoke rc=$rc"
+  return $rc
+}
 if [ "$stage" = 1 ]; then
   nvidia-smi -L
   timeout 170 python -m pytest -m gpu -q tests/test_train.py -k reduce_overhead -p no:cacheprovider > $OUT/gpu_test.log 2>&1; echo "rc=$?" >> $OUT/gpu_test.log
@@ -379,14 +396,7 @@ if [ "$stage" = 33 ]; then
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   # Then the kernel's GPU tests (sparseflash/hopper.py). Args: seconds for the probe, for the tests.
   # A smoke call first: a hang or a failure to compile stops the stage here, not after the probe's timeout.
-  timeout 90 python -c "
-import torch, sparseflash.hopper as h
-for D in (64, 128):
-    q = torch.randn(1, 2, 300, D, device='cuda', dtype=torch.bfloat16)
-    o, l = h.hopper_forward(q, q, q, True, D ** -0.5); torch.cuda.synchronize()
-    w = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    print('smoke D', D, 'max diff', (o.float() - w.float()).abs().max().item())
-" > $OUT/hopper_smoke.log 2>&1; rc=$?; tail -5 $OUT/hopper_smoke.log; [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
+  hopper_smoke 90 None || exit 0
   PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "rc=$?"
   probe_rows $OUT/gluon_fa3_probe_$KIND.json
@@ -411,14 +421,7 @@ if [ "$stage" = 35 ]; then
   # Three consumer warpgroups in the Gluon forward: a smoke call, the probe at 4k-16k, the kernel's GPU tests.
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
-  timeout 60 python -c "
-import torch, sparseflash.hopper as h
-for D in (64, 128):
-    q = torch.randn(1, 2, 300, D, device='cuda', dtype=torch.bfloat16)
-    o, l = h.hopper_forward(q, q, q, True, D ** -0.5, dict(BLOCK_N=64, STAGES=4, WARPGROUPS=3)); torch.cuda.synchronize()
-    w = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    print('smoke D', D, 'max diff', (o.float() - w.float()).abs().max().item())
-" > $OUT/hopper_smoke.log 2>&1; rc=$?; tail -5 $OUT/hopper_smoke.log; [ $rc = 0 ] || { echo "smoke rc=$rc"; exit 0; }
+  hopper_smoke 60 "dict(BLOCK_N=64, STAGES=4, WARPGROUPS=3)" || exit 0
   PYTHONPATH=. timeout $2 python tools/gluon_fa3_probe.py --out $OUT/gluon_fa3_wg3_probe_$KIND.json > $OUT/gluon_fa3_probe.log 2>&1
   echo "probe rc=$?"
   probe_rows $OUT/gluon_fa3_wg3_probe_$KIND.json
