@@ -307,6 +307,16 @@ def _side_field(QBUF, KBUF, side, field, bh, q_length, k_length, GROUP: tl.const
 
 
 @triton.jit
+def _tallies(COUNTS, n_chunks, NB: tl.constexpr):
+    """The counting sort's scratch ``COUNTS``: per (head, side, chunk) a count per bucket lane
+    ``(B·Hq, 2, chunks, NB)``, then the dropped tokens ``(B·Hq, 2, chunks)``, then the overflow
+    run's; returns the pointers to the last two."""
+    rows = tl.num_programs(1).to(tl.int64) * 2 * n_chunks
+    DROPS = COUNTS + rows * NB
+    return DROPS, DROPS + rows
+
+
+@triton.jit
 def _idle_key_program(bh, side, GROUP: tl.constexpr):
     """Whether a program of the layout kernels has no head: the grid spans the ``B·Hq``
     query heads, and the key side (axis 2 = 1) has only ``B·Hq / GROUP``."""
@@ -322,8 +332,7 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QSLOTS, KSLOTS, COUNTS, n_q, n_k, n_q_sl
     and count this chunk's ``CHUNK`` tokens per bucket, dropped and (``OVERFLOW``) in the
     overflow run (the first pass of a counting sort), ``SUB`` tokens a step (the one-hot
     tile is ``(SUB, NB)``).  The key side has ``Hkv = Hq / GROUP`` heads.
-    ``COUNTS`` holds the counts per bucket lane ``(B·Hq, 2, chunks, NB)``, then the dropped
-    ``(B·Hq, 2, chunks)``, then the overflow run's."""
+    ``COUNTS``: see :func:`_tallies`."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
@@ -356,11 +365,10 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QSLOTS, KSLOTS, COUNTS, n_q, n_k, n_q_sl
         if OVERFLOW:
             n_over += tl.sum((b == -2).to(tl.int32), 0)
     row = (bh * 2 + side) * n_chunks + c
-    DROPS = COUNTS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks * NB
+    DROPS, OVERS = _tallies(COUNTS, n_chunks, NB)
     tl.store(COUNTS + row * NB + ids, per_bucket)
     tl.store(DROPS + row, n_drop)
     if OVERFLOW:
-        OVERS = DROPS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks
         tl.store(OVERS + row, n_over)
 
 
@@ -368,8 +376,8 @@ def _count_kernel(QB, QKEEP, KB, KKEEP, QSLOTS, KSLOTS, COUNTS, n_q, n_k, n_q_sl
 def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, KTAB, COUNTS,
                   n_q, n_k, n_q_slots, n_k_slots, n_buckets, n_chunks, q_shift,
                   HAS_BUCKET: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_POS: tl.constexpr, OVERFLOW: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                  N_CHUNKS: tl.constexpr, GROUP: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr,
+                  SUB: tl.constexpr, N_CHUNKS: tl.constexpr, GROUP: tl.constexpr):
     """Grid ``(chunks, B·Hq, 2)``: the second pass.  Each program adds up the counts of
     the chunks before its own, lays the buckets' runs out on tile boundaries (then the
     overflow run, with ``OVERFLOW``, then the dropped tokens, both unpadded), and writes its
@@ -391,7 +399,7 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, 
     ids = tl.arange(0, NB)
     chunks = tl.arange(0, N_CHUNKS)
     rows = (bh * 2 + side) * n_chunks + chunks
-    DROPS = COUNTS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks * NB
+    DROPS, OVERS = _tallies(COUNTS, n_chunks, NB)
     counts = tl.load(COUNTS + rows[:, None] * NB + ids[None, :], mask=chunks[:, None] < n_chunks, other=0)
     total = tl.sum(counts, 0)
     seen = tl.sum(tl.where(chunks[:, None] < c, counts, 0), 0)
@@ -400,21 +408,22 @@ def _place_kernel(QB, QKEEP, QPOS_IN, KB, KKEEP, KPOS_IN, QSLOTS, KSLOTS, QTAB, 
     aligned = (total + block - 1) // block * block
     starts = tl.cumsum(aligned, 0) - aligned
     n_aligned = tl.sum(aligned, 0)
+    START = _side_field(QTAB, KTAB, side, 0, bh, n_runs, n_runs, GROUP)
+    COUNT = _side_field(QTAB, KTAB, side, 1, bh, n_runs, n_runs, GROUP)
     if c == 0:
-        tl.store(_side_field(QTAB, KTAB, side, 0, bh, n_runs, n_runs, GROUP) + ids, starts, mask=ids < n_buckets)
-        tl.store(_side_field(QTAB, KTAB, side, 1, bh, n_runs, n_runs, GROUP) + ids, total, mask=ids < n_buckets)
+        tl.store(START + ids, starts, mask=ids < n_buckets)
+        tl.store(COUNT + ids, total, mask=ids < n_buckets)
     # Where this chunk's tokens go: each bucket's run from where the chunks before it ended; the
     # overflow run starts where the buckets' runs end (on a tile boundary), the dropped tokens
     # directly after it.
     base = starts + seen
     drop_base = n_aligned + n_dropped
     if OVERFLOW:
-        OVERS = DROPS + tl.num_programs(1).to(tl.int64) * 2 * n_chunks
         overs = tl.load(OVERS + rows, mask=chunks < n_chunks, other=0)
         n_over = tl.sum(overs, 0)
         if c == 0:
-            tl.store(_side_field(QTAB, KTAB, side, 0, bh, n_runs, n_runs, GROUP) + n_buckets, n_aligned)
-            tl.store(_side_field(QTAB, KTAB, side, 1, bh, n_runs, n_runs, GROUP) + n_buckets, n_over)
+            tl.store(START + n_buckets, n_aligned)
+            tl.store(COUNT + n_buckets, n_over)
         over_base = n_aligned + tl.sum(tl.where(chunks < c, overs, 0), 0)
         drop_base += n_over
     INDEX = _side_field(QSLOTS, KSLOTS, side, 0, bh, n_q_slots, n_k_slots, GROUP)
@@ -520,7 +529,7 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
     k_slots = torch.empty((3, B, k_heads, Lk), dtype=i32, device=device)
     q_tab = torch.empty((2, B, H, n_runs), dtype=i32, device=device)
     k_tab = torch.empty((2, B, k_heads, n_runs), dtype=i32, device=device)
-    # Per (head, side, chunk): a count per bucket lane, then the dropped, then the overflow run's.
+    # The kernels' scratch (layout._tallies): per (head, side, chunk) NB counts, the dropped, the overflow's.
     counts = torch.empty((B * H * 2 * n_chunks * (nb + 2),), dtype=i32, device=device)
 
     def arg(t):  # absent inputs pass a stand-in the kernels never read
