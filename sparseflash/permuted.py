@@ -176,6 +176,16 @@ def _dq_tile(dq, q, do, lse2, delta, qpos, qlab, k_tile, K, V, KIDX, KPOS, KLAB,
     return dq + mma(ds.to(k.dtype), k, DOT_PRECISION)
 
 
+@triton.jit
+def _slot_rows(QSLOTS, KSLOTS, bh, n_q_slots, n_k_slots, GROUP: tl.constexpr):
+    """Index and position rows of query head ``bh``'s layout and of its kv head's key layout
+    (``QSLOTS``, ``KSLOTS``: the layouts' slots, ``(3, heads, ·)``; the grid's axis 1 is ``B·H``)."""
+    heads = tl.num_programs(1).to(tl.int64)
+    bhk = kv_head(bh, GROUP)
+    return (field_row(QSLOTS, 0, heads, bh, n_q_slots), field_row(QSLOTS, 1, heads, bh, n_q_slots),
+            field_row(KSLOTS, 0, heads // GROUP, bhk, n_k_slots), field_row(KSLOTS, 1, heads // GROUP, bhk, n_k_slots))
+
+
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
@@ -197,8 +207,7 @@ def _layout_fwd_kernel(
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
-    heads = tl.num_programs(1).to(tl.int64)
-    QIDX = field_row(QSLOTS, 0, heads, bh64, n_q_slots)
+    QIDX, QPOS, KIDX, KPOS = _slot_rows(QSLOTS, KSLOTS, bh64, n_q_slots, n_k_slots, GROUP)
     # A tile that starts with padding is padding throughout (every run's tiles start with a
     # token): nothing to compute or store.  The layout's static length leaves many such
     # tiles where most runs are empty (hash attention's default budget of ids, say).
@@ -211,9 +220,6 @@ def _layout_fwd_kernel(
     K += b * sk_b + hk * sk_h
     V += b * sv_b + hk * sv_h
     O += b * so_b + h * so_h
-    QPOS = field_row(QSLOTS, 1, heads, bh64, n_q_slots)
-    KIDX = field_row(KSLOTS, 0, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
-    KPOS = field_row(KSLOTS, 1, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
     QLAB += bh64 * n_q
     KLAB += kv_head(bh64, GROUP) * n_k
     n_q_tiles = n_q_slots // BLOCK_M
@@ -270,10 +276,7 @@ def _layout_bwd_kernel(
     heads = tl.num_programs(1).to(tl.int64)
     n_q_tiles = n_q_slots // BLOCK_M
     n_k_tiles = n_k_slots // BLOCK_N
-    QIDX = field_row(QSLOTS, 0, heads, bh64, n_q_slots)
-    QPOS = field_row(QSLOTS, 1, heads, bh64, n_q_slots)
-    KIDX = field_row(KSLOTS, 0, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
-    KPOS = field_row(KSLOTS, 1, heads // GROUP, kv_head(bh64, GROUP), n_k_slots)
+    QIDX, QPOS, KIDX, KPOS = _slot_rows(QSLOTS, KSLOTS, bh64, n_q_slots, n_k_slots, GROUP)
     QRUNS = RUNS
     KRUNS = RUNS + heads * n_q_tiles * 3
     # Tiles of padding only (the first slot says: see the forward) have no gradient rows.
