@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _runtime
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -375,7 +376,7 @@ def softmax_delta(o: Tensor, do: Tensor) -> Tensor:
     o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (o, do))
     delta = _runtime.new_output((B, H, n), torch.float32, o.device)
     block = 64
-    _delta_kernel[(_runtime.cdiv(n, block), B * H)](
+    launch(_delta_kernel, (_runtime.cdiv(n, block), B * H),
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, n,
         HEAD_DIM=D, BLOCK_D=max(16, _runtime.next_power_of_2(D)), BLOCK=block, num_warps=4)
     return delta

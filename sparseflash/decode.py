@@ -70,6 +70,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .launch import launch
 from ._steps import LOG2E, dot_precision, kv_head, online_softmax_step
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
@@ -556,7 +557,7 @@ def decode_attention(
     desc = not sparse and n_blocks >= DESC_MIN_BLOCKS and _use_descriptors(k_cache, v_cache)
     kd, vd = ((_descriptor(k_cache, block_n, block_d), _descriptor(v_cache, block_n, block_d)) if desc
               else (k_cache, v_cache))
-    _decode_split_kernel[(programs, num_splits)](
+    launch(_decode_split_kernel, (programs, num_splits),
         q, k_cache, v_cache, kd, vd, lens, idx, nk, lid, out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -570,7 +571,7 @@ def decode_attention(
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
-        _decode_merge_kernel[(B * H,)](
+        launch(_decode_merge_kernel, (B * H,),
             part_m, part_l, part_acc, out, H, out.stride(0), out.stride(1),
             SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=_runtime.next_power_of_2(num_splits),
             num_warps=4 if num_splits <= 64 else 8,

@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .launch import launch
 from .hashing import lsh_argmax
 
 
@@ -183,7 +184,7 @@ def append_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tenso
         q_buckets = None
     q_out = torch.empty_like(q) if rotary else q
     dummy = k  # (pointers the kernel does not read without HASH / POS_TENSOR / ROTARY)
-    _append_step_kernel[(B * Hkv,)](
+    launch(_append_step_kernel, (B * Hkv,),
         q, k, v, k_cache, v_cache, q_out, position if pos_tensor else dummy, rotary_freq if rotary else dummy,
         rotations if hashing else dummy, buckets if hashing else dummy, bucket_rows if hashing else dummy,
         bucket_count if hashing else dummy, q_buckets if hashing else dummy,

@@ -39,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime, hopper
+from .launch import launch
 from .ops import attention_op, cfg_args, cfg_dict
 from ._steps import (  # noqa: F401  (re-exported: notebook 03 reads them as flash.<name>)
     LOG2E,
@@ -411,7 +412,7 @@ def flash_forward(q, k, v, causal, sm_scale, cfg, record=None, *, window: int = 
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (B * H, _runtime.cdiv(n_q, BM))
     (rec,) = record_buffers(record, [record_prefix + "fwd"], (B, H, grid[1], _runtime.cdiv(n_k, BN)), q.device, lse2)
-    _flash_fwd_kernel[grid](
+    launch(_flash_fwd_kernel, grid,
         q, k, v, o, lse2, rec,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, n_q, n_k, sm_scale * LOG2E, window,
@@ -454,7 +455,7 @@ def flash_backward(q, k, v, o, lse2, do, causal, sm_scale, cfg, record=None, *, 
         tiles = dict(BLOCK_KV=BN, STEP_Q=BM, BLOCK_Q=BM, STEP_K=BN)
     rec_kv, rec_q = record_buffers(record, [record_prefix + "bwd_kv", record_prefix + "bwd_q"],
                                    (B, H, _runtime.cdiv(n_q, BM), _runtime.cdiv(n_k, BN)), q.device, delta)
-    _flash_bwd_kernel[(max(_runtime.cdiv(n_q, tiles["BLOCK_Q"]), _runtime.cdiv(n_k, tiles["BLOCK_KV"])), B * H)](
+    launch(_flash_bwd_kernel, (max(_runtime.cdiv(n_q, tiles["BLOCK_Q"]), _runtime.cdiv(n_k, tiles["BLOCK_KV"])), B * H),
         q, k, v, do, lse2, delta, dq, dk, dv, rec_kv, rec_q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         H, n_q, n_k, sm_scale * LOG2E, sm_scale, window,

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .launch import launch
 from .ops import LIB, define_op
 
 
@@ -175,7 +176,7 @@ def _lsh_ids(x: Tensor, rotations: Tensor) -> Tensor:
     block_d, block_r, block = _tiles(D, half)
     if _runtime.INTERPRET and N < block:  # (the interpreter: no programs of padding rows)
         block = 16
-    _lsh_kernel[(_runtime.cdiv(N, block), B * H)](
+    launch(_lsh_kernel, (_runtime.cdiv(N, block), B * H),
         x, rot, out, x.stride(0), x.stride(1), x.stride(2), D * half if rot.dim() == 3 else 0, H, N,
         HEAD_DIM=D, HALF=half, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK=block, num_warps=4,
     )

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover  (an older Triton: the Triton kernel run
     AVAILABLE = False
 
 from . import _runtime
+from .launch import launch
 
 #: Head dims the kernel is built for (its tiles are whole wgmma instructions).
 HEAD_DIMS = (64, 128)
@@ -299,7 +300,7 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: floa
     o = _runtime.new_output((B, H, n_q, D), q.dtype, q.device)
     lse2 = _runtime.new_output((B, H, n_q), torch.float32, q.device)
     qd, kd, vd = descriptors(q, k, v, cfg["BLOCK_N"])
-    _hopper_fwd_kernel[(_runtime.cdiv(n_q, 64 * cfg["WARPGROUPS"]), B * H)](
+    launch(_hopper_fwd_kernel, (_runtime.cdiv(n_q, 64 * cfg["WARPGROUPS"]), B * H),
         qd, kd, vd, o, lse2, H, n_q, n_k, sm_scale * math.log2(math.e), o.stride(0), o.stride(1), o.stride(2),
         GROUP=H // k.shape[1], HEAD_DIM=D, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CAUSAL=bool(causal),
         WARPGROUPS=cfg["WARPGROUPS"], PINGPONG=cfg["PINGPONG"], num_warps=4)

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime  # (first: may turn on Triton's interpreter)
+from .launch import launch
 
 INT32_MAX = 2**31 - 1
 PAD = -1  #: position of a padding slot
@@ -541,11 +542,11 @@ def bucket_layouts(shape, *, q_buckets=None, k_buckets=None, q_keep=None, k_keep
                  SUB=sub, GROUP=group)
     grid = (n_chunks, B * H, 2)
     qb, kb, qk, kk = arg(q_buckets), arg(k_buckets), arg(q_keep), arg(k_keep)
-    _count_kernel[grid](qb, qk, kb, kk, q_slots, k_slots, counts, N, n_k, Lq, Lk, n_buckets, n_chunks,
-                        -(-max(Lq, Lk) // n_chunks), q_shift, **flags, num_warps=4)
-    _place_kernel[grid](qb, qk, arg(q_pos), kb, kk, arg(k_pos), q_slots, k_slots, q_tab, k_tab, counts, N, n_k, Lq, Lk,
-                        n_buckets, n_chunks, q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                        N_CHUNKS=_runtime.next_power_of_2(n_chunks), **flags, num_warps=4)
+    launch(_count_kernel, grid, qb, qk, kb, kk, q_slots, k_slots, counts, N, n_k, Lq, Lk, n_buckets, n_chunks,
+           -(-max(Lq, Lk) // n_chunks), q_shift, **flags, num_warps=4)
+    launch(_place_kernel, grid, qb, qk, arg(q_pos), kb, kk, arg(k_pos), q_slots, k_slots, q_tab, k_tab, counts, N,
+           n_k, Lq, Lk, n_buckets, n_chunks, q_shift, HAS_POS=q_pos is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+           N_CHUNKS=_runtime.next_power_of_2(n_chunks), **flags, num_warps=4)
     return (Layout(q_slots, q_tab, n_runs, block_m, overflow),
             Layout(k_slots, k_tab, n_runs, block_n, overflow))
 

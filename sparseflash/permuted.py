@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime
+from .launch import launch
 from .flash import flash_backward, flash_forward
 from .ops import LIB, attention_op, cfg_args, cfg_dict, define_op
 from ._steps import (
@@ -388,7 +389,7 @@ def layout_forward(q, k, v, plan: LayoutPlan, sm_scale, cfg, record=None):
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
     (rec,) = record_buffers(record, ["fwd"], (B, H, n_qt, n_kt), q.device, lse2)
     q_lab, k_lab, labels = plan.label_args()
-    _layout_fwd_kernel[(n_qt, B * H)](
+    launch(_layout_fwd_kernel, (n_qt, B * H),
         q, k, v, o, lse2, plan.q.slots, plan.k.slots, q_lab, k_lab, plan.tiles.runs, rec,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E,
@@ -414,7 +415,7 @@ def layout_backward(q, k, v, o, lse2, do, plan: LayoutPlan, sm_scale, cfg, recor
     n_qt, n_kt = plan.q.n_tiles, plan.k.n_tiles
     rec_kv, rec_q = record_buffers(record, ["bwd_kv", "bwd_q"], (B, H, n_qt, n_kt), q.device, delta)
     q_lab, k_lab, labels = plan.label_args()
-    _layout_bwd_kernel[(max(n_qt, n_kt), B * H)](
+    launch(_layout_bwd_kernel, (max(n_qt, n_kt), B * H),
         q, k, v, do, lse2, delta, dq, dk, dv, plan.q.slots, plan.k.slots, q_lab, k_lab, plan.tiles.runs, rec_kv, rec_q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         H, n_q, n_k, Lq, Lk, sm_scale * LOG2E, sm_scale,

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _runtime  # (first: may turn on Triton's interpreter)
+from .launch import launch
 from ._steps import kv_head
 from .layout import INT32_MAX, PAD, Layout, _group, field_row
 
@@ -296,7 +297,7 @@ def tile_plan(q_layout: Layout, k_layout: Layout) -> TilePlan:
     n_qt, n_kt = Lq // bm, Lk // bn
     runs = torch.empty(B * H * 3 * (n_qt + n_kt), dtype=torch.int32, device=q_layout.slots.device)
     chunk = 256 if _runtime.INTERPRET else 64  # tiles per program (the interpreter: fewer, wider programs)
-    _plan_kernel[(_runtime.cdiv(max(n_qt, n_kt), chunk), B * H, 2)](
+    launch(_plan_kernel, (_runtime.cdiv(max(n_qt, n_kt), chunk), B * H, 2),
         q_layout.slots, q_layout.tables, k_layout.slots, k_layout.tables, runs,
         Lq, Lk, n_qt, n_kt, q_layout.n_buckets, q_layout.overflow_run,
         BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, STEPS=max(n_qt, n_kt).bit_length() + 1, GROUP=group, num_warps=2,

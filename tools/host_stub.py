@@ -4,9 +4,11 @@ the launches, on any machine (CPU tensors, the interpreter's launcher replaced b
     PYTHONPATH=. python tools/host_stub.py [--reps 100] [ROW ...]     # --profile ROW: cProfile one row
     PYTHONPATH=/tmp/t36:. python tools/host_stub.py --launch-path      # with Triton's launch path
 
-``--launch-path`` runs each launch through Triton's own ``JITFunction.run`` (the binder that
-specialises every argument, the cache key, the global-value check) against a faked sm_90 device,
-stopping before the driver call, so the Python part of a real launch is in the row too.  Run it with
+``--launch-path`` turns every kernel into a ``JITFunction`` on a faked sm_90 device and runs each
+launch through Triton's launch path (``sparseflash.launch``'s direct call, or with ``--no-direct``
+Triton's own ``JITFunction.run``: the binder that specialises every argument, the cache key, the
+global-value check), stopping before the driver call, so the Python part of a real launch is in the
+row too.  Run it with
 the Triton the GPU has on ``PYTHONPATH`` (3.6: ``pip install --target /tmp/t36 triton==3.6.0
 --no-deps``): the launch path differs between versions.
 
@@ -30,12 +32,14 @@ import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 import sparseflash as sf  # noqa: E402
+from sparseflash import launch  # noqa: E402
 
 LAUNCHES = [0]
 
 
 def _stub(self, *args, **kwargs):
     LAUNCHES[0] += 1
+    return _FakeKernel()
 
 
 class _FakeKernel:
@@ -46,11 +50,15 @@ class _FakeKernel:
         return None
 
     def run(self, *args):
-        pass
+        LAUNCHES[0] += 1
 
 
-def _launch_path_stub():
-    """A stub that runs Triton's launch path (``JITFunction.run``) up to the driver call."""
+def _launch_path_stub() -> None:
+    """Every sparseflash kernel as a ``JITFunction`` on a faked sm_90 device whose compiled kernel's
+    launch does nothing: a call runs Triton's launch path (``JITFunction.run``, or the direct launch
+    of ``sparseflash.launch``) up to the driver call."""
+    import sys
+
     import triton.runtime.jit as jit
     from triton.backends.compiler import GPUTarget
 
@@ -60,7 +68,6 @@ def _launch_path_stub():
         get_current_target = staticmethod(lambda: GPUTarget("cuda", 90, 32))
 
     jit.driver = type("Driver", (), {"active": Active()})()
-    jitted = {}
 
     def fake_compile(jf):
         def compile(key, *args, **kwargs):
@@ -68,15 +75,14 @@ def _launch_path_stub():
             return kernel
         return compile
 
-    def stub(self, *args, grid, warmup, **kwargs):
-        LAUNCHES[0] += 1
-        jf = jitted.get(self.fn)
-        if jf is None:
-            jf = jitted[self.fn] = jit.JITFunction(self.fn, **self.kwargs)
-            jf._do_compile = fake_compile(jf)
-        return jf.run(*args, grid=grid, warmup=warmup, **kwargs)
-
-    return stub
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("sparseflash"):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, interpreter.InterpretedFunction):
+                jf = jit.JITFunction(value.fn, **value.kwargs)
+                jf._do_compile = fake_compile(jf)
+                setattr(module, attr, jf)
 
 
 def main() -> None:
@@ -106,12 +112,18 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--profile", choices=list(rows))
     p.add_argument("--launch-path", action="store_true",
-                   help="run each launch through Triton's JITFunction.run (faked sm_90 device, no driver call)")
+                   help="run each launch through Triton's launch path (faked sm_90 device, no driver call)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="with --launch-path: every launch through JITFunction.run (sparseflash.launch off)")
     args = p.parse_args()
     unknown = sorted(set(args.rows) - set(rows))
     if unknown:
         p.error(f"unknown rows {unknown}; expected some of {list(rows)}")
-    interpreter.InterpretedFunction.run = _launch_path_stub() if args.launch_path else _stub
+    if args.launch_path:
+        _launch_path_stub()
+        launch.ENABLED = not args.no_direct
+    else:
+        interpreter.InterpretedFunction.run = _stub
     for name in args.rows or list(rows):
         fn = rows[name]
         for _ in range(20):

@@ -4,7 +4,8 @@
 
 Tiny shapes (B=1, H=4, N=512, D=64), so the GPU never holds the host back: each row is the
 host clock over ``reps`` back-to-back calls, per call, before one final synchronisation.
-Rows: an empty Triton launch (1 and 40 arguments), ``torch.empty``, an empty autograd
+Rows: an empty Triton launch (1 and 40 arguments) through ``kernel[grid]`` and through
+``sparseflash.launch`` (the package's path; ``SPARSEFLASH_FAST_LAUNCH=0`` makes it Triton's), ``torch.empty``, an empty autograd
 Function's forward and backward, each piece of ``hash_sparse_attention`` (layouts, plan,
 forward, delta, backward), the whole eager call, our dense call and SDPA's; then cProfile's
 top entries of the eager forward and of forward and backward, by own time.
@@ -24,6 +25,7 @@ import triton.language as tl
 
 import sparseflash as sf
 from sparseflash._steps import kernel_config, softmax_delta
+from sparseflash.launch import launch
 from sparseflash.layout import bucket_layouts
 from sparseflash.permuted import LayoutPlan, layout_backward, layout_forward
 from sparseflash.plan import tile_plan
@@ -102,6 +104,8 @@ def main() -> None:
     rows = {
         "triton_launch_1_arg": lambda: _noop[(1,)](x),
         "triton_launch_40_args": lambda: _noop40[(1,)](*xs, *range(30), C=1),
+        "direct_launch_1_arg": lambda: launch(_noop, (1,), x),
+        "direct_launch_40_args": lambda: launch(_noop40, (1,), *xs, *range(30), C=1),
         "torch_empty": lambda: torch.empty((B, H, N, D), device=dev, dtype=torch.bfloat16),
         "autograd_empty_fwd_bwd": lambda: torch.autograd.grad(_Empty.apply(xa), (xa,), ga),
         "bucket_layouts (2 launches)": layouts,
