@@ -5,10 +5,11 @@
 Tiny shapes (B=1, H=4, N=512, D=64), so the GPU never holds the host back: each row is the
 host clock over ``reps`` back-to-back calls, per call, before one final synchronisation.
 Rows: an empty Triton launch (1 and 40 arguments) through ``kernel[grid]`` and through
-``sparseflash.launch`` (the package's path; ``SPARSEFLASH_FAST_LAUNCH=0`` makes it Triton's), ``torch.empty``, an empty autograd
-Function's forward and backward, each piece of ``hash_sparse_attention`` (layouts, plan,
-forward, delta, backward), the whole eager call, our dense call and SDPA's; then cProfile's
-top entries of the eager forward and of forward and backward, by own time.
+``sparseflash.launch`` (the package's path; ``SPARSEFLASH_FAST_LAUNCH=0`` makes it Triton's),
+``torch.empty``, an empty autograd Function's forward and backward, each piece of
+``hash_sparse_attention`` (layouts, plan, forward, delta, backward), the whole eager call, our
+dense call and SDPA's; then cProfile's top entries of the eager forward and of forward and
+backward, by own time.
 """
 from __future__ import annotations
 
