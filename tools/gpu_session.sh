@@ -342,15 +342,17 @@ if [ "$stage" = 30 ]; then
   # Eager host time, A/B: the bench's rows with the package in ab_base/ (the tree before the change,
   # untracked: git archive <commit> | tar -x -C ab_base) against this tree's, ABAB on one machine.
   # Args: seconds per run; the modes (default fwd, the no_grad forward; "fwd+bwd" the training call's);
-  # the lengths (default "2048 4096 8192").
+  # the lengths (default "2048 4096 8192"); the trees (default "base new"; "off" is this tree with
+  # SPARSEFLASH_FAST_LAUNCH=0, every launch through kernel[grid]: "off new" isolates the direct launch).
   nvidia-smi -L
   KIND=h100; nvidia-smi -L | grep -q H200 && KIND=h200
   A="--seq-lens ${4:-2048 4096 8192} --head-dim 64 128 --modes ${3:-fwd} --buckets 16 --keep-rates 0.3 --windows 256 --no-check"
   A="$A --variants sdpa_flash sdpa_cudnn ours_dense ours_hash_16 ours_hash_16_w256 ours_qk_0.3 --kernel-time --no-progress"
   for r in 1 2; do
-    for t in base new; do
+    for t in ${5:-base new}; do
       P=.; [ $t = base ] && P=ab_base
-      PYTHONPATH=$P timeout $2 python -m sparseflash.bench $A --out $OUT/host_ab_${t}_${r}_$KIND.json > $OUT/host_ab_${t}_${r}.log 2>&1
+      FAST=1; [ $t = off ] && FAST=0
+      SPARSEFLASH_FAST_LAUNCH=$FAST PYTHONPATH=$P timeout $2 python -m sparseflash.bench $A --out $OUT/host_ab_${t}_${r}_$KIND.json > $OUT/host_ab_${t}_${r}.log 2>&1
       echo "$t round $r rc=$?"
     done
   done
@@ -364,7 +366,7 @@ for f in sorted(glob.glob(f"{out}/host_ab_*_{kind}.json")):
         if r["status"] == "ok":
             rows.setdefault((r["variant"], r["mode"], r["D"], r["seq_len"]), {}).setdefault(t, []).append((r["ms"], r["kernel_ms"]))
 for key, d in sorted(rows.items()):
-    print(*key, *(f"{t} " + " ".join(f"{ms:.3f}" for ms, _ in d.get(t, [])) for t in ("base", "new")),
+    print(*key, *(f"{t} " + " ".join(f"{ms:.3f}" for ms, _ in d.get(t, [])) for t in ("base", "off", "new") if t in d),
           "kernel", " ".join(f"{k:.3f}" for _, k in d.get("new", [])))
 PY
 fi
