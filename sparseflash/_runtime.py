@@ -83,6 +83,22 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, same_length: bool = False) -> Non
     ``Hkv`` divides ``Hq`` (grouped-query attention; ``Hkv = Hq`` is plain multi-head): query
     head ``h`` reads kv head ``h // (Hq // Hkv)``, as SDPA's ``enable_gqa=True``.
     """
+    # Every call checks its inputs, so the usual case is one expression (whatever it accepts,
+    # _check_qkv_each accepts too); anything else goes through those checks and gets its error.
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
+        qs, ks = q.shape, k.shape
+        if (len(qs) == 4 and len(ks) == 4 and ks == v.shape and ks[0] == qs[0] and ks[3] == qs[3]
+                and qs[1] >= ks[1] > 0 and qs[1] % ks[1] == 0 and qs[2] >= 1 and ks[2] >= 1
+                and (not same_length or ks[2] == qs[2]) and MIN_HEAD_DIM <= qs[3] <= MAX_HEAD_DIM
+                and q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+                and q.device == k.device == v.device):
+            check_runnable(q)
+            return
+    _check_qkv_each(q, k, v, same_length)
+
+
+def _check_qkv_each(q: Tensor, k: Tensor, v: Tensor, same_length: bool) -> None:
+    """:func:`check_qkv`'s checks one by one, each with its error."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

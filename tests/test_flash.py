@@ -565,3 +565,28 @@ def test_gpu_refuses_backward_configs_that_computed_wrong_gradients():
     q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=bf16) for _ in range(3))
     with pytest.raises(ValueError, match=r"bwd_STEP=32 \(< 64\) with bwd_num_stages=2"):
         flash_attention(q, k, v, kernel_options=dict(bwd_BLOCK=128, bwd_STEP=32, bwd_num_stages=2))
+
+
+def test_input_check_fast_path_accepts_only_what_the_checks_accept():
+    """``check_qkv``'s one-expression fast path never lets through what its step-by-step checks
+    (each with its error) refuse: every combination of a few shapes, dtypes and flags."""
+    import itertools
+
+    from sparseflash import _runtime
+
+    shapes = [(1, 2, 8, 16), (1, 1, 8, 16), (2, 2, 8, 16), (1, 2, 9, 16), (1, 2, 8, 32), (1, 0, 8, 16),
+              (1, 4, 8, 16), (1, 3, 8, 16), (1, 2, 0, 16), (1, 2, 8, 8), (1, 2, 8)]
+    dtypes = [torch.float32, f16, torch.float64]
+
+    def outcome(check, *args):
+        try:
+            check(*args)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    for (sq, sk, sv), dt, same in itertools.product(itertools.product(shapes, repeat=3), dtypes, (False, True)):
+        q, k, v = torch.zeros(sq, dtype=dt), torch.zeros(sk, dtype=f16 if dt == f16 else torch.float32), torch.zeros(sv)
+        fast = outcome(_runtime.check_qkv, q, k, v, same)
+        slow = outcome(_runtime._check_qkv_each, q, k, v, same)
+        assert fast == slow, (sq, sk, sv, dt, same)
