@@ -20,9 +20,9 @@ a call with its backward).
   call to Triton's path, which raises).
 
 The direct call is taken only on Triton versions whose launch path it was written against
-(:data:`RUN_OPTIONS`), for plain ``triton.jit`` kernels with no pre-run hooks, and while no launch
-hook (a profiler's, say) or pass-pipeline hook is installed; otherwise, and under the interpreter, it is
-``kernel[grid](...)`` exactly. Set :data:`ENABLED` to ``False`` (or ``SPARSEFLASH_FAST_LAUNCH=0``)
+(:data:`RUN_OPTIONS`), for plain ``triton.jit`` kernels with no pre-run hooks, and while no
+launch hook (a profiler's, say) or pass-pipeline hook is installed; otherwise, and under the
+interpreter, it is ``kernel[grid](...)`` exactly. Set :data:`ENABLED` to ``False`` (or ``SPARSEFLASH_FAST_LAUNCH=0``)
 to always take Triton's path.
 """
 from __future__ import annotations
@@ -57,20 +57,23 @@ except ImportError:  # pragma: no cover - other Triton versions
     _OPTIONS = None
 
 
-def _no_hooks() -> bool:
-    """True when no launch hook and no pass-pipeline hook is installed (the launch hooks are
-    ``HookChain`` objects in the checked versions)."""
+def _no_hooks(kernel) -> bool:
+    """True when ``kernel`` has no pre-run hook and no launch hook or pass-pipeline hook is
+    installed (the launch hooks are ``HookChain`` objects in the checked versions); checked on
+    every call, since hooks come and go."""
     runtime = _knobs.runtime
     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-    return (type(enter) is _HookChain and not enter.calls and type(leave) is _HookChain and not leave.calls
+    return (not kernel.pre_run_hooks and type(enter) is _HookChain and not enter.calls
+            and type(leave) is _HookChain and not leave.calls
             and getattr(runtime, "add_stages_inspection_hook", None) is None)
 
 
 def direct_launch_possible(kernel) -> bool:
-    """Whether :func:`launch` may call ``kernel``'s launcher directly (on a GPU, after its first call)."""
+    """Whether :func:`launch` may call ``kernel``'s launcher directly (on a GPU, after its first
+    call, while no hook is installed)."""
     # The interpreter's kernels are not JITFunctions, so they always take ``kernel[grid]``.
     return (ENABLED and _OPTIONS is not None and isinstance(kernel, _JITFunction)
-            and type(kernel).run is _JITFunction.run and not kernel.pre_run_hooks)
+            and type(kernel).run is _JITFunction.run)
 
 
 def launch(kernel, grid: tuple, *args, **kwargs):
@@ -84,7 +87,7 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         if not direct_launch_possible(kernel):
             return kernel[grid](*args, **kwargs)
         launchers = kernel.__dict__[_KEY_ATTR] = {}
-    if kernel.pre_run_hooks or not _no_hooks():
+    if not _no_hooks(kernel):
         return kernel[grid](*args, **kwargs)
     active = _jit.driver.active  # read through the module, as JITFunction.run does
     device = active.get_current_device()

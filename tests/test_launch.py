@@ -109,8 +109,10 @@ def test_each_specialisation_runs_tritons_kernel(faked, variant):
 def test_launch_hooks_take_tritons_path(faked):
     from triton import knobs
     kernel, calls, _ = faked
-    seen = []
-    hook = seen.append
+
+    def hook(metadata):  # (the faked launcher calls no hook: what it was given is checked below)
+        pass
+
     launch_mod.launch(kernel, (1,), *_args(), BLOCK=16)
     knobs.runtime.launch_enter_hook.add(hook)
     try:
@@ -121,6 +123,15 @@ def test_launch_hooks_take_tritons_path(faked):
     assert with_hook[6] == ("metadata", (1,)) and with_hook[7] is knobs.runtime.launch_enter_hook
     launch_mod.launch(kernel, (1,), *_args(), BLOCK=16)
     assert calls[-1][1][6:9] == (None, None, None)
+
+
+def test_pre_run_hooks_take_tritons_path(faked):
+    kernel, calls, _ = faked
+    launch_mod.launch(kernel, (1,), *_args(), BLOCK=16)
+    ran = []
+    kernel.add_pre_run_hook(lambda *args, **kwargs: ran.append(1))
+    launch_mod.launch(kernel, (1,), *_args(), BLOCK=16)
+    assert ran == [1] and calls[-1][1][6] == ("metadata", (1,))
 
 
 def test_changed_global_raises_as_triton_does(faked, monkeypatch):
